@@ -1,0 +1,129 @@
+"""Write and read model bundles: a folder with manifest.json, labels.json, class_vectors.npy and the graph.
+
+Reading verifies every checksum and shape, so a server never starts on a tampered or half-copied bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest
+
+REQUIRED_ROLES = ("model", "labels", "class_vectors")
+
+
+class BundleError(ValueError):
+    """The bundle folder is missing, incomplete, tampered with or inconsistent."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(folder: Path, name: str) -> FileEntry:
+    path = folder / name
+    return FileEntry(path=name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: Manifest
+    labels: list[str]
+    class_vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / self.manifest.files["model"].path
+
+
+def write_labels_and_vectors(folder: Path, labels: list[str], vectors: np.ndarray) -> None:
+    (folder / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=1))
+    np.save(folder / "class_vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished staging folder to `target`; an existing bundle is replaced only when asked."""
+    if target.exists():
+        if not overwrite:
+            raise BundleError(f"{target} already exists; pass --overwrite to replace it")
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(backup / target.name)
+        staging.rename(target)
+        shutil.rmtree(backup)
+    else:
+        staging.rename(target)
+
+
+def _safe_member(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+    return path
+
+
+def read_bundle(folder: Path) -> Bundle:
+    """Load and verify a bundle; raises BundleError with a message that says what is wrong."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"no {MANIFEST_NAME} in {folder}: is this a model bundle?")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise BundleError(f"bundle schema version {found!r} is not supported (this server reads {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        raise BundleError(f"{manifest_path} is malformed: {err}") from err
+    missing = [role for role in REQUIRED_ROLES if role not in manifest.files]
+    if missing:
+        raise BundleError(f"manifest lists no file for: {', '.join(missing)}")
+    for role, entry in manifest.files.items():
+        path = _safe_member(folder, entry.path)
+        if not path.is_file():
+            raise BundleError(f"bundle file for {role!r} is missing: {path}")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"checksum mismatch for {role!r} ({entry.path}): the file was changed or damaged")
+
+    try:
+        labels = json.loads(_safe_member(folder, manifest.files["labels"].path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"labels file is not valid JSON: {err}") from err
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise BundleError("labels file must be a JSON list of strings")
+    try:
+        vectors = np.load(_safe_member(folder, manifest.files["class_vectors"].path), allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"class vectors are not a readable .npy array: {err}") from err
+    check_vectors(vectors, labels, manifest.feature_dim)
+    if len(labels) != manifest.num_labels:
+        raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
+    return Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
+
+
+def check_vectors(vectors: np.ndarray, labels: list[str], feature_dim: int) -> None:
+    """Class vectors must be a finite [labels, feature_dim] matrix of unit rows."""
+    if vectors.ndim != 2 or vectors.shape != (len(labels), feature_dim):
+        raise BundleError(
+            f"class vectors have shape {vectors.shape}, expected ({len(labels)}, {feature_dim})"
+        )
+    if not np.isfinite(vectors).all():
+        raise BundleError("class vectors contain NaN or infinity")
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    if np.abs(norms - 1).max() > 1e-3:
+        raise BundleError("class vectors are not L2-normalised")

@@ -1,0 +1,61 @@
+"""The bundle manifest: everything a server needs to know about a model folder, and nothing torch-specific."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class InputSpec(_Strict):
+    """How raw pixels become the model's input tensor (NCHW float32)."""
+
+    image_size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"  # shortest side to image_size, then centre crop
+    interpolation: str = "bicubic"
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Parity(_Strict):
+    """Exported graph against the PyTorch student on real images."""
+
+    images: int
+    min_cosine: float
+    mean_cosine: float
+    top1_agreement: float  # fraction of images whose top-1 class matches
+    max_abs_diff: float
+
+
+class Provenance(_Strict):
+    teacher_model: str
+    teacher_pretrained: str | None
+    student_model: str
+    student_pretrained: str | None
+    prompt_tokens: int
+    prompt_depth: int
+    class_vectors_source: str
+    created: str
+    exporter: str
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    input: InputSpec
+    feature_dim: int = Field(gt=0)
+    logit_scale: float = Field(gt=0)
+    num_labels: int = Field(gt=0)
+    files: dict[str, FileEntry]  # roles: "model", "labels", "class_vectors"
+    parity: Parity
+    provenance: Provenance

@@ -1,0 +1,1 @@
+"""Inference runtimes, kept apart from the HTTP layer and from the bundle format."""

@@ -1,0 +1,52 @@
+"""Student checkpoints: only what distillation trained (prompts, projector) plus the run's config.
+
+The frozen backbone is not copied; it is rebuilt from the config's model name and weights source.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .prompts import Projector, PromptedVisionTower, Student
+from .towers import Preprocess, freeze, load_clip
+
+FORMAT = "promptkd-student/1"
+
+
+def build_student(
+    model_name: str,
+    pretrained: str | None,
+    teacher_dim: int,
+    prompt_tokens: int,
+    prompt_depth: int,
+    projector_hidden: int | None = None,
+) -> tuple[Student, Preprocess]:
+    """A student with a frozen image tower (its text tower is dropped) and fresh prompts and projector."""
+    clip, pre = load_clip(model_name, pretrained)
+    tower = PromptedVisionTower(freeze(clip.visual), prompt_tokens, prompt_depth)
+    return Student(tower, Projector(tower.output_dim, teacher_dim, projector_hidden)), pre
+
+
+def save_checkpoint(path: Path, student: Student, config: dict, epoch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> tuple[Student, Preprocess, dict]:
+    """Rebuild the student a checkpoint was trained on and load its prompts and projector."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read student checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a PromptKD student checkpoint (format {FORMAT})")
+    cfg = ckpt["config"]
+    student, pre = build_student(
+        cfg["student_model"], cfg["student_pretrained"], cfg["teacher_dim"],
+        cfg["prompt_tokens"], cfg["prompt_depth"], cfg.get("projector_hidden"),
+    )
+    student.load_trainable_state(ckpt["state"])
+    return student.eval(), pre, cfg

@@ -1,0 +1,68 @@
+"""Class vectors: the teacher's text features for every class, computed once and stored.
+
+Teacher and student share them during distillation, and the deployed student needs nothing else from
+the text side. The file is a plain `.npz` (vectors, class names, logit scale, provenance) so that
+tools without torch can read it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .towers import encode_text, load_clip, tokenizer_for
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class ClassVectors:
+    vectors: torch.Tensor  # [C, D], L2-normalised
+    classnames: list[str]
+    logit_scale: float
+    meta: dict
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            vectors=self.vectors.float().cpu().numpy(),
+            classnames=np.array(self.classnames, dtype=str),
+            logit_scale=np.float32(self.logit_scale),
+            meta=np.array(json.dumps(self.meta)),
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ClassVectors":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                vectors = torch.from_numpy(np.asarray(data["vectors"], dtype=np.float32))
+                names = [str(n) for n in data["classnames"]]
+                scale = float(data["logit_scale"])
+                meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{path} is not a class-vectors file: {err}") from err
+        if vectors.ndim != 2 or vectors.shape[0] != len(names):
+            raise ValueError(f"{path}: {vectors.shape[0]} vectors for {len(names)} class names")
+        return cls(vectors, names, scale, meta)
+
+
+def zero_shot_vectors(
+    model_name: str, pretrained: str | None, classnames: list[str], template: str = DEFAULT_TEMPLATE
+) -> ClassVectors:
+    """Class vectors from a plain (not prompt-tuned) CLIP text tower, one prompt per class."""
+    model, _ = load_clip(model_name, pretrained)
+    prompts = [template.format(name) for name in classnames]
+    vectors = encode_text(model, tokenizer_for(model_name), prompts)
+    return ClassVectors(
+        vectors=vectors,
+        classnames=list(classnames),
+        logit_scale=float(model.logit_scale.exp().item()),
+        meta={"teacher_model": model_name, "teacher_pretrained": pretrained, "template": template,
+              "source": "zero-shot"},
+    )

@@ -1,0 +1,192 @@
+"""Labelled and unlabelled image lists: CoOp's layouts for the 11 benchmark datasets and plain folders.
+
+Everything becomes a `Split`: a list of (path, label) pairs plus the ordered class names, so few-shot
+sampling, base/novel splitting and loading work the same for every source.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset root, split file or layout is missing or malformed."""
+
+
+@dataclass
+class Split:
+    items: list[tuple[str, int]]
+    classnames: list[str]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# CoOp's folder names: dataset key -> (dataset dir, image dir inside it, split file inside it).
+COOP_LAYOUTS: dict[str, tuple[str, str, str]] = {
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("food-101", "images", "split_zhou_Food101.json"),
+    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+}
+SPECIAL_DATASETS = ("imagenet", "fgvc_aircraft")
+DATASETS = tuple(sorted([*COOP_LAYOUTS, *SPECIAL_DATASETS]))
+
+
+def _classnames_from(entries: list[list]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for entry in entries:
+        names[int(entry[1])] = str(entry[2])
+    return names
+
+
+def load_coop_split(root: Path, dataset: str, split: str) -> Split:
+    """A split ('train', 'val' or 'test') of one of the 11 CoOp datasets under `root`."""
+    if dataset == "imagenet":
+        return _load_imagenet(root, split)
+    if dataset == "fgvc_aircraft":
+        return _load_aircraft(root, split)
+    if dataset not in COOP_LAYOUTS:
+        raise DatasetError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    ds_dir, image_dir, split_file = COOP_LAYOUTS[dataset]
+    split_path = root / ds_dir / split_file
+    if not split_path.is_file():
+        raise DatasetError(f"split file not found: {split_path} (CoOp's DATASETS.md says where to get it)")
+    try:
+        data = json.loads(split_path.read_text())
+        entries = data[split]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise DatasetError(f"{split_path} is not a CoOp split file with a {split!r} list: {err}") from err
+    # Class names come from every split so that a split missing a class still lines up.
+    names: dict[int, str] = {}
+    for part in ("train", "val", "test"):
+        names.update(_classnames_from(data.get(part, [])))
+    classnames = [names[i].replace("_", " ") for i in sorted(names)]
+    images = root / ds_dir / image_dir
+    items = [(str(images / rel), int(label)) for rel, label, *_ in entries]
+    return Split(items, classnames)
+
+
+def _load_imagenet(root: Path, split: str) -> Split:
+    base = root / "imagenet"
+    names_file = base / "classnames.txt"
+    if not names_file.is_file():
+        raise DatasetError(f"{names_file} not found: ImageNet needs CoOp's classnames.txt ('wnid name' lines)")
+    wnids, classnames = [], []
+    for line in names_file.read_text().splitlines():
+        if line.strip():
+            wnid, _, name = line.strip().partition(" ")
+            wnids.append(wnid)
+            classnames.append(name.strip())
+    folder = base / "images" / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DatasetError(f"ImageNet folder not found: {folder}")
+    items = []
+    for label, wnid in enumerate(wnids):
+        for path in sorted((folder / wnid).glob("*")):
+            if path.suffix.lower() in IMG_EXTENSIONS:
+                items.append((str(path), label))
+    return Split(items, classnames)
+
+
+def _load_aircraft(root: Path, split: str) -> Split:
+    base = root / "fgvc_aircraft"
+    variants_file = base / "variants.txt"
+    list_file = base / f"images_variant_{split}.txt"
+    for f in (variants_file, list_file):
+        if not f.is_file():
+            raise DatasetError(f"FGVC Aircraft file not found: {f}")
+    classnames = [v.strip() for v in variants_file.read_text().splitlines() if v.strip()]
+    index = {name: i for i, name in enumerate(classnames)}
+    items = []
+    for line in list_file.read_text().splitlines():
+        if line.strip():
+            image_id, _, variant = line.strip().partition(" ")
+            items.append((str(base / "images" / f"{image_id}.jpg"), index[variant.strip()]))
+    return Split(items, classnames)
+
+
+def load_image_folder(root: Path) -> Split:
+    """A labelled folder: `root/<class>/<image>`; folder names sorted give labels, '_' reads as a space."""
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    folders, class_to_idx = find_classes(str(root))
+    items = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    if not items:
+        raise DatasetError(f"no images under {root}")
+    return Split([(p, int(c)) for p, c in items], [f.replace("_", " ") for f in folders])
+
+
+def find_images(root: Path) -> list[str]:
+    """Every image file under `root`, recursively, in a stable order; labels or folder names are ignored."""
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise DatasetError(f"no images under {root}")
+    return files
+
+
+def few_shot(split: Split, shots: int, seed: int) -> Split:
+    """At most `shots` images per class, drawn reproducibly from `seed`."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for item in split.items:
+        by_class.setdefault(item[1], []).append(item)
+    chosen = []
+    for label in sorted(by_class):
+        pool = by_class[label]
+        chosen.extend(pool if len(pool) <= shots else rng.sample(pool, shots))
+    return Split(chosen, split.classnames)
+
+
+def base_novel(split: Split, subset: str) -> Split:
+    """Base classes are the first ceil(n/2) labels, novel the rest; each is relabelled from 0."""
+    n = len(split.classnames)
+    cut = math.ceil(n / 2)
+    if subset == "all":
+        return split
+    if subset == "base":
+        labels = range(0, cut)
+    elif subset == "novel":
+        labels = range(cut, n)
+    else:
+        raise ValueError(f"subset must be 'all', 'base' or 'novel', got {subset!r}")
+    offset = labels.start
+    items = [(p, y - offset) for p, y in split.items if y in labels]
+    return Split(items, [split.classnames[i] for i in labels])
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs; label -1 for unlabelled images."""
+
+    def __init__(self, items: list[tuple[str, int]], transform) -> None:
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.transform(image), label
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"cannot read image {path}: {err}") from err

@@ -1,0 +1,66 @@
+"""Accuracy of teacher and student against the shared class vectors, and the base-to-novel protocol."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.datasets import ImageDataset, Split, base_novel
+from .loss import cosine_logits
+
+
+@torch.no_grad()
+def predict(
+    encoder: nn.Module, loader: DataLoader, vectors: torch.Tensor, logit_scale: float, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 predictions and labels of an image encoder over a loader."""
+    device = vectors.device
+    preds, labels = [], []
+    for images, y in tqdm(loader, desc=desc, leave=False):
+        logits = cosine_logits(encoder(images.to(device)).float(), vectors, logit_scale)
+        preds.append(logits.argmax(dim=-1).cpu())
+        labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def evaluate_split(
+    encoders: dict[str, nn.Module],
+    split: Split,
+    vectors: torch.Tensor,
+    logit_scale: float,
+    transform,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> dict:
+    """Accuracy (%) of each encoder on a labelled split, and the student's top-1 agreement with the teacher."""
+    loader = DataLoader(ImageDataset(split.items, transform), batch_size=batch_size, num_workers=workers)
+    preds = {}
+    result: dict = {"images": len(split), "classes": len(split.classnames)}
+    for name, encoder in encoders.items():
+        pred, labels = predict(encoder, loader, vectors, logit_scale, desc=f"eval {name}")
+        preds[name] = pred
+        result[f"{name}_acc"] = 100.0 * (pred == labels).float().mean().item()
+    if "student" in preds and "teacher" in preds:
+        result["agreement"] = 100.0 * (preds["student"] == preds["teacher"]).float().mean().item()
+    return result
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+def evaluate_base_novel(
+    encoders: dict[str, nn.Module], split: Split, vectors: torch.Tensor, logit_scale: float, transform, **kw
+) -> dict:
+    """Base accuracy on base images among base classes, novel likewise, and their harmonic mean."""
+    n_base = len(base_novel(split, "base").classnames)
+    report = {
+        "base": evaluate_split(encoders, base_novel(split, "base"), vectors[:n_base], logit_scale, transform, **kw),
+        "novel": evaluate_split(encoders, base_novel(split, "novel"), vectors[n_base:], logit_scale, transform, **kw),
+    }
+    report["hm"] = {
+        f"{name}_acc": harmonic_mean(report["base"][f"{name}_acc"], report["novel"][f"{name}_acc"])
+        for name in encoders
+    }
+    return report
