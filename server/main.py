@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 
 from .classifier import Classifier
 from .config import Settings
@@ -27,7 +28,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        config = settings or Settings()
+        try:
+            config = settings or Settings()
+        except ValidationError as err:
+            log.error("bad server settings (PROMPTKD_* environment variables): %s", err)
+            raise
         try:
             app.state.classifier = Classifier.from_settings(config)
         except Exception as err:

@@ -149,7 +149,7 @@ def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = No
         student.train()
         student.tower.visual.eval()
         total, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for batch, _ in bar:
             batch = batch.to(device)
             teacher_logits = cosine_logits(teacher(batch).float(), class_vectors, scale)

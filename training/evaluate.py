@@ -17,7 +17,7 @@ def predict(
     """Top-1 predictions and labels of an image encoder over a loader."""
     device = vectors.device
     preds, labels = [], []
-    for images, y in tqdm(loader, desc=desc, leave=False):
+    for images, y in tqdm(loader, desc=desc, leave=False, disable=None):
         logits = cosine_logits(encoder(images.to(device)).float(), vectors, logit_scale)
         preds.append(logits.argmax(dim=-1).cpu())
         labels.append(y)

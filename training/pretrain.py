@@ -39,7 +39,7 @@ def pretrain_clip(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss = torch.tensor(0.0)
     for epoch in range(epochs):
-        bar = tqdm(loader, desc=f"pretrain {model_name} {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(loader, desc=f"pretrain {model_name} {epoch + 1}/{epochs}", leave=False, disable=None)
         for images, labels in bar:
             image_features = F.normalize(model.encode_image(images), dim=-1)
             text_features = F.normalize(model.encode_text(tokens), dim=-1)

@@ -1,0 +1,89 @@
+"""Shared fixtures: real Fashion-MNIST photos, tiny random-weight towers saved as local checkpoints, and a
+bundle exported from a short distillation. Session-scoped so the suite builds them once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that cannot be reached
+
+TEACHER = "PKD-Tiny-Teacher"
+STUDENT = "PKD-Tiny-Student"
+
+
+def foolbox_jpegs() -> list[Path]:
+    """The 20 real ImageNet JPEGs that PyPI's foolbox wheel ships (installed --no-deps, files only)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("foolbox (real test JPEGs) is not installed; run scripts/setup.sh")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return sorted(folder.glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory) -> Path:
+    """20 train and 8 test photos per class, as labelled folders."""
+    from training.data import fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist")
+    fashion_mnist.export(out, {"train": 20, "test": 8}, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight tiny teacher and student, saved as open_clip state dicts (the local-file path)."""
+    import torch
+
+    from training.towers import load_clip
+
+    out = tmp_path_factory.mktemp("weights")
+    paths = {}
+    for role, name in (("teacher", TEACHER), ("student", STUDENT)):
+        torch.manual_seed(0 if role == "teacher" else 1)
+        model, _ = load_clip(name, None)
+        paths[role] = out / f"{role}.pt"
+        torch.save(model.state_dict(), paths[role])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def class_vectors(tmp_path_factory, tiny_weights, fmnist) -> Path:
+    from training.class_vectors import zero_shot_vectors
+    from training.data.datasets import load_image_folder
+
+    names = load_image_folder(fmnist / "train").classnames
+    path = tmp_path_factory.mktemp("cv") / "class_vectors.npz"
+    zero_shot_vectors(TEACHER, str(tiny_weights["teacher"]), names).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def distilled(tmp_path_factory, tiny_weights, class_vectors, fmnist) -> Path:
+    """A student.pt from one short distillation epoch (enough for export and server tests)."""
+    from training.data.datasets import find_images
+    from training.distill import DistillConfig, distill
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = DistillConfig(
+        teacher_model=TEACHER, teacher_pretrained=str(tiny_weights["teacher"]),
+        student_model=STUDENT, student_pretrained=str(tiny_weights["student"]),
+        class_vectors=str(class_vectors), output_dir=str(out),
+        epochs=1, batch_size=16, lr=0.05, kd_weight=1.0, workers=0,
+    )
+    distill(cfg, find_images(fmnist / "train")[:64])
+    return out / "student.pt"
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, distilled, fmnist) -> Path:
+    from export.cli import build_bundle
+    from training.data.datasets import find_images
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    build_bundle(distilled, out, find_images(fmnist / "test")[:32], name="tiny-test")
+    return out

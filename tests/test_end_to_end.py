@@ -1,0 +1,84 @@
+"""Train -> export -> serve on real Fashion-MNIST photos, through the demo recipe and a real uvicorn."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from training.checkpoint import load_checkpoint
+from training.class_vectors import ClassVectors
+from training.data.datasets import load_image_folder
+from training.transforms import eval_transform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_recipe_distils_exports_and_serves(tmp_path, capsys):
+    work = tmp_path / "demo"
+    env = dict(os.environ, PY=sys.executable, TRAIN_PER_CLASS="200", TEST_PER_CLASS="30",
+               TEACHER_EPOCHS="8", STUDENT_EPOCHS="3", DISTILL_EPOCHS="5")
+    started = time.time()
+    subprocess.run(["bash", "scripts/build_demo_bundle.sh", str(work)], cwd=REPO, env=env, check=True, timeout=1500)
+    wall = time.time() - started
+
+    report = json.loads((work / "run" / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    with capsys.disabled():
+        print(f"\ndemo recipe {wall:.0f} s | teacher accuracy {after['teacher_acc']:.1f}% | student accuracy "
+              f"{before['student_acc']:.1f}% -> {after['student_acc']:.1f}% | agreement with teacher "
+              f"{before['agreement']:.1f}% -> {after['agreement']:.1f}% on {after['images']} held-out photos")
+    assert after["teacher_acc"] > 40, "the stand-in teacher must classify well above chance (10%)"
+    assert after["agreement"] >= before["agreement"] + 25, "distillation must raise agreement clearly"
+    assert after["student_acc"] > before["student_acc"] + 15
+
+    student, pre, cfg = load_checkpoint(work / "run" / "student.pt")
+    vectors = ClassVectors.load(work / "class_vectors.npz")
+    transform = eval_transform(pre)
+    test = load_image_folder(work / "data" / "test")
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=dict(os.environ, PROMPTKD_BUNDLE=str(work / "bundle")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"server did not start: {server.stderr.read().decode() if server.poll() is not None else ''}")
+        mismatches = 0
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for path, _ in test.items:
+                with open(path, "rb") as f:
+                    body = client.post("/classify", files={"file": (Path(path).name, f, "image/png")},
+                                       params={"top_k": 1}).json()
+                with torch.no_grad():
+                    logits = student(transform(Image.open(path))[None]) @ vectors.vectors.T
+                if body["predictions"][0]["label"] != vectors.classnames[int(logits.argmax())]:
+                    mismatches += 1
+        with capsys.disabled():
+            print(f"served top-1 equals the PyTorch student on {len(test) - mismatches}/{len(test)} photos")
+        assert mismatches == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
