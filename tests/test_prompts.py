@@ -7,7 +7,8 @@ from open_clip.transformer import Transformer
 from torch.nn import functional as F
 
 from training.loss import kd_loss
-from training.prompts import Projector, PromptedVisionTower, Student
+from training.prompts import PromptedVisionTower
+from training.student import Projector, Student
 from training.towers import load_clip
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .prompts import Projector, PromptedVisionTower, Student
+from .prompts import PromptedVisionTower
+from .student import Projector, Student
 from .towers import Preprocess, freeze, load_clip
 
 FORMAT = "promptkd-student/1"

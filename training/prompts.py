@@ -1,17 +1,28 @@
-"""Deep visual prompts on a frozen open_clip ViT image tower, without forking open_clip.
+"""Deep prompts on frozen open_clip towers (image and text), without forking open_clip.
 
-N learnable tokens sit right after the class token. They enter at the input (through ln_pre like every
-other token) and are replaced by a fresh learned set before each of the first D transformer blocks.
-They are dropped before pooling, so pooling sees exactly the tokens it was trained on.
+N learnable tokens sit right after the first token (class token, or start-of-text). They enter at the
+input and are replaced by a fresh learned set before each of the first D transformer blocks, as in
+VPT-deep / IVLP / PromptSRC. The frozen blocks are called exactly as open_clip calls them.
 """
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import VisionTransformer
+from open_clip.model import CLIP
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
 
+def _replace_prompts(x: torch.Tensor, prompt: torch.Tensor, n: int, batch_first: bool) -> torch.Tensor:
+    """Swap the n tokens after the first for `prompt` ([n, width]) in every sequence of the batch."""
+    if batch_first:
+        return torch.cat([x[:, :1], prompt.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+    return torch.cat([x[:1], prompt.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n :]], dim=0)
+
+
 class PromptedVisionTower(nn.Module):
+    """Prompts enter through ln_pre like every other token and are dropped before pooling, so pooling sees
+    exactly the tokens the tower was trained on."""
+
     def __init__(self, visual: nn.Module, num_tokens: int = 4, depth: int = 9) -> None:
         super().__init__()
         if not isinstance(visual, VisionTransformer):
@@ -42,11 +53,7 @@ class PromptedVisionTower(nn.Module):
             x = x.transpose(0, 1)
         for i, block in enumerate(transformer.resblocks):
             if 0 < i < self.depth:
-                deep = self.prompts[i].to(x.dtype)
-                if transformer.batch_first:
-                    x = torch.cat([x[:, :1], deep.expand(batch, -1, -1), x[:, 1 + n :]], dim=1)
-                else:
-                    x = torch.cat([x[:1], deep.unsqueeze(1).expand(-1, batch, -1), x[1 + n :]], dim=0)
+                x = _replace_prompts(x, self.prompts[i], n, transformer.batch_first)
             x = block(x)
         if not transformer.batch_first:
             x = x.transpose(0, 1)
@@ -57,42 +64,60 @@ class PromptedVisionTower(nn.Module):
         return pooled
 
 
-class Projector(nn.Module):
-    """Maps student image features into the teacher's feature space: linear, BatchNorm, ReLU, linear."""
+class PromptedTextTower(nn.Module):
+    """The text tower of an open_clip CLIP with deep prompts standing in for the first words of the prompt.
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+    Class names are tokenised as "X X X X {name}."; the placeholder embeddings are replaced by the learned
+    context (initialised from the embeddings of `init_words`, e.g. "a photo of a").
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, num_tokens: int = 4, depth: int = 9,
+                 init_words: str | None = "a photo of a") -> None:
         super().__init__()
-        hidden = hidden_dim or out_dim
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, out_dim),
-        )
+        if not isinstance(clip, CLIP):
+            raise TypeError(f"text prompts need an open_clip CLIP with its built-in text tower, got {type(clip).__name__}")
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.pool_type = clip.text_pool_type
+        self.eos_id = getattr(clip, "text_eos_id", None)
+        self.tokenizer = tokenizer
+        self.num_tokens = num_tokens
+        self.depth = max(1, min(depth, len(clip.transformer.resblocks)))
+        width = clip.token_embedding.weight.shape[1]
+        prompts = torch.randn(self.depth, num_tokens, width) * 0.02
+        if init_words and num_tokens:
+            with torch.no_grad():
+                ids = tokenizer([init_words])
+                words = int((ids[0] != 0).sum()) - 2  # minus start and end of text
+                if words == num_tokens:
+                    prompts[0] = self.token_embedding(ids)[0, 1 : 1 + num_tokens]
+        self.prompts = nn.Parameter(prompts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def tokenize(self, classnames: list[str]) -> torch.Tensor:
+        prefix = " ".join(["X"] * self.num_tokens)
+        return self.tokenizer([f"{prefix} {name}.".strip() for name in classnames])
 
-
-class Student(nn.Module):
-    """The deployable student: prompted image tower + projector, ending in an L2-normalised feature."""
-
-    def __init__(self, tower: PromptedVisionTower, projector: Projector) -> None:
-        super().__init__()
-        self.tower = tower
-        self.projector = projector
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.projector(self.tower(images)), dim=-1)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only what distillation learns: prompts and projector (BatchNorm statistics included)."""
-        state = {"prompts": self.tower.prompts.detach().cpu()}
-        state.update({f"projector.{k}": v.detach().cpu() for k, v in self.projector.state_dict().items()})
-        return state
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.tower.prompts.data.copy_(state["prompts"])
-        self.projector.load_state_dict(
-            {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
-        )
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = self.num_tokens
+        transformer = self.transformer
+        cast = transformer.get_cast_dtype()
+        x = self.token_embedding(tokens).to(cast)
+        x = _replace_prompts(x, self.prompts[0], n, batch_first=True)
+        x = x + self.positional_embedding.to(cast)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for i, block in enumerate(transformer.resblocks):
+            if 0 < i < self.depth:
+                x = _replace_prompts(x, self.prompts[i], n, transformer.batch_first)
+            x = block(x, attn_mask=self.attn_mask)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        x = self.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return x

@@ -1,0 +1,102 @@
+"""The stage-1 teacher: a frozen open_clip CLIP with independent deep prompts on both towers (PromptSRC/IVLP).
+
+A teacher checkpoint holds only the two prompt tensors plus the config that rebuilds the rest, so class
+vectors for any class names can be computed from it later (a deployed student can learn new classes
+without retraining: compute their vectors and swap them into the bundle).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .class_vectors import ClassVectors
+from .prompts import PromptedTextTower, PromptedVisionTower
+from .towers import Preprocess, freeze, load_clip, tokenizer_for
+
+FORMAT = "promptkd-teacher/1"
+
+
+@dataclass
+class TeacherConfig:
+    model: str
+    pretrained: str | None
+    text_tokens: int = 4
+    text_depth: int = 9
+    visual_tokens: int = 4
+    visual_depth: int = 9
+    init_words: str = "a photo of a"
+
+
+class Teacher(nn.Module):
+    def __init__(self, clip: nn.Module, tokenizer, cfg: TeacherConfig) -> None:
+        super().__init__()
+        freeze(clip)
+        self.cfg = cfg
+        self.image = PromptedVisionTower(clip.visual, cfg.visual_tokens, cfg.visual_depth)
+        self.text = PromptedTextTower(clip, tokenizer, cfg.text_tokens, cfg.text_depth, cfg.init_words)
+        self.register_buffer("log_logit_scale", clip.logit_scale.detach().clone().reshape(()))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.log_logit_scale.exp())
+
+    @property
+    def feature_dim(self) -> int:
+        return self.image.output_dim
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_text(self, classnames: list[str], batch_size: int = 256) -> torch.Tensor:
+        device = self.text.prompts.device
+        return torch.cat([
+            F.normalize(self.text(self.text.tokenize(classnames[i : i + batch_size]).to(device)), dim=-1)
+            for i in range(0, len(classnames), batch_size)
+        ])
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        return {"text_prompts": self.text.prompts.detach().cpu().clone(),
+                "visual_prompts": self.image.prompts.detach().cpu().clone()}
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, target in (("text_prompts", self.text.prompts), ("visual_prompts", self.image.prompts)):
+            if state[name].shape != target.shape:
+                raise ValueError(f"{name} have shape {tuple(state[name].shape)}, this teacher expects "
+                                 f"{tuple(target.shape)}")
+            target.data.copy_(state[name])
+
+    @torch.no_grad()
+    def class_vectors(self, classnames: list[str], source: str) -> ClassVectors:
+        """Run the prompted text tower once over the class names: the vectors teacher and student share."""
+        return ClassVectors(self.encode_text(classnames).cpu(), list(classnames), self.logit_scale,
+                            {**asdict(self.cfg), "source": source})
+
+
+def build_teacher(cfg: TeacherConfig) -> tuple[Teacher, Preprocess]:
+    clip, pre = load_clip(cfg.model, cfg.pretrained)
+    return Teacher(clip, tokenizer_for(cfg.model), cfg), pre
+
+
+def save_teacher(path: Path, teacher: Teacher, extra: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "config": asdict(teacher.cfg), "state": teacher.prompt_state(),
+                "extra": extra or {}}, tmp)
+    tmp.replace(path)
+
+
+def load_teacher(path: Path) -> tuple[Teacher, Preprocess]:
+    """Rebuild a trained teacher from its checkpoint (the frozen CLIP comes from the config's weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read teacher checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a PromptKD teacher checkpoint (format {FORMAT})")
+    teacher, pre = build_teacher(TeacherConfig(**ckpt["config"]))
+    teacher.load_prompt_state(ckpt["state"])
+    return teacher.eval(), pre
