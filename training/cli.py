@@ -87,6 +87,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     eval_split = _split(args, args.eval_split) if args.eval_split and (args.dataset or args.image_folder) else None
     cfg = DistillConfig(
         teacher_model=args.teacher_model, teacher_pretrained=args.teacher_pretrained,
+        teacher_checkpoint=str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
+        precision=args.precision, cache_dir=str(args.teacher_cache) if args.teacher_cache else None,
+        cache_views=args.cache_views, cache_dtype=args.cache_dtype,
         student_model=args.student_model, student_pretrained=args.student_pretrained,
         class_vectors=str(args.class_vectors), output_dir=str(args.out),
         prompt_tokens=args.prompt_tokens, prompt_depth=args.prompt_depth, projector_hidden=args.projector_hidden,
@@ -95,8 +98,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         temperature=args.temperature, kd_weight=args.kd_weight, workers=args.workers, seed=args.seed,
         device=args.device,
     )
-    report = distill(cfg, images, eval_split)
-    print(json.dumps({k: report[k] for k in ("before", "after", "train_seconds") if k in report}, indent=2))
+    report = distill(cfg, images, eval_split, resume=args.resume)
+    print(json.dumps({k: report[k] for k in ("before", "after", "epoch_seconds", "skipped_images") if k in report},
+                     indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -171,8 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the teacher's logits on unlabelled images")
     _add_towers(p)
     _add_data(p, unlabelled=True)
+    p.add_argument("--teacher-checkpoint", type=Path,
+                   help="stage-1 teacher (train-teacher or import-teacher): its visual prompts drive the teacher "
+                        "image tower, and its model and weights replace --teacher-model/--teacher-pretrained")
     p.add_argument("--class-vectors", type=Path, required=True, help=".npz made by the class-vectors command")
-    p.add_argument("--out", type=Path, required=True, help="run folder: student.pt, metrics.jsonl, report.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: student.pt, run_state.pt, metrics.jsonl, tensorboard/, report.json")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision for the forward passes (weights stay fp32)")
+    p.add_argument("--teacher-cache", type=Path,
+                   help="folder for the teacher feature cache: the teacher runs once per image and view, later "
+                        "epochs run only the student (reused across runs with the same teacher and images)")
+    p.add_argument("--cache-views", type=int, default=4, help="augmented views per image in the teacher cache")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
+                   help="storage type of cached teacher features")
     p.add_argument("--eval-split", default="test",
                    help="labelled split for the before/after report (needs --dataset or --image-folder; "
                         "'' to skip)")
@@ -214,10 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .engine import Interrupted
     from .towers import TowerLoadError
 
     try:
         args.func(args)
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
     except (DatasetError, TowerLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

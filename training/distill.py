@@ -1,29 +1,44 @@
-"""Stage 2: distil the teacher's logits into the prompted student on unlabelled images."""
+"""Stage 2: distil the teacher's logits into the prompted student on unlabelled images.
+
+Runs on one device or many (torchrun: DDP with a distributed sampler, writes on rank 0), in fp32 or
+bf16/fp16 autocast, optionally from a teacher feature cache, and resumes exactly where it stopped.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import build_student, save_checkpoint
 from .class_vectors import ClassVectors
-from .data.datasets import ImageDataset, Split
+from .data.datasets import Split
+from .data.views import ViewDataset, collate_skipping
+from .engine import (
+    Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
+    save_atomic, seed_everything, setup, teardown,
+)
 from .evaluate import evaluate_split
+from .feature_cache import TeacherCache
 from .loss import cosine_logits, kd_loss
+from .teacher import load_teacher
 from .towers import Preprocess, freeze, load_clip
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+
+RUN_STATE = "run_state.pt"
+# Settings that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
 
 
 @dataclass
@@ -36,11 +51,12 @@ class DistillConfig:
     student_pretrained: str | None
     class_vectors: str
     output_dir: str
+    teacher_checkpoint: str | None = None  # a stage-1 teacher: its visual prompts drive the teacher tower
     prompt_tokens: int = 4
     prompt_depth: int = 9
     projector_hidden: int | None = None
     epochs: int = 20
-    batch_size: int = 8
+    batch_size: int = 8  # global: split over the processes of a torchrun job
     lr: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -48,6 +64,10 @@ class DistillConfig:
     warmup_lr: float = 1e-5
     temperature: float = 1.0
     kd_weight: float = 1000.0
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    cache_views: int = 4
+    cache_dtype: str = "float16"
     workers: int = 4
     seed: int = 1
     device: str = "auto"
@@ -57,14 +77,14 @@ class DistillConfig:
 class TeacherImageEncoder(nn.Module):
     """The frozen teacher image tower, fed images normalised for the student and re-normalised for itself."""
 
-    def __init__(self, visual: nn.Module, student_pre: Preprocess, teacher_pre: Preprocess) -> None:
+    def __init__(self, tower: nn.Module, student_pre: Preprocess, teacher_pre: Preprocess) -> None:
         super().__init__()
         if student_pre.image_size != teacher_pre.image_size:
             raise ValueError(
                 f"teacher and student must share an input size (teacher {teacher_pre.image_size}, "
                 f"student {student_pre.image_size})"
             )
-        self.visual = freeze(visual)
+        self.tower = freeze(tower)
         s_mean, s_std = torch.tensor(student_pre.mean), torch.tensor(student_pre.std)
         t_mean, t_std = torch.tensor(teacher_pre.mean), torch.tensor(teacher_pre.std)
         # x_t = (x_s * s_std + s_mean - t_mean) / t_std, folded into one scale and shift.
@@ -73,7 +93,7 @@ class TeacherImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images * self.scale + self.shift)
+        return self.tower(images * self.scale + self.shift)
 
 
 def lr_at(epoch: int, cfg: DistillConfig) -> float:
@@ -84,23 +104,17 @@ def lr_at(epoch: int, cfg: DistillConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:
     """Student (trainable prompts + projector), frozen teacher image tower and the stored class vectors."""
     vectors = ClassVectors.load(Path(cfg.class_vectors))
-    teacher, teacher_pre = load_clip(cfg.teacher_model, cfg.teacher_pretrained)
-    teacher_dim = int(teacher.visual.output_dim)
+    if cfg.teacher_checkpoint:
+        teacher, teacher_pre = load_teacher(Path(cfg.teacher_checkpoint))
+        cfg.teacher_model, cfg.teacher_pretrained = teacher.cfg.model, teacher.cfg.pretrained
+        tower = teacher.image
+    else:
+        clip, teacher_pre = load_clip(cfg.teacher_model, cfg.teacher_pretrained)
+        tower = clip.visual
+    teacher_dim = int(tower.output_dim)
     if vectors.vectors.shape[1] != teacher_dim:
         raise ValueError(
             f"class vectors are {vectors.vectors.shape[1]}-d but the teacher {cfg.teacher_model} "
@@ -111,68 +125,140 @@ def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVect
         cfg.student_model, cfg.student_pretrained, teacher_dim,
         cfg.prompt_tokens, cfg.prompt_depth, cfg.projector_hidden,
     )
-    return student, TeacherImageEncoder(teacher.visual, student_pre, teacher_pre), vectors, student_pre
+    return student, TeacherImageEncoder(tower, student_pre, teacher_pre), vectors, student_pre
 
 
-def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = None) -> dict:
-    """Train the student on `images` (labels unused) and return a report; writes checkpoint and logs."""
+def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = None, resume: bool = False) -> dict:
+    """Train the student on `images` (labels unused); writes student.pt, run_state.pt, logs and report.json."""
+    rt = setup(cfg.device)
+    try:
+        return _distill(cfg, images, eval_split, resume, rt)
+    finally:
+        teardown(rt)
+
+
+def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, resume: bool, rt: Runtime) -> dict:
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    if cfg.batch_size % rt.world_size or cfg.batch_size // rt.world_size < 2:
+        raise ValueError(f"batch size {cfg.batch_size} must split into at least 2 images on each of "
+                         f"{rt.world_size} processes")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     student, teacher, vectors, pre = build(cfg)
-    student.to(device)
-    teacher.to(device)
-    class_vectors = vectors.vectors.to(device)
+    student.to(rt.device)
+    teacher.to(rt.device)
+    class_vectors = vectors.vectors.to(rt.device)
     scale = vectors.logit_scale
 
+    dataset = ViewDataset([(p, -1) for p in images], train_transform(pre), cfg.seed)
+    cache = None
+    if cfg.cache_dir:
+        identity = {"teacher": [cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_checkpoint],
+                    "images": images, "seed": cfg.seed, "preprocess": asdict(pre)}
+        cache = TeacherCache.open_or_build(
+            Path(cfg.cache_dir), identity, dataset, teacher, cfg.cache_views, cfg.teacher_dim, rt,
+            batch_size=max(cfg.batch_size, 64), workers=cfg.workers, precision=cfg.precision, dtype=cfg.cache_dtype,
+        )
+    sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    model: nn.Module = student
+    if rt.distributed:
+        model = DistributedDataParallel(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loader = DataLoader(
-        ImageDataset([(p, -1) for p in images], train_transform(pre)),
-        batch_size=cfg.batch_size, shuffle=True, drop_last=len(images) > cfg.batch_size,
-        num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    scaler = grad_scaler(rt, cfg.precision)
+
+    start_epoch, start_step = 0, 0
+    state_path = out / RUN_STATE
+    if resume and state_path.is_file():
+        compare = tuple(k for k in asdict(cfg) if k not in RESUMABLE_CHANGES)
+        state = load_run_state(state_path, asdict(cfg), compare)
+        student.load_trainable_state(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        log.info("resuming at epoch %d, step %d", start_epoch + 1, start_step)
+    elif resume:
+        log.warning("--resume: no %s in %s, starting from scratch", RUN_STATE, out)
+
+    def save_state(epoch: int, step: int) -> None:
+        if rt.is_main:
+            save_atomic(state_path, {"config": asdict(cfg), "epoch": epoch, "step": step,
+                                     "student": student.trainable_state(), "optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict()})
+
     encoders = {"teacher": teacher, "student": student}
-    report: dict = {"config": asdict(cfg), "train_images": len(images)}
-    if eval_split is not None:
+    report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
+    if eval_split is not None and rt.is_main and start_epoch == 0 and start_step == 0:
         student.eval()
         report["before"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
                                           workers=cfg.workers)
         log.info("before distillation: %s", report["before"])
+    barrier(rt)
 
-    metrics_path = out / "metrics.jsonl"
-    started = time.time()
-    for epoch in range(cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, cfg)
-        student.train()
-        student.tower.visual.eval()
-        total, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-        for batch, _ in bar:
-            batch = batch.to(device)
-            teacher_logits = cosine_logits(teacher(batch).float(), class_vectors, scale)
-            student_logits = cosine_logits(student.projector(student.tower(batch)).float(), class_vectors, scale)
-            loss = cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            seen += len(batch)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        entry = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": lr_at(epoch, cfg),
-                 "seconds": round(time.time() - started, 2)}
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        log.info("epoch %d/%d loss %.5f", epoch + 1, cfg.epochs, entry["loss"])
-        save_checkpoint(out / "student.pt", student, asdict(cfg), epoch + 1)
+    runlog = RunLog(out, rt)
+    epoch_seconds = []
+    skipped_total = 0
+    steps_per_epoch = len(sampler) // (cfg.batch_size // rt.world_size)
+    with Interrupt() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.time()
+            sampler.set_epoch(epoch)
+            dataset.view = epoch % cache.views if cache else epoch
+            loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
+                                num_workers=cfg.workers, collate_fn=collate_skipping, drop_last=True)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, cfg)
+            model.train()
+            student.tower.visual.eval()
+            total, seen, skipped = 0.0, 0, 0
+            bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+            for step, (batch, indices, _, n_skipped) in enumerate(bar):
+                if step < start_step:
+                    continue
+                skipped += n_skipped
+                if not len(indices):
+                    continue
+                batch = batch.to(rt.device, non_blocking=True)
+                with autocast(rt, cfg.precision):
+                    if cache is not None:
+                        teacher_features = cache.get(dataset.view, indices).to(rt.device)
+                    else:
+                        teacher_features = teacher(batch)
+                    student_features = model(batch)
+                teacher_logits = cosine_logits(teacher_features.float(), class_vectors, scale)
+                student_logits = cosine_logits(student_features.float(), class_vectors, scale)
+                loss = cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(indices)
+                seen += len(indices)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if stop.requested:
+                    save_state(epoch, step + 1)
+                    raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}; rerun with --resume")
+            start_step = 0
+            total, seen, skipped = reduce_sum(rt, total, seen, skipped)
+            skipped_total += int(skipped)
+            epoch_seconds.append(time.time() - started)
+            runlog.write(epoch + 1, loss=total / max(1, seen), lr=lr_at(epoch, cfg), seconds=epoch_seconds[-1],
+                         images_per_second=seen / epoch_seconds[-1], skipped_images=int(skipped),
+                         steps=steps_per_epoch)
+            log.info("epoch %d/%d loss %.5f", epoch + 1, cfg.epochs, total / max(1, seen))
+            save_state(epoch + 1, 0)
+            if rt.is_main:
+                save_checkpoint(out / "student.pt", student, asdict(cfg), epoch + 1)
+    runlog.close()
 
-    student.eval()
-    if eval_split is not None:
-        report["after"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
-                                         workers=cfg.workers)
-        log.info("after distillation: %s", report["after"])
-    report["train_seconds"] = round(time.time() - started, 2)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    report.update(epoch_seconds=[round(s, 3) for s in epoch_seconds], skipped_images=skipped_total,
+                  cached_teacher=cache is not None)
+    if rt.is_main:
+        student.eval()
+        if eval_split is not None:
+            report["after"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
+                                             workers=cfg.workers)
+            log.info("after distillation: %s", report["after"])
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    barrier(rt)
     return report

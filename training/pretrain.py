@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .class_vectors import DEFAULT_TEMPLATE
 from .data.datasets import ImageDataset, Split
-from .distill import seed_everything
+from .engine import seed_everything
 from .towers import load_clip, tokenizer_for
 from .transforms import train_transform
 

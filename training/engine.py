@@ -1,0 +1,165 @@
+"""What every training loop here shares: torchrun/DDP set-up, mixed precision, resumable run state,
+graceful interrupts and logs (JSON lines + TensorBoard), with writes on rank 0 only."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> Runtime:
+    """One process per device. Under torchrun (WORLD_SIZE > 1) this joins the process group: NCCL on GPUs,
+    gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if cuda:
+        index = local_rank if world > 1 or device in ("auto", "cuda") else torch.device(device).index or 0
+        chosen = torch.device("cuda", index)
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return Runtime(rank, world, local_rank, chosen)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def reduce_sum(rt: Runtime, *values: float) -> list[float]:
+    """Sum numbers over all ranks (metrics are reported for the whole job, not one shard)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def autocast(rt: Runtime, precision: str):
+    """bf16/fp16 autocast where asked; fp32 runs as is. No module is ever cast by hand."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=dtype)
+
+
+def grad_scaler(rt: Runtime, precision: str) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_run_state(path: Path, config: dict, keys: tuple[str, ...]) -> dict:
+    """A run state saved by this engine, refused when the run's settings have changed since."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = {k for k in keys if state["config"].get(k) != config.get(k)}
+    if changed:
+        raise ValueError(f"cannot resume {path}: settings changed since it was saved ({', '.join(sorted(changed))})")
+    return state
+
+
+class Interrupt:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "Interrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on a signal after saving its state; `--resume` continues it."""
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per event) and TensorBoard events, written by rank 0 only."""
+
+    def __init__(self, folder: Path, rt: Runtime) -> None:
+        self.enabled = rt.is_main
+        self.path = folder / "metrics.jsonl"
+        self.writer = None
+        if self.enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed: writing metrics.jsonl only")
+
+    def write(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
