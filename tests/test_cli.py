@@ -8,7 +8,8 @@ import pytest
 from training.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare-fashion-mnist", "pretrain-tiny", "class-vectors", "distill", "evaluate"]
+COMMANDS = ["prepare-fashion-mnist", "pretrain-tiny", "class-vectors", "train-teacher", "import-teacher",
+            "distill", "evaluate"]
 
 
 def test_every_option_has_help():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .data import fashion_mnist
 from .data.datasets import (
-    DATASETS, DatasetError, Split, find_images, load_coop_split, load_image_folder,
+    DATASETS, DatasetError, Split, base_novel, few_shot, find_images, load_coop_split, load_image_folder,
 )
 
 
@@ -63,16 +63,78 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     print(json.dumps({"weights": str(args.out), "final_loss": loss}))
 
 
+def _classnames(args: argparse.Namespace) -> list[str]:
+    if args.classnames:
+        return [line.strip() for line in args.classnames.read_text().splitlines() if line.strip()]
+    return _split(args, "train").classnames
+
+
 def cmd_class_vectors(args: argparse.Namespace) -> None:
     from .class_vectors import zero_shot_vectors
+    from .teacher import load_teacher
 
-    if args.classnames:
-        names = [line.strip() for line in args.classnames.read_text().splitlines() if line.strip()]
+    names = _classnames(args)
+    if args.teacher_checkpoint:
+        teacher, _ = load_teacher(args.teacher_checkpoint)
+        vectors = teacher.class_vectors(names, source=f"teacher checkpoint {args.teacher_checkpoint}")
     else:
-        names = _split(args, "train").classnames
-    vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, names, args.template)
+        vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, names, args.template)
     vectors.save(args.out)
     print(json.dumps({"class_vectors": str(args.out), "classes": len(names), "dim": vectors.vectors.shape[1]}))
+
+
+def _few_shot_splits(args: argparse.Namespace) -> tuple[Split, Split]:
+    """Few-shot training images and held-out validation images, both restricted to --subset.
+
+    Validation comes from the dataset's val split where it has one (not ImageNet, whose val is its test
+    set), otherwise from training images the few-shot draw did not take. Never from a test split.
+    """
+    full = _split(args, "train")
+    train = few_shot(full, args.shots, args.seed)
+    val = None
+    if args.dataset != "imagenet":
+        try:
+            val = few_shot(_split(args, "val"), args.val_shots, args.seed)
+        except DatasetError:
+            val = None
+    if val is None or not len(val):
+        taken = set(train.items)
+        val = few_shot(Split([x for x in full.items if x not in taken], full.classnames), args.val_shots, args.seed)
+    return base_novel(train, args.subset), base_novel(val, args.subset)
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from .stage1 import Stage1Config, train_teacher
+    from .teacher import load_teacher
+
+    train, val = _few_shot_splits(args)
+    all_classes = _split(args, "train").classnames
+    cfg = Stage1Config(
+        model=args.teacher_model, pretrained=args.teacher_pretrained, output_dir=str(args.out),
+        text_tokens=args.text_tokens, text_depth=args.text_depth, visual_tokens=args.visual_tokens,
+        visual_depth=args.visual_depth, init_words=args.init_words, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, gpa_mean=args.gpa_mean, gpa_std=args.gpa_std, precision=args.precision, workers=args.workers,
+        seed=args.seed, device=args.device,
+    )
+    report = train_teacher(cfg, train, val, resume=args.resume)
+    if "selected" not in report:
+        return  # not rank 0 of a torchrun job
+    teacher, _ = load_teacher(args.out / "teacher.pt")
+    teacher.class_vectors(all_classes, source=f"teacher checkpoint {args.out / 'teacher.pt'}").save(
+        args.out / "class_vectors.npz")
+    print(json.dumps({"teacher": str(args.out / "teacher.pt"), "class_vectors": str(args.out / "class_vectors.npz"),
+                      "classes": len(all_classes), "selected": report["selected"],
+                      "val_acc": max(report["val_acc_gpa"], report["val_acc_best_epoch"])}, indent=2))
+
+
+def cmd_import_teacher(args: argparse.Namespace) -> None:
+    from .authors import import_teacher
+    from .teacher import save_teacher
+
+    teacher = import_teacher(args.checkpoint, args.teacher_model, args.teacher_pretrained)
+    save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint)})
+    print(json.dumps({"teacher": str(args.out), "text_prompts": list(teacher.text.prompts.shape),
+                      "visual_prompts": list(teacher.image.prompts.shape)}))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -107,23 +169,38 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .class_vectors import ClassVectors
-    from .distill import TeacherImageEncoder, pick_device
+    from .class_vectors import ClassVectors, zero_shot_vectors
+    from .distill import TeacherImageEncoder, teacher_tower
+    from .engine import setup
     from .evaluate import evaluate_base_novel, evaluate_split
-    from .towers import load_clip
     from .transforms import eval_transform
 
-    device = pick_device(args.device)
-    student, pre, cfg = load_checkpoint(args.checkpoint)
-    vectors = ClassVectors.load(Path(args.class_vectors or cfg["class_vectors"]))
-    encoders: dict[str, torch.nn.Module] = {"student": student.to(device)}
-    if not args.student_only:
-        teacher, teacher_pre = load_clip(cfg["teacher_model"], cfg["teacher_pretrained"])
-        encoders = {"teacher": TeacherImageEncoder(teacher.visual, pre, teacher_pre).to(device), **encoders}
+    device = setup(args.device).device
     split = _split(args, args.split)
+    encoders: dict[str, torch.nn.Module] = {}
+    if args.checkpoint:
+        student, pre, cfg = load_checkpoint(args.checkpoint)
+        vectors = ClassVectors.load(Path(args.class_vectors or cfg["class_vectors"]))
+        if not args.student_only:
+            tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
+                                                   cfg.get("teacher_checkpoint"))
+            encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
+        encoders["student"] = student
+    else:
+        tower, pre, *_ = teacher_tower(args.teacher_model, args.teacher_pretrained, args.teacher_checkpoint)
+        encoders["teacher"] = TeacherImageEncoder(tower, pre, pre)
+        if args.class_vectors:
+            vectors = ClassVectors.load(args.class_vectors)
+        elif args.teacher_checkpoint:
+            from .teacher import load_teacher
+
+            vectors = load_teacher(args.teacher_checkpoint)[0].class_vectors(split.classnames, "evaluate")
+        else:
+            vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, split.classnames)
     if len(split.classnames) != vectors.vectors.shape[0]:
         raise DatasetError(f"the split has {len(split.classnames)} classes, the class vectors "
                            f"{vectors.vectors.shape[0]}")
+    encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
     run = evaluate_base_novel if args.protocol == "base2novel" else evaluate_split
     report = run(encoders, split, vectors.vectors.to(device), vectors.logit_scale, eval_transform(pre),
                  workers=args.workers)
@@ -165,11 +242,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("class-vectors", help="run the teacher text tower once over the class names and store "
                                              "the L2-normalised class vectors with names and logit scale")
     _add_towers(p, student=False)
+    p.add_argument("--teacher-checkpoint", type=Path,
+                   help="trained teacher (train-teacher or import-teacher); without it the zero-shot teacher "
+                        "--teacher-model/--teacher-pretrained is used with --template")
     _add_data(p, unlabelled=False)
-    p.add_argument("--classnames", type=Path, help="text file with one class name per line (instead of a dataset)")
+    p.add_argument("--classnames", type=Path,
+                   help="text file with one class name per line, instead of a dataset: vectors for new classes "
+                        "that a deployed student can serve without retraining")
     p.add_argument("--template", default="a photo of a {}.", help="prompt template for the zero-shot teacher")
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
     p.set_defaults(func=cmd_class_vectors)
+
+    p = sub.add_parser("train-teacher", help="stage 1: PromptSRC prompt tuning of the teacher on few-shot "
+                                             "labelled images, then class vectors for every class")
+    _add_towers(p, student=False)
+    _add_data(p, unlabelled=False)
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: teacher.pt, class_vectors.npz (all classes), run_state.pt, metrics.jsonl, "
+                        "tensorboard/, report.json")
+    p.add_argument("--subset", choices=["base", "all"], default="base",
+                   help="train on the base classes (base-to-novel protocol) or on all classes (cross-dataset)")
+    p.add_argument("--shots", type=int, default=16, help="labelled training images per class")
+    p.add_argument("--val-shots", type=int, default=4, help="held-out images per class for model selection")
+    p.add_argument("--text-tokens", type=int, default=4, help="learnable text context tokens")
+    p.add_argument("--text-depth", type=int, default=9, help="text layers with prompts")
+    p.add_argument("--visual-tokens", type=int, default=4, help="learnable visual tokens")
+    p.add_argument("--visual-depth", type=int, default=9, help="image layers with prompts")
+    p.add_argument("--init-words", default="a photo of a", help="words that initialise the text context")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the few-shot images")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (global under torchrun)")
+    p.add_argument("--lr", type=float, default=0.005, help="SGD learning rate after warm-up (cosine decay)")
+    p.add_argument("--gpa-mean", type=float, default=15.0, help="epoch at the centre of the Gaussian prompt "
+                                                                "aggregation")
+    p.add_argument("--gpa-std", type=float, default=1.0, help="width (epochs) of the Gaussian prompt aggregation")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
+    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw and of training")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("import-teacher", help="turn a PromptSRC teacher checkpoint published by PromptKD's authors "
+                                              "(model-best.pth.tar) into this project's teacher.pt")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the authors' .pth.tar file")
+    _add_towers(p, student=False)
+    p.add_argument("--out", type=Path, required=True, help="teacher.pt to write")
+    p.set_defaults(func=cmd_import_teacher)
 
     p = sub.add_parser("distill", help="stage 2: train the student's deep visual prompts and projector to match "
                                        "the teacher's logits on unlabelled images")
@@ -212,9 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("evaluate", help="accuracy of a distilled student (and its teacher) on a labelled split")
-    p.add_argument("--checkpoint", type=Path, required=True, help="student.pt from distill")
-    p.add_argument("--class-vectors", type=Path, help="class vectors (default: the ones the student trained on)")
+    p = sub.add_parser("evaluate", help="accuracy on a labelled split of a distilled student and its teacher, "
+                                        "of a trained teacher, or of the zero-shot teacher")
+    p.add_argument("--checkpoint", type=Path, help="student.pt from distill (evaluates it and its teacher)")
+    p.add_argument("--teacher-checkpoint", type=Path, help="teacher.pt to evaluate alone (without --checkpoint)")
+    _add_towers(p, student=False)
+    p.add_argument("--class-vectors", type=Path,
+                   help="class vectors (default: the student's own; for a teacher, computed for the split)")
     _add_data(p, unlabelled=False)
     p.add_argument("--split", default="test", help="split to evaluate")
     p.add_argument("--protocol", choices=["all", "base2novel"], default="all",

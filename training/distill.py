@@ -104,16 +104,22 @@ def lr_at(epoch: int, cfg: DistillConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
+def teacher_tower(model: str, pretrained: str | None, checkpoint: str | None) -> tuple[nn.Module, Preprocess, str, str | None]:
+    """The teacher's image tower: prompted from a stage-1 checkpoint, or plain (zero-shot) CLIP.
+    Returns it with its preprocessing and the model name and weights it was built from."""
+    if checkpoint:
+        teacher, pre = load_teacher(Path(checkpoint))
+        return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained
+    clip, pre = load_clip(model, pretrained)
+    return clip.visual, pre, model, pretrained
+
+
 def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:
     """Student (trainable prompts + projector), frozen teacher image tower and the stored class vectors."""
     vectors = ClassVectors.load(Path(cfg.class_vectors))
-    if cfg.teacher_checkpoint:
-        teacher, teacher_pre = load_teacher(Path(cfg.teacher_checkpoint))
-        cfg.teacher_model, cfg.teacher_pretrained = teacher.cfg.model, teacher.cfg.pretrained
-        tower = teacher.image
-    else:
-        clip, teacher_pre = load_clip(cfg.teacher_model, cfg.teacher_pretrained)
-        tower = clip.visual
+    tower, teacher_pre, cfg.teacher_model, cfg.teacher_pretrained = teacher_tower(
+        cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_checkpoint
+    )
     teacher_dim = int(tower.output_dim)
     if vectors.vectors.shape[1] != teacher_dim:
         raise ValueError(

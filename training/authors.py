@@ -1,0 +1,61 @@
+"""Import the PromptSRC teacher checkpoints published by PromptKD's authors, so users can skip stage 1.
+
+Their checkpoints (Dassl `model-best.pth.tar` / `model.pth.tar-20`, built on OpenAI's CLIP) hold the whole
+prompted CLIP under "state_dict". Only the prompts are learned, laid out as:
+
+    prompt_learner.ctx                                  [N, text width]    text context (input layer)
+    text_encoder.transformer.resblocks.{i}.VPT_shallow  [N, text width]    deep text prompts, i >= 1
+    image_encoder.VPT                                   [N, image width]   visual prompts (input layer)
+    image_encoder.transformer.resblocks.{i}.VPT_shallow [N, image width]   deep visual prompts, i >= 1
+
+Their visual prompts sit after the patch tokens and ours after the class token; with positional embeddings
+already added and no attention mask in the image tower, the two orders compute the same features.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .teacher import Teacher, TeacherConfig, build_teacher
+
+_DEEP = re.compile(r"^(text_encoder|image_encoder)\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+
+
+def read_prompts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' prompt tensors stacked as this project's [depth, tokens, width] text and visual prompts."""
+    for key in ("prompt_learner.ctx", "image_encoder.VPT"):
+        if key not in state_dict:
+            raise ValueError(f"not a PromptSRC/IVLP teacher checkpoint: no {key!r}")
+    deep: dict[str, dict[int, torch.Tensor]] = {"text_encoder": {}, "image_encoder": {}}
+    for key, value in state_dict.items():
+        match = _DEEP.match(key)
+        if match:
+            deep[match.group(1)][int(match.group(2))] = value
+    stacked = {}
+    for name, tower, first in (("text_prompts", "text_encoder", "prompt_learner.ctx"),
+                               ("visual_prompts", "image_encoder", "image_encoder.VPT")):
+        layers = [state_dict[first]] + [deep[tower][i] for i in sorted(deep[tower])]
+        if sorted(deep[tower]) != list(range(1, len(layers))):
+            raise ValueError(f"{tower} deep prompts are not contiguous from layer 1: {sorted(deep[tower])}")
+        stacked[name] = torch.stack([t.float() for t in layers])
+    return stacked
+
+
+def import_teacher(path: Path, model: str, pretrained: str | None) -> Teacher:
+    """Build this project's teacher on `model`/`pretrained` (the CLIP the authors started from) with their prompts."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {path} as a checkpoint: {err}") from err
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    prompts = read_prompts(state)
+    text, visual = prompts["text_prompts"], prompts["visual_prompts"]
+    cfg = TeacherConfig(model, pretrained, text_tokens=text.shape[1], text_depth=text.shape[0],
+                        visual_tokens=visual.shape[1], visual_depth=visual.shape[0])
+    teacher, _ = build_teacher(cfg)
+    teacher.load_prompt_state(prompts)
+    return teacher.eval()

@@ -1,0 +1,242 @@
+"""Stage 1: prompt-tune the teacher with PromptSRC on few-shot labelled images.
+
+Loss = cross-entropy + 25 * L1(prompted text features, frozen text features)
+     + 10 * L1(prompted image features, frozen image features) + 1 * KL(prompted logits || zero-shot logits).
+Prompt weights are aggregated over epochs with Gaussian weights (GPA). The final prompts are chosen between
+the aggregate and the best single epoch by accuracy on held-out labelled images, never on a test split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from .class_vectors import DEFAULT_TEMPLATE
+from .data.datasets import Split
+from .data.views import ViewDataset, collate_skipping
+from .engine import (
+    Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
+    save_atomic, seed_everything, setup, teardown,
+)
+from .teacher import Teacher, TeacherConfig, save_teacher
+from .towers import encode_text, load_clip, tokenizer_for
+from .transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+RUN_STATE = "run_state.pt"
+RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
+
+
+@dataclass
+class Stage1Config:
+    """PromptSRC settings as published (ViT-L/14 teacher, 16 shots, 20 epochs)."""
+
+    model: str
+    pretrained: str | None
+    output_dir: str
+    text_tokens: int = 4
+    text_depth: int = 9
+    visual_tokens: int = 4
+    visual_depth: int = 9
+    init_words: str = "a photo of a"
+    template: str = DEFAULT_TEMPLATE
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    text_loss_weight: float = 25.0
+    image_loss_weight: float = 10.0
+    kl_weight: float = 1.0
+    gpa_mean: float = 15.0
+    gpa_std: float = 1.0
+    precision: str = "fp32"
+    workers: int = 4
+    seed: int = 1
+    device: str = "auto"
+
+    def teacher(self) -> TeacherConfig:
+        return TeacherConfig(self.model, self.pretrained, self.text_tokens, self.text_depth, self.visual_tokens,
+                             self.visual_depth, self.init_words)
+
+
+def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
+    """Gaussian weight of each epoch's prompts (epochs counted from 1), normalised to sum to 1."""
+    raw = [math.exp(-((e - mean) ** 2) / (2 * std * std)) for e in range(1, epochs + 1)]
+    total = sum(raw)
+    if total == 0:
+        raise ValueError(f"GPA mean {mean} and std {std} give every one of {epochs} epochs zero weight")
+    return [w / total for w in raw]
+
+
+def lr_at(epoch: int, cfg: Stage1Config) -> float:
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    span = max(1, cfg.epochs - cfg.warmup_epochs)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+
+
+def promptsrc_loss(cfg: Stage1Config, logits, labels, text, frozen_text, image, frozen_image, zs_logits):
+    """The PromptSRC objective; returns the total and its parts for the logs."""
+    ce = F.cross_entropy(logits, labels)
+    text_l1 = F.l1_loss(text, frozen_text)
+    image_l1 = F.l1_loss(image, frozen_image)
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(zs_logits, -1), log_target=True,
+                  reduction="sum") / logits.numel()
+    total = ce + cfg.text_loss_weight * text_l1 + cfg.image_loss_weight * image_l1 + cfg.kl_weight * kl
+    return total, {"ce": ce.item(), "text_l1": text_l1.item(), "image_l1": image_l1.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def accuracy(teacher: Teacher, split: Split, transform, rt: Runtime, batch_size: int = 64) -> float:
+    """Top-1 accuracy (%) of the prompted teacher on a labelled split, among that split's classes."""
+    text = teacher.encode_text(split.classnames)
+    loader = DataLoader(ViewDataset(split.items, transform, 0), batch_size=batch_size,
+                        collate_fn=collate_skipping)
+    correct = seen = 0
+    for images, _, labels, _ in loader:
+        if not len(labels):
+            continue
+        pred = (teacher.encode_image(images.to(rt.device)) @ text.t()).argmax(-1).cpu()
+        correct += int((pred == labels).sum())
+        seen += len(labels)
+    return 100.0 * correct / max(1, seen)
+
+
+def train_teacher(cfg: Stage1Config, train: Split, val: Split, resume: bool = False) -> dict:
+    rt = setup(cfg.device)
+    try:
+        return _train(cfg, train, val, resume, rt)
+    finally:
+        teardown(rt)
+
+
+def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtime) -> dict:
+    seed_everything(cfg.seed)
+    if cfg.batch_size % rt.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {rt.world_size} processes")
+    out = Path(cfg.output_dir)
+    clip, pre = load_clip(cfg.model, cfg.pretrained)
+    tokenizer = tokenizer_for(cfg.model)
+    frozen_text = encode_text(clip, tokenizer, [cfg.template.format(c) for c in train.classnames]).to(rt.device)
+    teacher = Teacher(clip, tokenizer, cfg.teacher()).to(rt.device)
+    scale = teacher.logit_scale
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(rt, cfg.precision)
+    weights = gpa_weights(cfg.epochs, cfg.gpa_mean, cfg.gpa_std)
+    gpa = {k: torch.zeros_like(v) for k, v in teacher.prompt_state().items()}
+    best = {"val_acc": -1.0, "epoch": 0, "state": teacher.prompt_state()}
+    history: list[dict] = []
+
+    start_epoch, start_step = 0, 0
+    state_path = out / RUN_STATE
+    if resume and state_path.is_file():
+        state = load_run_state(state_path, asdict(cfg), tuple(k for k in asdict(cfg) if k not in RESUMABLE_CHANGES))
+        teacher.load_prompt_state(state["prompts"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        gpa, best, history = state["gpa"], state["best"], state["history"]
+        start_epoch, start_step = state["epoch"], state["step"]
+
+    def save_state(epoch: int, step: int) -> None:
+        if rt.is_main:
+            save_atomic(state_path, {"config": asdict(cfg), "epoch": epoch, "step": step,
+                                     "prompts": teacher.prompt_state(), "optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict(), "gpa": gpa, "best": best, "history": history})
+
+    dataset = ViewDataset(train.items, train_transform(pre), cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
+    val_transform = eval_transform(pre)
+    runlog = RunLog(out, rt)
+    with Interrupt() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.time()
+            sampler.set_epoch(epoch)
+            dataset.view = epoch
+            loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
+                                num_workers=cfg.workers, collate_fn=collate_skipping)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, cfg)
+            teacher.train()
+            sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
+            seen = 0
+            for step, (images, _, labels, _) in enumerate(tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}",
+                                                                leave=False, disable=None)):
+                if step < start_step or not len(labels):
+                    continue
+                images, labels = images.to(rt.device), labels.to(rt.device)
+                with autocast(rt, cfg.precision):
+                    image = F.normalize(teacher.image(images).float(), dim=-1)
+                    text = teacher.encode_text(train.classnames).float()
+                    with torch.no_grad():
+                        frozen_image = F.normalize(teacher.image.visual(images).float(), dim=-1)
+                logits = scale * image @ text.t()
+                zs_logits = scale * frozen_image @ frozen_text.t()
+                loss, parts = promptsrc_loss(cfg, logits, labels, text, frozen_text, image, frozen_image, zs_logits)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if rt.distributed:
+                    _average_gradients(trainable, rt)
+                scaler.step(optimizer)
+                scaler.update()
+                sums["loss"] += loss.item() * len(labels)
+                for k, v in parts.items():
+                    sums[k] += v * len(labels)
+                seen += len(labels)
+                if stop.requested:
+                    save_state(epoch, step + 1)
+                    raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}; rerun with --resume")
+            start_step = 0
+            *totals, seen = reduce_sum(rt, *sums.values(), seen)
+            for k, v in teacher.prompt_state().items():
+                gpa[k] += weights[epoch] * v
+            entry = {k: v / max(1, seen) for k, v in zip(sums, totals)}
+            if rt.is_main:
+                teacher.eval()
+                entry["val_acc"] = accuracy(teacher, val, val_transform, rt)
+                if entry["val_acc"] > best["val_acc"]:
+                    best = {"val_acc": entry["val_acc"], "epoch": epoch + 1, "state": teacher.prompt_state()}
+            entry.update(epoch=epoch + 1, lr=lr_at(epoch, cfg), seconds=time.time() - started)
+            history.append(entry)
+            runlog.write(epoch + 1, **entry)
+            log.info("teacher epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
+            save_state(epoch + 1, 0)
+    runlog.close()
+
+    report: dict = {"config": asdict(cfg), "train_images": len(train), "val_images": len(val), "history": history}
+    if rt.is_main:
+        teacher.load_prompt_state(gpa)
+        teacher.eval()
+        gpa_acc = accuracy(teacher, val, val_transform, rt)
+        chosen = "gpa" if gpa_acc >= best["val_acc"] else f"epoch {best['epoch']}"
+        if chosen != "gpa":
+            teacher.load_prompt_state(best["state"])
+        report.update(val_acc_gpa=gpa_acc, val_acc_best_epoch=best["val_acc"], best_epoch=best["epoch"],
+                      selected=chosen)
+        save_teacher(out / "teacher.pt", teacher, {"selected": chosen, "val_acc": max(gpa_acc, best["val_acc"])})
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    barrier(rt)
+    return report
+
+
+def _average_gradients(params: list[torch.Tensor], rt: Runtime) -> None:
+    """Average the prompt gradients over the processes of a torchrun job. The prompts are a few thousand
+    numbers and the text tower runs outside any one forward, so this is simpler than DDP and exact."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= rt.world_size
