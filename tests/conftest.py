@@ -3,6 +3,9 @@ bundle exported from a short distillation. Session-scoped so the suite builds th
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,14 @@ def bundle_dir(tmp_path_factory, distilled, fmnist) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build_bundle(distilled, out, find_images(fmnist / "test")[:32], name="tiny-test")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory) -> tuple[Path, float]:
+    """The demo recipe (scripts/build_demo_bundle.sh) exactly as shipped, run once; returns its folder and wall time."""
+    work = tmp_path_factory.mktemp("demo") / "demo"
+    env = dict(os.environ, PY=sys.executable)
+    started = time.time()
+    subprocess.run(["bash", "scripts/build_demo_bundle.sh", str(work)], cwd=Path(__file__).resolve().parents[1],
+                   env=env, check=True, timeout=1800, stdout=subprocess.DEVNULL)
+    return work, time.time() - started

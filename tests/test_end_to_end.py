@@ -27,26 +27,20 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_demo_recipe_distils_exports_and_serves(tmp_path, capsys):
-    work = tmp_path / "demo"
-    env = dict(os.environ, PY=sys.executable, TRAIN_PER_CLASS="200", TEST_PER_CLASS="30",
-               TEACHER_EPOCHS="8", STUDENT_EPOCHS="3", DISTILL_EPOCHS="5")
-    started = time.time()
-    subprocess.run(["bash", "scripts/build_demo_bundle.sh", str(work)], cwd=REPO, env=env, check=True, timeout=1500)
-    wall = time.time() - started
-
+def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
+    work, wall = demo_workdir
     report = json.loads((work / "run" / "report.json").read_text())
     before, after = report["before"], report["after"]
     with capsys.disabled():
         print(f"\ndemo recipe {wall:.0f} s | teacher accuracy {after['teacher_acc']:.1f}% | student accuracy "
               f"{before['student_acc']:.1f}% -> {after['student_acc']:.1f}% | agreement with teacher "
               f"{before['agreement']:.1f}% -> {after['agreement']:.1f}% on {after['images']} held-out photos")
-    assert after["teacher_acc"] > 40, "the stand-in teacher must classify well above chance (10%)"
+    assert after["teacher_acc"] > 50, "the stage-1 teacher must classify well above chance (10%)"
     assert after["agreement"] >= before["agreement"] + 25, "distillation must raise agreement clearly"
     assert after["student_acc"] > before["student_acc"] + 15
 
     student, pre, cfg = load_checkpoint(work / "run" / "student.pt")
-    vectors = ClassVectors.load(work / "class_vectors.npz")
+    vectors = ClassVectors.load(work / "teacher" / "class_vectors.npz")
     transform = eval_transform(pre)
     test = load_image_folder(work / "data" / "test")
 

@@ -59,7 +59,7 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from .pretrain import pretrain_clip
 
     loss = pretrain_clip(args.model, _split(args, "train"), args.out, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, template=args.caption)
     print(json.dumps({"weights": str(args.out), "final_loss": loss}))
 
 
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (one-cycle)")
+    p.add_argument("--caption", default="{}", help="caption template of each class ('{}': the bare class name)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_pretrain_tiny)
 

@@ -1,8 +1,10 @@
 """Stand-in CLIP weights for machines where no pretrained CLIP can be downloaded.
 
 Trains a whole (small) open_clip model on a labelled image folder so that its image features match the
-text features of "a photo of a {class}." captions: the same zero-shot structure a real CLIP has, made
-in minutes on a CPU. Demos and tests use it in place of OpenAI's weights; real runs never need it.
+text features of captions made from the class names: the same zero-shot structure a real CLIP has, made
+in minutes on a CPU. The captions are the bare class names by default, so that, as with a real CLIP, a
+prompt such as "a photo of a {}." is not what the model saw and a learned prompt (stage 1) does better.
+Demos and tests use it in place of OpenAI's weights; real runs never need it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .class_vectors import DEFAULT_TEMPLATE
 from .data.datasets import ImageDataset, Split
 from .engine import seed_everything
 from .towers import load_clip, tokenizer_for
@@ -22,16 +23,18 @@ from .transforms import train_transform
 
 log = logging.getLogger(__name__)
 
+CAPTION = "{}"
+
 
 def pretrain_clip(
     model_name: str, split: Split, out: Path, epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
-    seed: int = 0,
+    seed: int = 0, template: str = CAPTION,
 ) -> float:
     """Train `model_name` from random weights on `split`; save an open_clip state dict; return last loss."""
     seed_everything(seed)
     model, pre = load_clip(model_name, None)
     model.train()
-    tokens = tokenizer_for(model_name)([DEFAULT_TEMPLATE.format(c) for c in split.classnames])
+    tokens = tokenizer_for(model_name)([template.format(c) for c in split.classnames])
     loader = DataLoader(ImageDataset(split.items, train_transform(pre)), batch_size=batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
