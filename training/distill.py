@@ -104,7 +104,9 @@ def lr_at(epoch: int, cfg: DistillConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
-def teacher_tower(model: str, pretrained: str | None, checkpoint: str | None) -> tuple[nn.Module, Preprocess, str, str | None]:
+def teacher_tower(
+    model: str, pretrained: str | None, checkpoint: str | None
+) -> tuple[nn.Module, Preprocess, str, str | None]:
     """The teacher's image tower: prompted from a stage-1 checkpoint, or plain (zero-shot) CLIP.
     Returns it with its preprocessing and the model name and weights it was built from."""
     if checkpoint:

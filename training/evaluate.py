@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.datasets import ImageDataset, Split, base_novel
+from .data.datasets import Split, base_novel
+from .data.views import ViewDataset, collate_skipping
 from .loss import cosine_logits
 
 
@@ -14,10 +15,12 @@ from .loss import cosine_logits
 def predict(
     encoder: nn.Module, loader: DataLoader, vectors: torch.Tensor, logit_scale: float, desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 predictions and labels of an image encoder over a loader."""
+    """Top-1 predictions and labels of an image encoder over a loader (unreadable images are left out)."""
     device = vectors.device
-    preds, labels = [], []
-    for images, y in tqdm(loader, desc=desc, leave=False, disable=None):
+    preds, labels = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
+    for images, _, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        if not len(y):
+            continue
         logits = cosine_logits(encoder(images.to(device)).float(), vectors, logit_scale)
         preds.append(logits.argmax(dim=-1).cpu())
         labels.append(y)
@@ -34,13 +37,15 @@ def evaluate_split(
     workers: int = 0,
 ) -> dict:
     """Accuracy (%) of each encoder on a labelled split, and the student's top-1 agreement with the teacher."""
-    loader = DataLoader(ImageDataset(split.items, transform), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(ViewDataset(split.items, transform, seed=0), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_skipping)
     preds = {}
     result: dict = {"images": len(split), "classes": len(split.classnames)}
     for name, encoder in encoders.items():
         pred, labels = predict(encoder, loader, vectors, logit_scale, desc=f"eval {name}")
         preds[name] = pred
-        result[f"{name}_acc"] = 100.0 * (pred == labels).float().mean().item()
+        result[f"{name}_acc"] = 100.0 * (pred == labels).float().mean().item() if len(labels) else 0.0
+        result["skipped_images"] = len(split) - len(labels)
     if "student" in preds and "teacher" in preds:
         result["agreement"] = 100.0 * (preds["student"] == preds["teacher"]).float().mean().item()
     return result

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.datasets import ImageDataset, Split
+from .data.datasets import Split
+from .data.views import ViewDataset, collate_skipping
 from .engine import seed_everything
 from .towers import load_clip, tokenizer_for
 from .transforms import train_transform
@@ -35,15 +36,19 @@ def pretrain_clip(
     model, pre = load_clip(model_name, None)
     model.train()
     tokens = tokenizer_for(model_name)([template.format(c) for c in split.classnames])
-    loader = DataLoader(ImageDataset(split.items, train_transform(pre)), batch_size=batch_size, shuffle=True,
-                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    dataset = ViewDataset(split.items, train_transform(pre), seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_skipping,
+                        generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss = torch.tensor(0.0)
     for epoch in range(epochs):
+        dataset.view = epoch  # a fresh augmentation of every image each epoch
         bar = tqdm(loader, desc=f"pretrain {model_name} {epoch + 1}/{epochs}", leave=False, disable=None)
-        for images, labels in bar:
+        for images, _, labels, _ in bar:
+            if not len(labels):
+                continue
             image_features = F.normalize(model.encode_image(images), dim=-1)
             text_features = F.normalize(model.encode_text(tokens), dim=-1)
             logits = model.logit_scale.exp() * image_features @ text_features.t()

@@ -75,7 +75,9 @@ class PromptedTextTower(nn.Module):
                  init_words: str | None = "a photo of a") -> None:
         super().__init__()
         if not isinstance(clip, CLIP):
-            raise TypeError(f"text prompts need an open_clip CLIP with its built-in text tower, got {type(clip).__name__}")
+            raise TypeError(
+                f"text prompts need an open_clip CLIP with its built-in text tower, got {type(clip).__name__}"
+            )
         self.token_embedding = clip.token_embedding
         self.positional_embedding = clip.positional_embedding
         self.transformer = clip.transformer

@@ -173,10 +173,13 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                 group["lr"] = lr_at(epoch, cfg)
             teacher.train()
             sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
-            seen = 0
-            for step, (images, _, labels, _) in enumerate(tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}",
-                                                                leave=False, disable=None)):
-                if step < start_step or not len(labels):
+            seen = skipped = 0
+            bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+            for step, (images, _, labels, n_skipped) in enumerate(bar):
+                if step < start_step:
+                    continue
+                skipped += n_skipped
+                if not len(labels):
                     continue
                 images, labels = images.to(rt.device), labels.to(rt.device)
                 with autocast(rt, cfg.precision):
@@ -197,11 +200,12 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                 for k, v in parts.items():
                     sums[k] += v * len(labels)
                 seen += len(labels)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
                 if stop.requested:
                     save_state(epoch, step + 1)
                     raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}; rerun with --resume")
             start_step = 0
-            *totals, seen = reduce_sum(rt, *sums.values(), seen)
+            *totals, seen, skipped = reduce_sum(rt, *sums.values(), seen, skipped)
             for k, v in teacher.prompt_state().items():
                 gpa[k] += weights[epoch] * v
             entry = {k: v / max(1, seen) for k, v in zip(sums, totals)}
@@ -210,7 +214,8 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                 entry["val_acc"] = accuracy(teacher, val, val_transform, rt)
                 if entry["val_acc"] > best["val_acc"]:
                     best = {"val_acc": entry["val_acc"], "epoch": epoch + 1, "state": teacher.prompt_state()}
-            entry.update(epoch=epoch + 1, lr=lr_at(epoch, cfg), seconds=time.time() - started)
+            entry.update(epoch=epoch + 1, lr=lr_at(epoch, cfg), seconds=time.time() - started,
+                         skipped_images=int(skipped))
             history.append(entry)
             runlog.write(epoch + 1, **entry)
             log.info("teacher epoch %d/%d %s", epoch + 1, cfg.epochs, entry)

@@ -6,18 +6,12 @@ sampling, base/novel splitting and loading work the same for every source.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-log = logging.getLogger(__name__)
-
 
 class DatasetError(ValueError):
     """A dataset root, split file or layout is missing or malformed."""
@@ -170,23 +164,3 @@ def base_novel(split: Split, subset: str) -> Split:
     offset = labels.start
     items = [(p, y - offset) for p, y in split.items if y in labels]
     return Split(items, [split.classnames[i] for i in labels])
-
-
-class ImageDataset(Dataset):
-    """(image tensor, label) pairs; label -1 for unlabelled images."""
-
-    def __init__(self, items: list[tuple[str, int]], transform) -> None:
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        path, label = self.items[index]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return self.transform(image), label
-        except (OSError, ValueError) as err:
-            raise DatasetError(f"cannot read image {path}: {err}") from err
