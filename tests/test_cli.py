@@ -40,3 +40,10 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys, tiny_weights, fmnist
     assert main(["class-vectors", "--teacher-model", "PKD-Tiny-Teacher", "--out", str(tmp_path / "cv.npz")]) == 2
     assert "--image-folder" in capsys.readouterr().err
     assert not (tmp_path / "cv.npz").exists()
+
+
+def test_out_of_range_numbers_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["distill", "--class-vectors", "cv.npz", "--out", "run", "--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err

@@ -92,3 +92,10 @@ def test_schedule_warms_up_then_decays():
     lrs = [lr_at(e, cfg) for e in range(5)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_class_vectors_must_match_the_split_classes(class_vectors):
+    vectors = ClassVectors.load(class_vectors)
+    vectors.check_labels(list(vectors.classnames))
+    with pytest.raises(ValueError, match="another order"):
+        vectors.check_labels(vectors.classnames[::-1])

@@ -37,6 +37,14 @@ class ClassVectors:
         )
         tmp.replace(path)
 
+    def check_labels(self, classnames: list[str]) -> None:
+        """Vectors are rows in label order: refuse a labelled split whose classes are not exactly these."""
+        if list(classnames) != self.classnames:
+            raise ValueError(
+                f"the class vectors are for {len(self.classnames)} classes ({', '.join(self.classnames[:3])}, ...) "
+                f"but the split has {len(classnames)} ({', '.join(classnames[:3])}, ...), or another order"
+            )
+
     @classmethod
     def load(cls, path: Path) -> "ClassVectors":
         try:

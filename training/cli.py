@@ -13,6 +13,24 @@ from .data.datasets import (
 )
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`, with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+POSITIVE, NATURAL = _at_least(1), _at_least(0)
+
+
 def _add_data(parser: argparse.ArgumentParser, unlabelled: bool) -> None:
     group = parser.add_argument_group("data (choose one source)")
     group.add_argument("--dataset", choices=DATASETS, help="one of the 11 CoOp datasets, read from --data-root")
@@ -197,9 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             vectors = load_teacher(args.teacher_checkpoint)[0].class_vectors(split.classnames, "evaluate")
         else:
             vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, split.classnames)
-    if len(split.classnames) != vectors.vectors.shape[0]:
-        raise DatasetError(f"the split has {len(split.classnames)} classes, the class vectors "
-                           f"{vectors.vectors.shape[0]}")
+    vectors.check_labels(split.classnames)
     encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
     run = evaluate_base_novel if args.protocol == "base2novel" else evaluate_split
     report = run(encoders, split, vectors.vectors.to(device), vectors.logit_scale, eval_transform(pre),
@@ -222,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-fashion-mnist", help="write Fashion-MNIST (Debian package) as labelled PNG folders")
     p.add_argument("--out", type=Path, required=True, help="output folder; gets train/ and test/ class folders")
-    p.add_argument("--train-per-class", type=int, default=200, help="images per class from the training set")
-    p.add_argument("--test-per-class", type=int, default=50, help="images per class from the test set")
+    p.add_argument("--train-per-class", type=POSITIVE, default=200, help="images per class from the training set")
+    p.add_argument("--test-per-class", type=POSITIVE, default=50, help="images per class from the test set")
     p.add_argument("--source", type=Path, default=fashion_mnist.DEFAULT_ROOT, help="folder of the IDX .gz files")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.set_defaults(func=cmd_prepare_fashion_mnist)
@@ -233,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="open_clip architecture, e.g. PKD-Tiny-Teacher")
     _add_data(p, unlabelled=False)
     p.add_argument("--out", type=Path, required=True, help="where to write the open_clip state dict")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--epochs", type=POSITIVE, default=5, help="passes over the training split")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (one-cycle)")
     p.add_argument("--caption", default="{}", help="caption template of each class ('{}': the bare class name)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -263,22 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensorboard/, report.json")
     p.add_argument("--subset", choices=["base", "all"], default="base",
                    help="train on the base classes (base-to-novel protocol) or on all classes (cross-dataset)")
-    p.add_argument("--shots", type=int, default=16, help="labelled training images per class")
-    p.add_argument("--val-shots", type=int, default=4, help="held-out images per class for model selection")
-    p.add_argument("--text-tokens", type=int, default=4, help="learnable text context tokens")
-    p.add_argument("--text-depth", type=int, default=9, help="text layers with prompts")
-    p.add_argument("--visual-tokens", type=int, default=4, help="learnable visual tokens")
-    p.add_argument("--visual-depth", type=int, default=9, help="image layers with prompts")
+    p.add_argument("--shots", type=POSITIVE, default=16, help="labelled training images per class")
+    p.add_argument("--val-shots", type=POSITIVE, default=4, help="held-out images per class for model selection")
+    p.add_argument("--text-tokens", type=NATURAL, default=4, help="learnable text context tokens")
+    p.add_argument("--text-depth", type=POSITIVE, default=9, help="text layers with prompts")
+    p.add_argument("--visual-tokens", type=NATURAL, default=4, help="learnable visual tokens")
+    p.add_argument("--visual-depth", type=POSITIVE, default=9, help="image layers with prompts")
     p.add_argument("--init-words", default="a photo of a", help="words that initialise the text context")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the few-shot images")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step (global under torchrun)")
+    p.add_argument("--epochs", type=POSITIVE, default=20, help="passes over the few-shot images")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per step (global under torchrun)")
     p.add_argument("--lr", type=float, default=0.005, help="SGD learning rate after warm-up (cosine decay)")
     p.add_argument("--gpa-mean", type=float, default=15.0, help="epoch at the centre of the Gaussian prompt "
                                                                 "aggregation")
     p.add_argument("--gpa-std", type=float, default=1.0, help="width (epochs) of the Gaussian prompt aggregation")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw and of training")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_train_teacher)
@@ -306,27 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-cache", type=Path,
                    help="folder for the teacher feature cache: the teacher runs once per image and view, later "
                         "epochs run only the student (reused across runs with the same teacher and images)")
-    p.add_argument("--cache-views", type=int, default=4, help="augmented views per image in the teacher cache")
+    p.add_argument("--cache-views", type=POSITIVE, default=4, help="augmented views per image in the teacher cache")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
                    help="storage type of cached teacher features")
     p.add_argument("--eval-split", default="test",
                    help="labelled split for the before/after report (needs --dataset or --image-folder; "
                         "'' to skip)")
-    p.add_argument("--max-images", type=int, help="use at most this many training images")
-    p.add_argument("--prompt-tokens", type=int, default=4, help="visual prompt tokens per layer")
-    p.add_argument("--prompt-depth", type=int, default=9, help="layers that get prompts (clamped to tower depth)")
-    p.add_argument("--projector-hidden", type=int, help="projector hidden width (default: teacher width)")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training images")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--max-images", type=POSITIVE, help="use at most this many training images")
+    p.add_argument("--prompt-tokens", type=NATURAL, default=4, help="visual prompt tokens per layer")
+    p.add_argument("--prompt-depth", type=POSITIVE, default=9, help="layers that get prompts (clamped to tower depth)")
+    p.add_argument("--projector-hidden", type=POSITIVE, help="projector hidden width (default: teacher width)")
+    p.add_argument("--epochs", type=POSITIVE, default=20, help="passes over the training images")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=0.005, help="SGD learning rate after warm-up (cosine decay)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at the constant warm-up lr")
+    p.add_argument("--warmup-epochs", type=NATURAL, default=1, help="epochs at the constant warm-up lr")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate during warm-up")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature tau")
     p.add_argument("--kd-weight", type=float, default=1000.0, help="weight of the KD loss (200 for aircraft, "
                                                                    "flowers and DTD in the published scripts)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_distill)
@@ -344,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'base2novel' reports base, novel and their harmonic mean")
     p.add_argument("--student-only", action="store_true", help="skip the teacher")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_evaluate)
     return parser

@@ -156,6 +156,8 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
     teacher.to(rt.device)
     class_vectors = vectors.vectors.to(rt.device)
     scale = vectors.logit_scale
+    if eval_split is not None:
+        vectors.check_labels(eval_split.classnames)
 
     dataset = ViewDataset([(p, -1) for p in images], train_transform(pre), cfg.seed)
     cache = None
