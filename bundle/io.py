@@ -43,9 +43,14 @@ class Bundle:
     labels: list[str]
     class_vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
 
-    @property
-    def model_path(self) -> Path:
-        return self.folder / self.manifest.files["model"].path
+    def model_path(self, variant: str = "fp32") -> Path:
+        """The graph of a variant ("fp32" is the exported graph itself)."""
+        if variant == "fp32":
+            return self.folder / self.manifest.files["model"].path
+        if variant not in self.manifest.variants:
+            have = ", ".join(["fp32", *self.manifest.variants])
+            raise BundleError(f"bundle has no {variant!r} variant (it has: {have})")
+        return self.folder / self.manifest.files[self.manifest.variants[variant].file].path
 
 
 def write_labels_and_vectors(folder: Path, labels: list[str], vectors: np.ndarray) -> None:
@@ -91,6 +96,7 @@ def read_bundle(folder: Path) -> Bundle:
     except ValidationError as err:
         raise BundleError(f"{manifest_path} is malformed: {err}") from err
     missing = [role for role in REQUIRED_ROLES if role not in manifest.files]
+    missing += [f"{v.file} (variant {name})" for name, v in manifest.variants.items() if v.file not in manifest.files]
     if missing:
         raise BundleError(f"manifest lists no file for: {', '.join(missing)}")
     for role, entry in manifest.files.items():

@@ -1,6 +1,8 @@
 """The bundle manifest: everything a server needs to know about a model folder, and nothing torch-specific."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
@@ -37,6 +39,18 @@ class Parity(_Strict):
     max_abs_diff: float
 
 
+class Variant(_Strict):
+    """A faster form of the fp32 graph, with its parity against that graph on held-out real images."""
+
+    file: str  # a role in Manifest.files
+    precision: Literal["fp32", "fp16", "int8"]
+    device: Literal["any", "cpu", "gpu"]
+    parity: Parity | None  # None: could not be measured where it was built (e.g. fp16 without a GPU)
+    forced: bool = False  # included although under its threshold or unmeasured
+    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    built_for: dict[str, str] = Field(default_factory=dict)  # a TensorRT engine runs only on the GPU it was built for
+
+
 class Provenance(_Strict):
     teacher_model: str
     teacher_pretrained: str | None
@@ -56,6 +70,7 @@ class Manifest(_Strict):
     feature_dim: int = Field(gt=0)
     logit_scale: float = Field(gt=0)
     num_labels: int = Field(gt=0)
-    files: dict[str, FileEntry]  # roles: "model", "labels", "class_vectors"
+    files: dict[str, FileEntry]  # roles: "model", "labels", "class_vectors", and one per variant
     parity: Parity
     provenance: Provenance
+    variants: dict[str, Variant] = Field(default_factory=dict)  # name -> variant; "fp32" is files["model"]

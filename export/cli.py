@@ -20,7 +20,8 @@ from training.towers import TowerLoadError
 from training.transforms import eval_transform
 
 from .onnx_export import export_onnx
-from .parity import ParityError, check, load_images, measure
+from .parity import ParityError, check, load_images, measure, run_graph
+from .variants import VARIANTS, VariantError, add_variant
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "student.onnx"
@@ -28,9 +29,11 @@ MODEL_FILE = "student.onnx"
 
 def build_bundle(
     checkpoint: Path, out: Path, parity_images: list[str], class_vectors: Path | None = None,
-    name: str | None = None, overwrite: bool = False,
+    name: str | None = None, overwrite: bool = False, variants: tuple[str, ...] = (),
+    calibration_images: list[str] | None = None, force_variants: bool = False,
 ) -> Manifest:
-    """Export, prove parity, then publish the bundle; nothing is written to `out` unless parity holds."""
+    """Export, prove parity, build the asked variants, then publish the bundle; nothing is written to `out`
+    unless every check holds."""
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
     student, pre, cfg = load_checkpoint(checkpoint)
@@ -42,10 +45,24 @@ def build_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         export_onnx(student, pre.image_size, staging / MODEL_FILE)
-        images = load_images(parity_images, eval_transform(pre))
-        parity = measure(student, staging / MODEL_FILE, images, vectors.vectors.numpy())
+        transform = eval_transform(pre)
+        images = load_images(parity_images, transform)
+        class_matrix = vectors.vectors.numpy()
+        parity = measure(student, staging / MODEL_FILE, images, class_matrix)
         check(parity)
-        write_labels_and_vectors(staging, vectors.classnames, vectors.vectors.numpy())
+        files = {"model": MODEL_FILE}
+        entries = {}
+        if variants:
+            held_out = images.numpy()
+            reference = run_graph(staging / MODEL_FILE, held_out, ["CPUExecutionProvider"])
+            calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
+            for variant in variants:
+                files[f"model_{variant}"], entries[variant] = add_variant(
+                    variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, calibration,
+                    force_variants,
+                )
+        write_labels_and_vectors(staging, vectors.classnames, class_matrix)
+        files.update(labels="labels.json", class_vectors="class_vectors.npy")
         manifest = Manifest(
             name=name or out.name,
             input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
@@ -53,9 +70,9 @@ def build_bundle(
             feature_dim=int(vectors.vectors.shape[1]),
             logit_scale=vectors.logit_scale,
             num_labels=len(vectors.classnames),
-            files={role: file_entry(staging, f) for role, f in
-                   (("model", MODEL_FILE), ("labels", "labels.json"), ("class_vectors", "class_vectors.npy"))},
+            files={role: file_entry(staging, f) for role, f in files.items()},
             parity=parity,
+            variants=entries,
             provenance=Provenance(
                 teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
                 student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
@@ -73,6 +90,12 @@ def build_bundle(
     return manifest
 
 
+def spread(files: list[str], count: int) -> list[str]:
+    """`count` files evenly spaced over a sorted listing, so every class folder is represented."""
+    step = max(1, len(files) // max(1, count))
+    return files[::step][:count]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m export",
@@ -88,15 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--name", help="model name in the manifest (default: the folder name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
+                        help="faster graphs to add, each checked against fp32 on the parity images: 'optimized' "
+                             "(fused fp32), 'int8' (static, for CPUs; needs --calibration-images), 'fp16' (GPUs)")
+    parser.add_argument("--calibration-images", type=Path,
+                        help="folder of real training images (searched recursively) to calibrate int8 on")
+    parser.add_argument("--calibration-count", type=int, default=128, help="how many of those images to use")
+    parser.add_argument("--force-variants", action="store_true",
+                        help="include variants under their parity threshold (fp16: cos >= 0.999 and top-1 >= "
+                             "99.5%%; int8: top-1 >= 99%%) or that cannot be measured here")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        images = find_images(args.parity_images)[: args.parity_count]
-        manifest = build_bundle(args.checkpoint, args.out, images, args.class_vectors, args.name, args.overwrite)
-    except (BundleError, ParityError, DatasetError, TowerLoadError, ValueError, FileNotFoundError) as err:
+        images = spread(find_images(args.parity_images), args.parity_count)
+        calibration = (spread(find_images(args.calibration_images), args.calibration_count)
+                       if args.calibration_images else None)
+        manifest = build_bundle(args.checkpoint, args.out, images, args.class_vectors, args.name, args.overwrite,
+                                tuple(args.variants), calibration, args.force_variants)
+    except (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError,
+            FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"bundle": str(args.out), "parity": manifest.parity.model_dump()}, indent=2))
+    print(json.dumps({"bundle": str(args.out), "parity": manifest.parity.model_dump(),
+                      "variants": {k: v.model_dump() for k, v in manifest.variants.items()}}, indent=2))
     return 0

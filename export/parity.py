@@ -26,28 +26,28 @@ def load_images(paths: list[str], transform) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def measure(
-    student: nn.Module, onnx_path: Path, images: torch.Tensor, vectors: np.ndarray, batch_size: int = 32
-) -> Parity:
-    """Cosine between ONNX and PyTorch features per image, and top-1 agreement over the class vectors."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def run_graph(path: Path, images: np.ndarray, providers: list[str], batch_size: int = 32) -> np.ndarray:
+    """Features of an ONNX graph for a stack of preprocessed images."""
+    session = ort.InferenceSession(str(path), providers=providers)
     name = session.get_inputs()[0].name
-    ref, got = [], []
+    return np.concatenate([session.run(None, {name: images[i : i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def compare(reference: np.ndarray, features: np.ndarray, vectors: np.ndarray) -> Parity:
+    """Per-image cosine and top-1 agreement (over the class vectors) of `features` against `reference`."""
+    ref, got = reference.astype(np.float64), features.astype(np.float64)
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    agree = (ref @ vectors.T).argmax(1) == (got @ vectors.T).argmax(1)
+    return Parity(images=len(ref), min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
+                  top1_agreement=float(agree.mean()), max_abs_diff=float(np.abs(ref - got).max()))
+
+
+def measure(student: nn.Module, onnx_path: Path, images: torch.Tensor, vectors: np.ndarray) -> Parity:
+    """The exported graph against the PyTorch student on the same images."""
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
-            ref.append(student(batch).numpy())
-            got.append(session.run(None, {name: batch.numpy()})[0])
-    ref_f, got_f = np.concatenate(ref).astype(np.float64), np.concatenate(got).astype(np.float64)
-    cos = (ref_f * got_f).sum(1) / (np.linalg.norm(ref_f, axis=1) * np.linalg.norm(got_f, axis=1))
-    agree = (ref_f @ vectors.T).argmax(1) == (got_f @ vectors.T).argmax(1)
-    return Parity(
-        images=len(images),
-        min_cosine=float(cos.min()),
-        mean_cosine=float(cos.mean()),
-        top1_agreement=float(agree.mean()),
-        max_abs_diff=float(np.abs(ref_f - got_f).max()),
-    )
+        reference = torch.cat([student(images[i : i + 32]) for i in range(0, len(images), 32)]).numpy()
+    return compare(reference, run_graph(onnx_path, images.numpy(), ["CPUExecutionProvider"]), vectors)
 
 
 def check(parity: Parity) -> None:

@@ -12,6 +12,9 @@ from .config import Settings
 from .preprocess import decode, to_tensor
 from .sessions.ort import OrtSession
 
+# onnxruntime's CPU provider cannot run fp16 graphs (it crashes loading them), so those need one of these.
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+
 
 @dataclass
 class Ranked:
@@ -20,18 +23,27 @@ class Ranked:
 
 
 class Classifier:
-    def __init__(self, bundle: Bundle, session: OrtSession, max_image_pixels: int) -> None:
+    def __init__(self, bundle: Bundle, session: OrtSession, max_image_pixels: int, variant: str = "fp32") -> None:
         self.bundle = bundle
         self.session = session
         self.max_image_pixels = max_image_pixels
+        self.variant = variant
         self._check_graph()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Classifier":
         bundle = read_bundle(settings.bundle)
         providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
-        session = OrtSession(bundle.model_path, providers, settings.intra_op_threads)
-        return cls(bundle, session, settings.max_image_pixels)
+        path = bundle.model_path(settings.variant)
+        variant = bundle.manifest.variants.get(settings.variant)
+        if variant is not None and variant.runtime != "onnxruntime":
+            raise BundleError(f"the {settings.variant} variant is a {variant.runtime} engine; this server runs "
+                              "onnxruntime graphs: serve fp32, optimized, int8 or fp16")
+        if variant is not None and variant.device == "gpu" and not set(providers) & GPU_PROVIDERS:
+            raise BundleError(f"the {settings.variant} variant runs on GPUs only; set PROMPTKD_PROVIDERS to "
+                              f"CUDAExecutionProvider or TensorrtExecutionProvider, or serve another variant")
+        session = OrtSession(path, providers, settings.intra_op_threads)
+        return cls(bundle, session, settings.max_image_pixels, settings.variant)
 
     def _check_graph(self) -> None:
         """The graph must take [batch, 3, S, S] and give [batch, feature_dim], as the manifest says."""

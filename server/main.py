@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", response_model=Health)
     def healthz(request: Request) -> Health:
         classifier: Classifier = request.app.state.classifier
-        return Health(status="ok", model=classifier.name, labels=len(classifier.labels))
+        return Health(status="ok", model=classifier.name, labels=len(classifier.labels), variant=classifier.variant,
+                      variants=["fp32", *classifier.bundle.manifest.variants])
 
     @app.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(

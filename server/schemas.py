@@ -25,6 +25,8 @@ class Health(BaseModel):
     status: str
     model: str
     labels: int
+    variant: str = Field(description="the graph being served")
+    variants: list[str] = Field(description="graphs the bundle has")
 
 
 class ErrorResponse(BaseModel):

@@ -36,7 +36,8 @@ def _post(client, data: bytes, name="x.jpg", **params):
 
 
 def test_healthz(client):
-    assert client.get("/healthz").json() == {"status": "ok", "model": "tiny-test", "labels": 10}
+    assert client.get("/healthz").json() == {"status": "ok", "model": "tiny-test", "labels": 10, "variant": "fp32",
+                                             "variants": ["fp32"]}
 
 
 def test_classify_matches_the_pytorch_student(client, distilled, fmnist):
