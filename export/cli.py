@@ -20,7 +20,7 @@ from training.towers import TowerLoadError
 from training.transforms import eval_transform
 
 from .onnx_export import export_onnx
-from .parity import ParityError, check, load_images, measure, run_graph
+from .parity import ParityError, check, load_images, measure
 from .variants import VARIANTS, VariantError, add_variant
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,12 @@ def build_bundle(
         transform = eval_transform(pre)
         images = load_images(parity_images, transform)
         class_matrix = vectors.vectors.numpy()
-        parity = measure(student, staging / MODEL_FILE, images, class_matrix)
+        parity, reference = measure(student, staging / MODEL_FILE, images, class_matrix)
         check(parity)
         files = {"model": MODEL_FILE}
         entries = {}
         if variants:
             held_out = images.numpy()
-            reference = run_graph(staging / MODEL_FILE, held_out, ["CPUExecutionProvider"])
             calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
             for variant in variants:
                 files[f"model_{variant}"], entries[variant] = add_variant(

@@ -43,11 +43,15 @@ def compare(reference: np.ndarray, features: np.ndarray, vectors: np.ndarray) ->
                   top1_agreement=float(agree.mean()), max_abs_diff=float(np.abs(ref - got).max()))
 
 
-def measure(student: nn.Module, onnx_path: Path, images: torch.Tensor, vectors: np.ndarray) -> Parity:
-    """The exported graph against the PyTorch student on the same images."""
+def measure(
+    student: nn.Module, onnx_path: Path, images: torch.Tensor, vectors: np.ndarray
+) -> tuple[Parity, np.ndarray]:
+    """The exported graph against the PyTorch student on the same images; also returns the graph's features,
+    the reference its variants are measured against."""
     with torch.no_grad():
         reference = torch.cat([student(images[i : i + 32]) for i in range(0, len(images), 32)]).numpy()
-    return compare(reference, run_graph(onnx_path, images.numpy(), ["CPUExecutionProvider"]), vectors)
+    features = run_graph(onnx_path, images.numpy(), ["CPUExecutionProvider"])
+    return compare(reference, features, vectors), features
 
 
 def check(parity: Parity) -> None:

@@ -9,7 +9,7 @@ from training.data.datasets import find_images
 
 def test_parity_failure_writes_nothing(distilled, fmnist, tmp_path, monkeypatch):
     bad = Parity(images=4, min_cosine=0.98, mean_cosine=0.99, top1_agreement=0.75, max_abs_diff=0.1)
-    monkeypatch.setattr(export_cli, "measure", lambda *a, **k: bad)
+    monkeypatch.setattr(export_cli, "measure", lambda *a, **k: (bad, None))
     out = tmp_path / "bundle"
     with pytest.raises(ParityError, match="min cosine 0.980000"):
         export_cli.build_bundle(distilled, out, find_images(fmnist / "test")[:4])
