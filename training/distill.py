@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .engine import (
-    Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
-    save_atomic, seed_everything, setup, teardown,
+    RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
+    lr_at, save_atomic, seed_everything, setup, teardown,
 )
 from .evaluate import evaluate_split
 from .feature_cache import TeacherCache
@@ -35,11 +34,6 @@ from .towers import Preprocess, freeze, load_clip
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-RUN_STATE = "run_state.pt"
-# Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
-
 
 @dataclass
 class DistillConfig:
@@ -94,14 +88,6 @@ class TeacherImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.tower(images * self.scale + self.shift)
-
-
-def lr_at(epoch: int, cfg: DistillConfig) -> float:
-    """Constant warm-up lr for the first epochs, then cosine decay over the rest, per epoch."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_lr
-    span = max(1, cfg.epochs - cfg.warmup_epochs)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
 def teacher_tower(
@@ -180,8 +166,7 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
     start_epoch, start_step = 0, 0
     state_path = out / RUN_STATE
     if resume and state_path.is_file():
-        compare = tuple(k for k in asdict(cfg) if k not in RESUMABLE_CHANGES)
-        state = load_run_state(state_path, asdict(cfg), compare)
+        state = load_run_state(state_path, asdict(cfg))
         student.load_trainable_state(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,6 +21,24 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_STATE = "run_state.pt"
+# Settings that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
+
+
+class Schedule(Protocol):
+    epochs: int
+    lr: float
+    warmup_epochs: int
+    warmup_lr: float
+
+
+def lr_at(epoch: int, cfg: Schedule) -> float:
+    """The published schedule, per epoch: a constant warm-up lr, then cosine decay over the remaining epochs."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    span = max(1, cfg.epochs - cfg.warmup_epochs)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
 @dataclass
@@ -100,10 +120,10 @@ def save_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def load_run_state(path: Path, config: dict, keys: tuple[str, ...]) -> dict:
+def load_run_state(path: Path, config: dict) -> dict:
     """A run state saved by this engine, refused when the run's settings have changed since."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    changed = {k for k in keys if state["config"].get(k) != config.get(k)}
+    changed = {k for k in config if k not in RESUMABLE_CHANGES and state["config"].get(k) != config[k]}
     if changed:
         raise ValueError(f"cannot resume {path}: settings changed since it was saved ({', '.join(sorted(changed))})")
     return state

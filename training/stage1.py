@@ -25,18 +25,14 @@ from .class_vectors import DEFAULT_TEMPLATE
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .engine import (
-    Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
-    save_atomic, seed_everything, setup, teardown,
+    RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
+    lr_at, save_atomic, seed_everything, setup, teardown,
 )
 from .teacher import Teacher, TeacherConfig, save_teacher
 from .towers import encode_text, load_clip, tokenizer_for
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-RUN_STATE = "run_state.pt"
-RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
-
 
 @dataclass
 class Stage1Config:
@@ -80,13 +76,6 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
     if total == 0:
         raise ValueError(f"GPA mean {mean} and std {std} give every one of {epochs} epochs zero weight")
     return [w / total for w in raw]
-
-
-def lr_at(epoch: int, cfg: Stage1Config) -> float:
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_lr
-    span = max(1, cfg.epochs - cfg.warmup_epochs)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
 def promptsrc_loss(cfg: Stage1Config, logits, labels, text, frozen_text, image, frozen_image, zs_logits):
@@ -145,7 +134,7 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     start_epoch, start_step = 0, 0
     state_path = out / RUN_STATE
     if resume and state_path.is_file():
-        state = load_run_state(state_path, asdict(cfg), tuple(k for k in asdict(cfg) if k not in RESUMABLE_CHANGES))
+        state = load_run_state(state_path, asdict(cfg))
         teacher.load_prompt_state(state["prompts"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
