@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .engine import save_atomic
 from .prompts import PromptedVisionTower
 from .student import Projector, Student
 from .towers import Preprocess, freeze, load_clip
@@ -30,20 +31,23 @@ def build_student(
 
 
 def save_checkpoint(path: Path, student: Student, config: dict, epoch: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()}, tmp)
-    tmp.replace(path)
+    save_atomic(path, {"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()})
+
+
+def read_tagged(path: Path, fmt: str, kind: str) -> dict:
+    """A checkpoint written by this project with format tag `fmt`; a clear error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {kind} checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ValueError(f"{path} is not a PromptKD {kind} checkpoint (format {fmt})")
+    return ckpt
 
 
 def load_checkpoint(path: Path) -> tuple[Student, Preprocess, dict]:
     """Rebuild the student a checkpoint was trained on and load its prompts and projector."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read student checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a PromptKD student checkpoint (format {FORMAT})")
+    ckpt = read_tagged(path, FORMAT, "student")
     cfg = ckpt["config"]
     student, pre = build_student(
         cfg["student_model"], cfg["student_pretrained"], cfg["teacher_dim"],

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import read_tagged
 from .class_vectors import ClassVectors
+from .engine import save_atomic
 from .prompts import PromptedTextTower, PromptedVisionTower
 from .towers import Preprocess, freeze, load_clip, tokenizer_for
 
@@ -82,21 +84,13 @@ def build_teacher(cfg: TeacherConfig) -> tuple[Teacher, Preprocess]:
 
 
 def save_teacher(path: Path, teacher: Teacher, extra: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "config": asdict(teacher.cfg), "state": teacher.prompt_state(),
-                "extra": extra or {}}, tmp)
-    tmp.replace(path)
+    save_atomic(path, {"format": FORMAT, "config": asdict(teacher.cfg), "state": teacher.prompt_state(),
+                       "extra": extra or {}})
 
 
 def load_teacher(path: Path) -> tuple[Teacher, Preprocess]:
     """Rebuild a trained teacher from its checkpoint (the frozen CLIP comes from the config's weights)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read teacher checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a PromptKD teacher checkpoint (format {FORMAT})")
+    ckpt = read_tagged(path, FORMAT, "teacher")
     teacher, pre = build_teacher(TeacherConfig(**ckpt["config"]))
     teacher.load_prompt_state(ckpt["state"])
     return teacher.eval(), pre
