@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(fused fp32), 'int8' (static, for CPUs; needs --calibration-images), 'fp16' (GPUs)")
     parser.add_argument("--calibration-images", type=Path,
                         help="folder of real training images (searched recursively) to calibrate int8 on")
-    parser.add_argument("--calibration-count", type=int, default=128, help="how many of those images to use")
+    parser.add_argument("--calibration-count", type=int, default=512, help="how many of those images to use")
     parser.add_argument("--force-variants", action="store_true",
                         help="include variants under their parity threshold (fp16: cos >= 0.999 and top-1 >= "
                              "99.5%%; int8: top-1 >= 99%%) or that cannot be measured here")

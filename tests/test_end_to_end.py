@@ -68,7 +68,7 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
                                        params={"top_k": 1}).json()
                 with torch.no_grad():
                     logits = student(transform(Image.open(path))[None]) @ vectors.vectors.T
-                if body["predictions"][0]["label"] != vectors.classnames[int(logits.argmax())]:
+                if body["results"][0]["predictions"][0]["label"] != vectors.classnames[int(logits.argmax())]:
                     mismatches += 1
         with capsys.disabled():
             print(f"served top-1 equals the PyTorch student on {len(test) - mismatches}/{len(test)} photos")
@@ -76,3 +76,23 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_int8_variant_of_the_demo_student_agrees_with_fp32(demo_workdir, tmp_path, capsys):
+    """The CPU int8 target: top-1 agreement >= 99% with fp32 on the demo's 500 held-out real photos."""
+    work, _ = demo_workdir
+    out = tmp_path / "bundle"
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "--checkpoint", str(work / "run" / "student.pt"), "--out", str(out),
+         "--parity-images", str(work / "data" / "test"), "--parity-count", "500", "--variants", "int8",
+         "--calibration-images", str(work / "data" / "train"), "--force-variants"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    parity = json.loads(proc.stdout)["variants"]["int8"]["parity"]
+    with capsys.disabled():
+        print(f"\nint8 vs fp32 on {parity['images']} demo photos: top-1 agreement {parity['top1_agreement']:.1%}, "
+              f"cosine min {parity['min_cosine']:.5f} mean {parity['mean_cosine']:.6f}")
+    assert parity["images"] == 500
+    assert parity["top1_agreement"] >= 0.99
