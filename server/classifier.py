@@ -1,19 +1,44 @@
-"""Bundle + runtime session = a classifier. Logits are computed here, outside the graph, so the class
-vectors and labels can change without re-exporting the image encoder."""
+"""Bundle + session + vocabulary = a classifier.
+
+Logits are computed here, outside the graph, so the labels and class vectors (the vocabulary) can be swapped
+at run time without re-exporting the image encoder. A swap replaces one reference: a request takes the
+vocabulary once when it starts, so requests in flight finish on the set they began with.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from bundle import Bundle, BundleError, read_bundle
+from bundle.io import check_vectors
 
 from .config import Settings
-from .preprocess import decode, to_tensor
-from .sessions.ort import OrtSession
+from .engine import Session, open_session
 
-# onnxruntime's CPU provider cannot run fp16 graphs (it crashes loading them), so those need one of these.
-GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+
+@dataclass(frozen=True)
+class Vocabulary:
+    labels: list[str]
+    vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
+    version: str  # sha256 over labels and vectors: tells clients which set answered
+    source: str  # "bundle" or "admin"
+
+    @classmethod
+    def build(cls, labels: list[str], vectors: np.ndarray, feature_dim: int, source: str) -> "Vocabulary":
+        """Validated vocabulary; raises BundleError saying what is wrong."""
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+            raise BundleError("labels must be a non-empty JSON list of non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise BundleError("labels must be unique")
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise BundleError(f"class vectors must be floating point, got {vectors.dtype}")
+        check_vectors(vectors, labels, feature_dim)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        digest = hashlib.sha256(json.dumps(labels, ensure_ascii=False).encode() + vectors.tobytes()).hexdigest()
+        return cls(labels, vectors, digest[:16], source)
 
 
 @dataclass
@@ -23,27 +48,19 @@ class Ranked:
 
 
 class Classifier:
-    def __init__(self, bundle: Bundle, session: OrtSession, max_image_pixels: int, variant: str = "fp32") -> None:
+    def __init__(self, bundle: Bundle, session: Session, variant: str) -> None:
         self.bundle = bundle
         self.session = session
-        self.max_image_pixels = max_image_pixels
         self.variant = variant
+        self.vocabulary = Vocabulary.build(bundle.labels, bundle.class_vectors, bundle.manifest.feature_dim,
+                                           "bundle")
         self._check_graph()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Classifier":
         bundle = read_bundle(settings.bundle)
-        providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
-        path = bundle.model_path(settings.variant)
-        variant = bundle.manifest.variants.get(settings.variant)
-        if variant is not None and variant.runtime != "onnxruntime":
-            raise BundleError(f"the {settings.variant} variant is a {variant.runtime} engine; this server runs "
-                              "onnxruntime graphs: serve fp32, optimized, int8 or fp16")
-        if variant is not None and variant.device == "gpu" and not set(providers) & GPU_PROVIDERS:
-            raise BundleError(f"the {settings.variant} variant runs on GPUs only; set PROMPTKD_PROVIDERS to "
-                              f"CUDAExecutionProvider or TensorrtExecutionProvider, or serve another variant")
-        session = OrtSession(path, providers, settings.intra_op_threads)
-        return cls(bundle, session, settings.max_image_pixels, settings.variant)
+        session, variant = open_session(bundle, settings)
+        return cls(bundle, session, variant)
 
     def _check_graph(self) -> None:
         """The graph must take [batch, 3, S, S] and give [batch, feature_dim], as the manifest says."""
@@ -62,24 +79,18 @@ class Classifier:
     def name(self) -> str:
         return self.bundle.manifest.name
 
-    @property
-    def labels(self) -> list[str]:
-        return self.bundle.labels
-
-    def prepare(self, data: bytes) -> np.ndarray:
-        return to_tensor(decode(data, self.max_image_pixels), self.bundle.manifest.input)
-
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(batch)
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
+    def probabilities(self, features: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
         """softmax(logit_scale * feature @ class_vectors.T), computed in float64 for stability."""
-        logits = self.bundle.manifest.logit_scale * features.astype(np.float64) @ self.bundle.class_vectors.T
+        logits = self.bundle.manifest.logit_scale * features.astype(np.float64) @ vocabulary.vectors.T
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[Ranked]:
+    @staticmethod
+    def top_k(probabilities: np.ndarray, k: int) -> list[Ranked]:
         k = min(k, probabilities.shape[1])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return [Ranked(idx, row[idx]) for idx, row in zip(order, probabilities)]

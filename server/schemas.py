@@ -6,27 +6,88 @@ from pydantic import BaseModel, Field
 
 class Prediction(BaseModel):
     label: str
-    index: int = Field(description="position of the label in GET-able labels.json order")
+    index: int = Field(description="position of the label in GET /labels order")
     probability: float
 
 
+class ImageError(BaseModel):
+    status: int = Field(description="the HTTP status this image alone would have got (400, 413 or 415)")
+    detail: str
+
+
 class Timing(BaseModel):
-    decode_ms: float
-    inference_ms: float
+    decode_ms: float = Field(description="decoding and preprocessing, all images of the request")
+    inference_ms: float = Field(description="waiting for a batch plus running it")
+    total_ms: float
+
+
+class ClassifiedImage(BaseModel):
+    filename: str | None
+    predictions: list[Prediction] | None = Field(None, description="top-k labels, most probable first")
+    error: ImageError | None = Field(None, description="why this image was not classified")
 
 
 class ClassifyResponse(BaseModel):
     model: str
-    predictions: list[Prediction]
+    variant: str = Field(description="the graph that ran")
+    labels_version: str = Field(description="which labels and class vectors answered (changes on a swap)")
+    results: list[ClassifiedImage] = Field(description="one per uploaded image, in upload order")
     timing: Timing
+
+
+class EmbeddedImage(BaseModel):
+    filename: str | None
+    embedding: list[float] | None = Field(None, description="projected, L2-normalised student features")
+    error: ImageError | None = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    variant: str
+    dim: int
+    results: list[EmbeddedImage]
+    timing: Timing
+
+
+class Labels(BaseModel):
+    labels: list[str]
+    version: str
+    source: str = Field(description="'bundle', or 'admin' after a swap")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    schema_version: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str
+    interpolation: str
+    feature_dim: int
+    logit_scale: float
+    num_labels: int
+    labels_version: str
+    variant: str = Field(description="the graph being served")
+    variants: list[str] = Field(description="graphs the bundle has")
+    runtime: str = Field(description="the runtime and device running it")
+    max_batch_size: int
+    provenance: dict
+    parity: dict = Field(description="each graph's parity figures, from the manifest")
 
 
 class Health(BaseModel):
     status: str
-    model: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    detail: str
+
+
+class SwapResponse(BaseModel):
     labels: int
-    variant: str = Field(description="the graph being served")
-    variants: list[str] = Field(description="graphs the bundle has")
+    version: str
+    previous_version: str
 
 
 class ErrorResponse(BaseModel):

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,21 @@ def _post(client, data: bytes, name="x.jpg", **params):
     return client.post("/classify", files={"file": (name, data, "image/jpeg")}, params=params)
 
 
-def test_healthz(client):
-    assert client.get("/healthz").json() == {"status": "ok", "model": "tiny-test", "labels": 10, "variant": "fp32",
-                                             "variants": ["fp32"]}
+def _predictions(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return response.json()["results"][0]["predictions"]
+
+
+def test_health_readiness_and_model_info(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    deadline = time.time() + 30
+    while client.get("/readyz").status_code == 503 and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.get("/readyz").json()["ready"] is True
+    info = client.get("/").json()
+    assert info["name"] == "tiny-test" and info["num_labels"] == 10 and info["variant"] == "fp32"
+    assert info["variants"] == ["fp32"] and info["runtime"] == "onnxruntime on CPUExecutionProvider"
+    assert info["parity"]["fp32"]["top1_agreement"] == 1.0
 
 
 def test_classify_matches_the_pytorch_student(client, distilled, fmnist):
@@ -45,26 +58,26 @@ def test_classify_matches_the_pytorch_student(client, distilled, fmnist):
     vectors = ClassVectors.load(Path(cfg["class_vectors"]))
     transform = eval_transform(pre)
     for path in find_images(fmnist / "test")[:30]:
-        body = _post(client, Path(path).read_bytes(), top_k=10).json()
+        predictions = _predictions(_post(client, Path(path).read_bytes(), top_k=10))
         with torch.no_grad():
             logits = vectors.logit_scale * student(transform(Image.open(path))[None]) @ vectors.vectors.T
         expected = torch.softmax(logits.double(), -1)[0].numpy()
         got = np.zeros(10)
-        for p in body["predictions"]:
+        for p in predictions:
             got[p["index"]] = p["probability"]
             assert p["label"] == vectors.classnames[p["index"]]
-        assert body["predictions"][0]["index"] == int(expected.argmax())
+        assert predictions[0]["index"] == int(expected.argmax())
         assert np.abs(got - expected).max() < 1e-4
 
 
 def test_top_k_is_sorted_and_bounded(client):
     photo = foolbox_jpegs()[0].read_bytes()
-    body = _post(client, photo, top_k=3).json()
-    probs = [p["probability"] for p in body["predictions"]]
+    probs = [p["probability"] for p in _predictions(_post(client, photo, top_k=3))]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True)
-    assert len(_post(client, photo, top_k=50).json()["predictions"]) == 10
+    assert len(_predictions(_post(client, photo, top_k=50))) == 10
     assert _post(client, photo, top_k=0).status_code == 422
-    assert len(_post(client, photo).json()["predictions"]) == 5
+    assert _post(client, photo, top_k=101).status_code == 422
+    assert len(_predictions(_post(client, photo))) == 5
 
 
 def test_bad_uploads_get_4xx_json_and_the_server_keeps_serving(client, tmp_path):

@@ -35,11 +35,14 @@ def test_optimized_and_int8_variants_are_measured_and_served(distilled, images, 
     bundle = read_bundle(out)
     assert bundle.model_path("int8").name == "student.int8.onnx"
     with TestClient(create_app(Settings(bundle=out, variant="int8"))) as client:
-        assert client.get("/healthz").json()["variants"] == ["fp32", "optimized", "int8"]
+        assert client.get("/").json()["variants"] == ["fp32", "optimized", "int8"]
         response = client.post("/classify", files={"file": foolbox_jpegs()[0].open("rb")})
-        assert response.status_code == 200 and len(response.json()["predictions"]) == 5
+        assert response.status_code == 200 and len(response.json()["results"][0]["predictions"]) == 5
+        assert response.json()["variant"] == "int8"
     with pytest.raises(BundleError, match="no 'fp16' variant"):
         bundle.model_path("fp16")
+    with TestClient(create_app(Settings(bundle=out))) as client:  # auto: the fastest CPU graph that passed parity
+        assert client.get("/").json()["variant"] == ("optimized" if int8.forced else "int8")
 
 
 def test_a_variant_under_its_threshold_is_refused(distilled, images, tmp_path, monkeypatch):

@@ -1,25 +1,20 @@
-"""onnxruntime session for the bundle's student image encoder."""
+"""onnxruntime session for the bundle's student image encoder (CPU, CUDA or TensorRT execution providers)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger(__name__)
-
 
 class OrtSession:
+    max_batch: int | None = None  # onnxruntime graphs take any batch
+
     def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
-        available = ort.get_available_providers()
-        chosen = [p for p in providers if p in available]
-        if not chosen:
-            raise RuntimeError(f"none of the providers {providers} is available (have: {available})")
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
+            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
             raise RuntimeError(f"onnxruntime cannot load {model_path}: {err}") from err
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -28,7 +23,7 @@ class OrtSession:
         self.input_name = inputs[0].name
         self.input_shape = inputs[0].shape
         self.output_shape = outputs[0].shape
-        log.info("onnxruntime session on %s", self.session.get_providers())
+        self.description = f"onnxruntime on {', '.join(self.session.get_providers())}"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
