@@ -41,19 +41,27 @@ def real_photos(size: int, pre) -> np.ndarray:
     return load_images(sorted(str(p) for p in folder.glob("*.jpg")), eval_transform(pre)).numpy()
 
 
-def time_engine(run, images: np.ndarray, batch: int, iters: int, warmup: int) -> dict:
+def time_engines(engines: dict, images: np.ndarray, batch: int, iters: int, warmup: int) -> dict[str, dict]:
+    """Time every engine at one batch size, interleaved (one run of each per round), so that a slow spell of a
+    shared machine hits all engines alike and the ratios between them stay fair."""
     x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    for _ in range(warmup):
-        run(x)
-    latencies = []
+    for run in engines.values():
+        for _ in range(warmup):
+            run(x)
+    latencies: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(iters):
-        started = time.perf_counter()
-        run(x)
-        latencies.append(time.perf_counter() - started)
+        for name, run in engines.items():
+            started = time.perf_counter()
+            run(x)
+            latencies[name].append(time.perf_counter() - started)
+    return {name: _summary(batch, times) for name, times in latencies.items()}
+
+
+def _summary(batch: int, latencies: list[float]) -> dict:
     ordered = sorted(latencies)
     return {
         "batch": batch,
-        "images_per_s": batch / statistics.mean(latencies),
+        "images_per_s": batch / statistics.median(latencies),
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))],
     }
@@ -110,8 +118,8 @@ def main() -> None:
             engines[f"teacher {args.teacher_model} eager fp32"] = torch_runner(
                 PromptedVisionTower(freeze(clip.visual), 4, 9))
 
-        results = {name: [time_engine(run, photos, b, args.iters, args.warmup) for b in args.batches]
-                   for name, run in engines.items()}
+        by_batch = [time_engines(engines, photos, b, args.iters, args.warmup) for b in args.batches]
+        results = {name: [timings[name] for timings in by_batch] for name in engines}
 
     print(f"{args.student_model} student (4 prompt tokens, depth 9, projector to {args.feature_dim}), "
           f"{torch.get_num_threads()} threads\n")

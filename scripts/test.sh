@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed), lint, and run the whole test suite.
+# Set up (if needed), lint, run the whole test suite, then the container test (docker compose up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check training export server bundle bench tests
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+bash scripts/docker_test.sh

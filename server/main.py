@@ -220,8 +220,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _warm_up(app: FastAPI, classifier: Classifier, batcher: MicroBatcher) -> None:
     """Run the engine once at batch 1 and once at the full batch, then report ready."""
     size = classifier.bundle.manifest.input.image_size
-    for count in sorted({1, batcher.max_batch}):
-        await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
+    try:
+        for count in sorted({1, batcher.max_batch}):
+            await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
+    except Exception:
+        log.exception("warm-up failed: the engine cannot run a batch; /readyz stays 503")
+        return
     app.state.ready = True
     log.info("warmed up: ready")
 

@@ -1,0 +1,31 @@
+# GPU server image: the same service on a CUDA runtime base with onnxruntime-gpu (CUDA and TensorRT execution
+# providers), TensorRT's runtime and cuda-python, so it serves a bundle's TensorRT engine or its ONNX graphs
+# on the GPU. Needs the NVIDIA Container Toolkit on the host (compose profile "gpu").
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PROMPTKD_BUNDLE=/bundle \
+    PROMPTKD_PROVIDERS=auto
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml docker/requirements.py /tmp/build/
+RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server gpu \
+        | grep -v '^onnxruntime>' > /tmp/build/requirements.txt \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
+    && rm -rf /tmp/build \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
+
+WORKDIR /app
+COPY bundle /app/bundle
+COPY server /app/server
+
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=5s --timeout=4s --start-period=120s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+CMD ["/opt/venv/bin/uvicorn", "server.main:app", "--host", "0.0.0.0", "--port", "8000"]

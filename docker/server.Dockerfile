@@ -1,0 +1,26 @@
+# CPU server image: the FastAPI service and onnxruntime, no torch, no training code. Serves the bundle mounted
+# at /bundle. Runs as a non-root user and works on a read-only root filesystem (give it a tmpfs at /tmp: large
+# uploads are spooled there).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PROMPTKD_BUNDLE=/bundle
+
+COPY pyproject.toml docker/requirements.py /tmp/build/
+RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server > /tmp/build/requirements.txt \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
+    && rm -rf /tmp/build \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
+
+WORKDIR /app
+COPY bundle /app/bundle
+COPY server /app/server
+
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=5s --timeout=4s --start-period=60s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+CMD ["/opt/venv/bin/uvicorn", "server.main:app", "--host", "0.0.0.0", "--port", "8000"]
