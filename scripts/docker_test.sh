@@ -108,8 +108,8 @@ if docker compose exec -T server sh -c 'touch /app/x' 2>/dev/null; then echo "ro
 health=$(docker inspect --format '{{.State.Health.Status}}' "$(docker compose ps -q server)")
 [ "$health" = healthy ] || { echo "server container is $health" >&2; exit 1; }
 
-docker compose restart server >/dev/null
 restarted=$(date +%s)
+docker compose restart server >>"$W/compose-up.log" 2>&1
 docker compose up --detach --wait --wait-timeout 300 server >>"$W/compose-up.log" 2>&1
 again=$(date +%s)
 size=$(docker image inspect promptkd-server:latest --format '{{.Size}}')
