@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +77,15 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-        quantize_static(
-            str(prepared), str(target), _Batches(name, calibration),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-            calibrate_method=CalibrationMethod.Percentile, reduce_range=True,
-            extra_options={"CalibStridedMinMax": 1},
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress; our stdout is the JSON summary
+            quantize_static(
+                str(prepared), str(target), _Batches(name, calibration),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                calibrate_method=CalibrationMethod.Percentile, reduce_range=True,
+                extra_options={"CalibStridedMinMax": 1},
+            )
     finally:
         prepared.unlink(missing_ok=True)
 
