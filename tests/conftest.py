@@ -3,6 +3,7 @@ bundle exported from a short distillation. Session-scoped so the suite builds th
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a 
 
 TEACHER = "PKD-Tiny-Teacher"
 STUDENT = "PKD-Tiny-Student"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, for a real uvicorn."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def foolbox_jpegs() -> list[Path]:

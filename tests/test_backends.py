@@ -14,6 +14,12 @@ from server.main import create_app
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
+def _refuses_to_start(settings: Settings, match: str) -> None:
+    with pytest.raises(BundleError, match=match):
+        with TestClient(create_app(settings)):
+            pass
+
+
 @pytest.fixture
 def with_engine(bundle_dir, tmp_path):
     folder = tmp_path / "bundle"
@@ -38,21 +44,15 @@ def test_auto_falls_back_from_the_engine_to_onnxruntime_and_says_so(with_engine,
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_asking_for_tensorrt_where_it_cannot_run_fails_at_start_up(with_engine, bundle_dir):
-    with pytest.raises(BundleError, match="tensorrt and cuda-python"):
-        with TestClient(create_app(Settings(bundle=with_engine, backend="tensorrt"))):
-            pass
-    with pytest.raises(BundleError, match="no engine: build one with python export/to_trt.py"):
-        with TestClient(create_app(Settings(bundle=bundle_dir, backend="tensorrt"))):
-            pass
+    _refuses_to_start(Settings(bundle=with_engine, backend="tensorrt"), "tensorrt and cuda-python")
+    _refuses_to_start(Settings(bundle=bundle_dir, backend="tensorrt"),
+                      "no engine: build one with python export/to_trt.py")
 
 
 def test_unknown_providers_and_variants_are_refused_clearly(bundle_dir):
-    with pytest.raises(BundleError, match="none of the onnxruntime providers"):
-        with TestClient(create_app(Settings(bundle=bundle_dir, providers="NoSuchExecutionProvider"))):
-            pass
-    with pytest.raises(BundleError, match="no 'int8' variant"):
-        with TestClient(create_app(Settings(bundle=bundle_dir, variant="int8"))):
-            pass
+    _refuses_to_start(Settings(bundle=bundle_dir, providers="NoSuchExecutionProvider"),
+                      "none of the onnxruntime providers")
+    _refuses_to_start(Settings(bundle=bundle_dir, variant="int8"), "no 'int8' variant")
 
 
 def test_bad_settings_are_refused(bundle_dir):

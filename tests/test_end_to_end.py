@@ -1,7 +1,6 @@
 """Train -> export -> serve on real Fashion-MNIST photos, through the demo recipe and a real uvicorn."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,9 @@ from training.class_vectors import ClassVectors
 from training.data.datasets import load_image_folder
 from training.transforms import eval_transform
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -44,7 +39,7 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
     transform = eval_transform(pre)
     test = load_image_folder(work / "data" / "test")
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=dict(os.environ, PROMPTKD_BUNDLE=str(work / "bundle")),

@@ -3,7 +3,6 @@ the server stays healthy, and its peak memory stays bounded (no bomb is ever dec
 import gzip
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import foolbox_jpegs
+from conftest import foolbox_jpegs, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 3_000_000
@@ -91,12 +90,6 @@ def _corpus() -> dict[str, tuple[bytes, int]]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -106,7 +99,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from /proc")
 def test_hostile_corpus_gets_4xx_and_the_server_stays_healthy_and_small(bundle_dir, capsys):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PROMPTKD_BUNDLE=str(bundle_dir), PROMPTKD_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
                PROMPTKD_MAX_IMAGE_PIXELS=str(PIXEL_LIMIT), PROMPTKD_MAX_REQUEST_BYTES=str(4 * UPLOAD_LIMIT))
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port)], cwd=REPO,
