@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .data import fashion_mnist
 from .data.datasets import (
-    DATASETS, DatasetError, Split, base_novel, few_shot, find_images, load_coop_split, load_image_folder,
+    DATASETS, DatasetError, Split, few_shot_splits, find_images, load_coop_split, load_image_folder,
 )
 
 
@@ -67,9 +68,14 @@ def _add_towers(parser: argparse.ArgumentParser, teacher: bool = True, student: 
 
 
 def cmd_prepare_fashion_mnist(args: argparse.Namespace) -> None:
-    counts = fashion_mnist.export(
-        args.out, {"train": args.train_per_class, "test": args.test_per_class}, seed=args.seed, root=args.source
-    )
+    if args.coop:
+        per_class = {"train": args.train_per_class, "val": args.val_per_class, "test": args.test_per_class}
+        counts = {name: fashion_mnist.export_coop(args.out, name, per_class, seed=args.seed, root=args.source)
+                  for name in args.coop}
+    else:
+        counts = fashion_mnist.export(
+            args.out, {"train": args.train_per_class, "test": args.test_per_class}, seed=args.seed, root=args.source
+        )
     print(json.dumps({"out": str(args.out), "images": counts}))
 
 
@@ -102,23 +108,14 @@ def cmd_class_vectors(args: argparse.Namespace) -> None:
 
 
 def _few_shot_splits(args: argparse.Namespace) -> tuple[Split, Split]:
-    """Few-shot training images and held-out validation images, both restricted to --subset.
-
-    Validation comes from the dataset's val split where it has one (not ImageNet, whose val is its test
-    set), otherwise from training images the few-shot draw did not take. Never from a test split.
-    """
-    full = _split(args, "train")
-    train = few_shot(full, args.shots, args.seed)
+    """Stage 1's few-shot training and validation images; ImageNet's val split is its test set, never used."""
     val = None
     if args.dataset != "imagenet":
         try:
-            val = few_shot(_split(args, "val"), args.val_shots, args.seed)
+            val = _split(args, "val")
         except DatasetError:
             val = None
-    if val is None or not len(val):
-        taken = set(train.items)
-        val = few_shot(Split([x for x in full.items if x not in taken], full.classnames), args.val_shots, args.seed)
-    return base_novel(train, args.subset), base_novel(val, args.subset)
+    return few_shot_splits(_split(args, "train"), val, args.shots, args.val_shots, args.seed, args.subset)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -186,27 +183,21 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import load_checkpoint
     from .class_vectors import ClassVectors, zero_shot_vectors
-    from .distill import TeacherImageEncoder, teacher_tower
+    from .distill import TeacherImageEncoder, load_distilled, teacher_tower
     from .engine import setup
     from .evaluate import evaluate_base_novel, evaluate_split
     from .transforms import eval_transform
 
     device = setup(args.device).device
     split = _split(args, args.split)
-    encoders: dict[str, torch.nn.Module] = {}
+    encoders: dict[str, torch.nn.Module]
     if args.checkpoint:
-        student, pre, cfg = load_checkpoint(args.checkpoint)
+        encoders, pre, cfg = load_distilled(args.checkpoint, with_teacher=not args.student_only)
         vectors = ClassVectors.load(Path(args.class_vectors or cfg["class_vectors"]))
-        if not args.student_only:
-            tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
-                                                   cfg.get("teacher_checkpoint"))
-            encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
-        encoders["student"] = student
     else:
         tower, pre, *_ = teacher_tower(args.teacher_model, args.teacher_pretrained, args.teacher_checkpoint)
-        encoders["teacher"] = TeacherImageEncoder(tower, pre, pre)
+        encoders = {"teacher": TeacherImageEncoder(tower, pre, pre)}
         if args.class_vectors:
             vectors = ClassVectors.load(args.class_vectors)
         elif args.teacher_checkpoint:
@@ -227,6 +218,95 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data.check import check_dataset, layout_hint
+
+    if not args.data_root.is_dir():
+        raise DatasetError(f"data root not found: {args.data_root}")
+    failed = []
+    for dataset in args.datasets or DATASETS:
+        report = check_dataset(args.data_root, dataset, decode=not args.no_decode, workers=args.workers)
+        counts = ", ".join(f"{split} {r.images} images / {r.classes} classes" for split, r in report.splits.items())
+        status = "ok" if report.ok else "BROKEN" if report.splits else "MISSING"
+        print(f"{status:7} {dataset}: {counts or 'nothing readable'}")
+        if not report.ok:
+            failed.append(dataset)
+            for problem in report.problems:
+                print(f"        - {problem}")
+            print(f"        expected under {args.data_root}: {layout_hint(dataset)}")
+            print(f"        get it: {report.how_to_get}")
+    if failed:
+        print(f"{len(failed)} dataset(s) not ready: {' '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _protocol_config(args: argparse.Namespace):
+    from .protocols import ProtocolConfig
+
+    return ProtocolConfig(
+        data_root=str(args.data_root), out=str(args.out), datasets=args.datasets or [], seeds=args.seeds,
+        teacher_model=args.teacher_model, teacher_pretrained=args.teacher_pretrained,
+        student_model=args.student_model, student_pretrained=args.student_pretrained,
+        shots=args.shots, val_shots=args.val_shots, teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
+        teacher_batch_size=args.teacher_batch_size, gpa_mean=args.gpa_mean, student_epochs=args.student_epochs,
+        student_lr=args.student_lr, student_batch_size=args.student_batch_size, kd_weight=args.kd_weight,
+        prompt_depth=args.prompt_depth, teacher_cache_views=args.teacher_cache_views, precision=args.precision,
+        workers=args.workers, device=args.device,
+    )
+
+
+def cmd_protocol(args: argparse.Namespace) -> None:
+    from .protocols import run_base2novel, run_cross_dataset
+    from .results import write_results
+
+    run = run_base2novel if args.command == "base2novel" else run_cross_dataset
+    finished = run(_protocol_config(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        texts = write_results(args.out, args.out / "results")
+        print(texts[args.command.replace("-", "_")])
+        print(json.dumps({"cells": len(finished), "results": str(args.out / "results")}))
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from .results import REFERENCE_DIR, write_results
+
+    texts = write_results(args.runs, args.out or args.runs / "results", args.reference or REFERENCE_DIR)
+    print("\n".join(texts.values()))
+
+
+def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[str, ...]) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the CoOp dataset folders")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"runs folder: {name.replace('-', '_')}/<dataset>/seed<N>/ per cell, results/ at the end")
+    p.add_argument("--datasets", nargs="+", choices=datasets, metavar="DATASET",
+                   help=f"a subset (default all: {' '.join(datasets)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
+    _add_towers(p)
+    p.add_argument("--shots", type=POSITIVE, default=16, help="stage 1: labelled images per class")
+    p.add_argument("--val-shots", type=POSITIVE, default=4, help="stage 1: held-out images per class for selection")
+    p.add_argument("--teacher-epochs", type=POSITIVE, default=20, help="stage 1 epochs")
+    p.add_argument("--teacher-lr", type=float, default=0.005, help="stage 1 SGD learning rate")
+    p.add_argument("--teacher-batch-size", type=POSITIVE, default=8, help="stage 1 batch (global)")
+    p.add_argument("--gpa-mean", type=float, help="stage 1 GPA centre epoch (default: 3/4 of the epochs, 15 of 20)")
+    p.add_argument("--student-epochs", type=POSITIVE, default=20, help="stage 2 epochs")
+    p.add_argument("--student-lr", type=float, default=0.005, help="stage 2 SGD learning rate")
+    p.add_argument("--student-batch-size", type=POSITIVE, default=8, help="stage 2 batch (global)")
+    p.add_argument("--kd-weight", type=float,
+                   help="stage 2 KD weight for every dataset (default: published, 1000; 200 for fgvc_aircraft, "
+                        "oxford_flowers and dtd)")
+    p.add_argument("--prompt-depth", type=POSITIVE, help=f"student prompt depth (default: published, {depth})")
+    p.add_argument("--teacher-cache-views", type=NATURAL, default=0,
+                   help="0 (published): the teacher runs on every batch; K: its features are cached for K "
+                        "augmented views per image, so later epochs run only the student (deleted when the cell "
+                        "is done)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    p.set_defaults(func=cmd_protocol)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -241,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=POSITIVE, default=200, help="images per class from the training set")
     p.add_argument("--test-per-class", type=POSITIVE, default=50, help="images per class from the test set")
     p.add_argument("--source", type=Path, default=fashion_mnist.DEFAULT_ROOT, help="folder of the IDX .gz files")
+    p.add_argument("--val-per-class", type=POSITIVE, default=10, help="validation images per class (with --coop)")
+    p.add_argument("--coop", nargs="+", choices=DATASETS, metavar="DATASET",
+                   help="instead of plain folders, lay the photos out under --out like these CoOp datasets (split "
+                        "files included), to try the protocol runners and check-data without the real data")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.set_defaults(func=cmd_prepare_fashion_mnist)
 
@@ -363,6 +447,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_evaluate)
+
+    from .protocols import BASE2NOVEL_DATASETS, CROSS_TARGETS
+
+    _add_protocol(sub, "base2novel", "the base-to-novel protocol: per dataset and seed, stage 1 on the base "
+                  "classes, class vectors, stage 2 on all unlabelled images, base/novel/HM; resumable", 9,
+                  BASE2NOVEL_DATASETS)
+    _add_protocol(sub, "cross-dataset", "the cross-dataset protocol: per seed an ImageNet teacher (all classes), "
+                  "then per target dataset class vectors, stage 2 and test accuracy; resumable", 3, CROSS_TARGETS)
+
+    p = sub.add_parser("check-data", help="check a data root: split files, every image present and decodable, "
+                                          "counts per split, and what is missing with where to get it")
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the CoOp dataset folders")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, metavar="DATASET", help="a subset (default all 11)")
+    p.add_argument("--no-decode", action="store_true", help="only check that the files exist (fast)")
+    p.add_argument("--workers", type=POSITIVE, default=8, help="decoding threads")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("results", help="tables (CSV, markdown) and bar charts of finished protocol cells beside "
+                                       "the paper's numbers; works on partial runs")
+    p.add_argument("--runs", type=Path, required=True, help="the --out folder of base2novel / cross-dataset")
+    p.add_argument("--out", type=Path, help="where to write them (default RUNS/results)")
+    p.add_argument("--reference", type=Path, help="folder with the paper's tables (default: the copies shipped in "
+                                                  "training/reference)")
+    p.set_defaults(func=cmd_results)
     return parser
 
 
@@ -374,11 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     from .towers import TowerLoadError
 
     try:
-        args.func(args)
+        status = args.func(args)
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
     except (DatasetError, TowerLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0

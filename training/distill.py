@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import build_student, save_checkpoint
+from .checkpoint import build_student, load_checkpoint, save_checkpoint
 from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
@@ -100,6 +100,19 @@ def teacher_tower(
         return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained
     clip, pre = load_clip(model, pretrained)
     return clip.visual, pre, model, pretrained
+
+
+def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[str, nn.Module], Preprocess, dict]:
+    """A distilled student.pt as encoders for evaluation: the student and, unless left out, the teacher image
+    tower it learned from. Returns them with the student's preprocessing and the run's config."""
+    student, pre, cfg = load_checkpoint(checkpoint)
+    encoders: dict[str, nn.Module] = {}
+    if with_teacher:
+        tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
+                                               cfg.get("teacher_checkpoint"))
+        encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
+    encoders["student"] = student.eval()
+    return encoders, pre, cfg
 
 
 def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:

@@ -47,6 +47,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # this setup() started the process group, so its teardown() ends it
 
     @property
     def distributed(self) -> bool:
@@ -70,13 +71,16 @@ def setup(device: str = "auto") -> Runtime:
         torch.cuda.set_device(chosen)
     else:
         chosen = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    return Runtime(rank, world, local_rank, chosen)
+    return Runtime(rank, world, local_rank, chosen, owns_group)
 
 
 def teardown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    """End the process group only where this runtime started it: a protocol runner keeps one group over
+    the many stages it runs."""
+    if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

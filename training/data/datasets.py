@@ -108,9 +108,11 @@ def _load_aircraft(root: Path, split: str) -> Split:
     classnames = [v.strip() for v in variants_file.read_text().splitlines() if v.strip()]
     index = {name: i for i, name in enumerate(classnames)}
     items = []
-    for line in list_file.read_text().splitlines():
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
         if line.strip():
             image_id, _, variant = line.strip().partition(" ")
+            if variant.strip() not in index:
+                raise DatasetError(f"{list_file}:{number}: variant {variant.strip()!r} is not in {variants_file}")
             items.append((str(base / "images" / f"{image_id}.jpg"), index[variant.strip()]))
     return Split(items, classnames)
 
@@ -164,3 +166,18 @@ def base_novel(split: Split, subset: str) -> Split:
     offset = labels.start
     items = [(p, y - offset) for p, y in split.items if y in labels]
     return Split(items, [split.classnames[i] for i in labels])
+
+
+def few_shot_splits(full: Split, val: Split | None, shots: int, val_shots: int, seed: int,
+                    subset: str) -> tuple[Split, Split]:
+    """Few-shot training images and held-out validation images for stage 1, both restricted to `subset`.
+
+    Validation comes from `val` (the dataset's val split) where there is one, otherwise from training images
+    the few-shot draw did not take. Never from a test split.
+    """
+    train = few_shot(full, shots, seed)
+    held_out = few_shot(val, val_shots, seed) if val is not None else None
+    if held_out is None or not len(held_out):
+        taken = set(train.items)
+        held_out = few_shot(Split([x for x in full.items if x not in taken], full.classnames), val_shots, seed)
+    return base_novel(train, subset), base_novel(held_out, subset)

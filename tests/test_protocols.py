@@ -1,0 +1,190 @@
+"""The protocol runners, the dataset checker and the results command, on tiny random-weight towers and real
+Fashion-MNIST photos laid out exactly like CoOp's datasets (split files, ImageNet's classnames, aircraft lists)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import main
+from training.data import fashion_mnist
+from training.evaluate import harmonic_mean
+from training.protocols import KD_WEIGHT, KD_WEIGHT_BY_DATASET
+from training.results import REFERENCE_DIR, read_reference
+
+REPO = Path(__file__).resolve().parents[1]
+PER_CLASS = {"train": 6, "val": 2, "test": 3}
+
+
+@pytest.fixture(scope="module")
+def coop_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coop")
+    for dataset in ("caltech101", "dtd", "imagenet", "eurosat"):
+        fashion_mnist.export_coop(root, dataset, PER_CLASS, seed=0)
+    return root
+
+
+def _towers(tiny_weights) -> list[str]:
+    return ["--teacher-model", "PKD-Tiny-Teacher", "--teacher-pretrained", str(tiny_weights["teacher"]),
+            "--student-model", "PKD-Tiny-Student", "--student-pretrained", str(tiny_weights["student"]),
+            "--teacher-epochs", "1", "--student-epochs", "1", "--student-batch-size", "10", "--workers", "0"]
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob(pattern)}
+
+
+def test_base2novel_runs_every_cell_once_and_resumes(coop_root, tiny_weights, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    command = ["base2novel", "--data-root", str(coop_root), "--out", str(runs), "--datasets", "caltech101", "dtd",
+               "--seeds", "1", "2", *_towers(tiny_weights)]
+    assert main(command) == 0
+    cells = sorted(runs.glob("base2novel/*/seed*/result.json"))
+    assert [(p.parts[-3], p.parts[-2]) for p in cells] == [
+        ("caltech101", "seed1"), ("caltech101", "seed2"), ("dtd", "seed1"), ("dtd", "seed2")]
+    for path in cells:
+        result = json.loads(path.read_text())
+        for who in ("student", "teacher"):
+            scores = result[who]
+            assert 0 <= scores["base"] <= 100 and 0 <= scores["novel"] <= 100
+            assert scores["hm"] == pytest.approx(harmonic_mean(scores["base"], scores["novel"]))
+        assert result["test_images"] == {"base": 5 * PER_CLASS["test"], "novel": 5 * PER_CLASS["test"]}
+        assert result["settings"]["kd_weight"] == KD_WEIGHT_BY_DATASET.get(result["dataset"], KD_WEIGHT)
+        assert result["settings"]["prompt_depth"] == 9
+        teacher_dir = path.parent / "teacher"
+        assert json.loads((teacher_dir / "report.json").read_text())["train_images"] == 5 * PER_CLASS["train"]
+    assert json.loads((runs / "base2novel/dtd/seed1/student/report.json").read_text())["config"]["kd_weight"] == 200
+    out = capsys.readouterr().out
+    assert "| caltech101 | 1 2 |" in out and "2 of 11 datasets" in out
+    assert (runs / "results" / "base2novel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second run redoes nothing.
+    before = _mtimes(runs, "*.pt") | _mtimes(runs, "result.json")
+    assert main(command) == 0
+    assert _mtimes(runs, "*.pt") | _mtimes(runs, "result.json") == before
+
+    # An unfinished cell resumes at the stage it reached: the teacher is kept, the student is trained again.
+    cell = runs / "base2novel/dtd/seed2"
+    (cell / "result.json").unlink()
+    for name in ("report.json", "student.pt", "run_state.pt"):
+        (cell / "student" / name).unlink()
+    teacher_before = (cell / "teacher" / "teacher.pt").stat().st_mtime_ns
+    assert main(command) == 0
+    assert (cell / "teacher" / "teacher.pt").stat().st_mtime_ns == teacher_before
+    assert (cell / "student" / "student.pt").is_file() and (cell / "result.json").is_file()
+
+
+def test_cross_dataset_trains_one_imagenet_teacher_per_seed(coop_root, tiny_weights, tmp_path, capsys):
+    import torch
+
+    runs = tmp_path / "runs"
+    assert main(["cross-dataset", "--data-root", str(coop_root), "--out", str(runs), "--datasets", "dtd", "eurosat",
+                 "--seeds", "1", *_towers(tiny_weights)]) == 0
+    teacher = runs / "cross_dataset/imagenet_teacher/seed1"
+    report = json.loads((teacher / "report.json").read_text())
+    assert report["train_images"] == 10 * PER_CLASS["train"]  # all ImageNet classes, not the base half
+    for dataset in ("dtd", "eurosat"):
+        cell = runs / "cross_dataset" / dataset / "seed1"
+        result = json.loads((cell / "result.json").read_text())
+        assert 0 <= result["student"]["accuracy"] <= 100
+        assert result["test_images"] == 10 * PER_CLASS["test"]
+        config = torch.load(cell / "student" / "student.pt", weights_only=False)["config"]
+        assert config["prompt_depth"] == 3
+        assert config["teacher_checkpoint"] == str(teacher / "teacher.pt")
+        assert result["settings"]["kd_weight"] == KD_WEIGHT_BY_DATASET.get(dataset, KD_WEIGHT)
+    assert "| dtd | 1 |" in capsys.readouterr().out
+    assert (runs / "results" / "cross_dataset.csv").read_text().startswith("dataset,seeds,accuracy_mean")
+
+
+def test_runner_under_torchrun_with_two_processes(coop_root, tiny_weights, tmp_path):
+    """Two gloo processes share one process group across every stage of every cell; rank 0 writes."""
+    runs = tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+         "cross-dataset", "--data-root", str(coop_root), "--out", str(runs), "--datasets", "dtd", "eurosat",
+         "--seeds", "1", *_towers(tiny_weights), "--teacher-batch-size", "4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for dataset in ("dtd", "eurosat"):
+        report = json.loads((runs / "cross_dataset" / dataset / "seed1/student/report.json").read_text())
+        assert report["world_size"] == 2
+    assert proc.stdout.count('"cells": 2') == 1  # only rank 0 reports
+
+
+def test_runner_refuses_missing_datasets_before_training(coop_root, tiny_weights, tmp_path, capsys):
+    assert main(["base2novel", "--data-root", str(coop_root), "--out", str(tmp_path / "runs"),
+                 "--datasets", "dtd", "oxford_pets", *_towers(tiny_weights)]) == 2
+    err = capsys.readouterr().err
+    assert "oxford_pets" in err and "split_zhou_OxfordPets.json" in err and "check-data" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_data_counts_and_names_what_is_missing(coop_root, tmp_path, capsys):
+    assert main(["check-data", "--data-root", str(coop_root), "--datasets", "caltech101", "imagenet"]) == 0
+    out = capsys.readouterr().out
+    assert "ok      caltech101: train 60 images / 10 classes, val 20 images / 10 classes, test 30 images" in out
+    assert "ok      imagenet: train 60 images / 10 classes, test 30 images / 10 classes" in out
+
+    root = tmp_path / "data"
+    fashion_mnist.export_coop(root, "dtd", PER_CLASS, seed=0)
+    fashion_mnist.export_coop(root, "fgvc_aircraft", PER_CLASS, seed=0)
+    split = json.loads((root / "dtd/split_zhou_DescribableTextures.json").read_text())
+    gone = root / "dtd/images" / split["train"][0][0]
+    gone.unlink()
+    broken = root / "dtd/images" / split["test"][0][0]
+    broken.write_bytes(broken.read_bytes()[:200])  # a JPEG cut short
+    with (root / "fgvc_aircraft/images_variant_val.txt").open("a") as f:
+        f.write("1234567 Boeing 999\n")
+    assert main(["check-data", "--data-root", str(root), "--datasets", "dtd", "fgvc_aircraft", "oxford_pets"]) == 1
+    out = capsys.readouterr().out
+    assert f"train: 1 of 60 images missing: {gone}" in out
+    assert f"test: 1 of 30 images unreadable: {broken}" in out
+    assert "variant 'Boeing 999' is not in" in out
+    assert "MISSING oxford_pets" in out and "robots.ox.ac.uk/~vgg/data/pets" in out
+
+
+def _fake_cell(runs: Path, protocol: str, dataset: str, seed: int, student: dict, teacher: dict) -> None:
+    cell = runs / protocol / dataset / f"seed{seed}"
+    cell.mkdir(parents=True)
+    (cell / "result.json").write_text(json.dumps({"protocol": protocol, "dataset": dataset, "seed": seed,
+                                                  "student": student, "teacher": teacher, "settings": {}}))
+
+
+def test_results_on_partial_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, (base, novel) in zip((1, 2), ((90.0, 80.0), (92.0, 84.0))):
+        student = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+        _fake_cell(runs, "base2novel", "eurosat", seed, student, student)
+    _fake_cell(runs, "base2novel", "dtd", 1, {"base": 70.0, "novel": 50.0, "hm": harmonic_mean(70, 50)},
+               {"base": 75.0, "novel": 55.0, "hm": harmonic_mean(75, 55)})
+    (runs / "base2novel/dtd/seed2/teacher").mkdir(parents=True)
+    (runs / "base2novel/dtd/seed2/teacher/teacher.pt").write_bytes(b"")
+    assert main(["results", "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+
+    reference = read_reference(REFERENCE_DIR / "base2novel_vitb16.csv")
+    rows = {line.split(",")[0]: line.split(",") for line in (runs / "results/base2novel.csv").read_text().splitlines()}
+    header = rows.pop("dataset")
+    eurosat = dict(zip(header, rows["eurosat"]))
+    assert float(eurosat["base_mean"]) == pytest.approx(91.0)
+    assert float(eurosat["base_std"]) == pytest.approx(math.sqrt(2.0), abs=1e-3)  # CSV keeps 4 decimals
+    assert float(eurosat["diff_novel"]) == pytest.approx(82.0 - reference[("promptkd", "eurosat")]["novel"], abs=1e-3)
+    average = dict(zip(header, rows["average"]))
+    paper_base = (reference[("promptkd", "dtd")]["base"] + reference[("promptkd", "eurosat")]["base"]) / 2
+    assert float(average["paper_base"]) == pytest.approx(paper_base, abs=1e-3)  # the same 2 datasets, not all 11
+    assert float(average["base_mean"]) == pytest.approx((91.0 + 70.0) / 2)
+    assert dict(zip(header, rows["dtd"]))["base_std"] == ""  # one seed: no spread
+    assert "dtd seed2: teacher done, student not started" in out
+    assert "2 of 11 datasets" in out
+
+
+def test_results_without_runs_is_a_clear_error(tmp_path, capsys):
+    assert main(["results", "--runs", str(tmp_path)]) == 2
+    assert "no protocol runs under" in capsys.readouterr().err

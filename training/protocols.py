@@ -1,0 +1,277 @@
+"""The paper's two protocols as resumable runs over cells (dataset x seed), on one device or under torchrun.
+
+Base-to-novel, per dataset and seed: stage-1 teacher on 16 shots of the base classes, class vectors for every
+class, stage-2 student on every unlabelled training image, then base / novel / HM on the test split.
+Cross-dataset, per seed: one stage-1 teacher on 16 shots of all ImageNet classes; per target dataset, its
+class vectors for the target's classes, a student distilled on the target's unlabelled training images (prompt
+depth 3) and accuracy on the target's test split.
+
+Every stage leaves a completion marker; a finished cell (`result.json`) is never redone, and an interrupted
+stage resumes from its run state. Under torchrun every process walks the same cells; training is distributed,
+evaluation and writes happen on rank 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .class_vectors import ClassVectors
+from .data.datasets import DatasetError, Split, few_shot_splits, load_coop_split
+from .distill import DistillConfig, distill, load_distilled
+from .engine import RUN_STATE, Runtime, barrier, setup, teardown
+from .evaluate import evaluate_base_novel, evaluate_split
+from .stage1 import Stage1Config, train_teacher
+from .teacher import load_teacher
+from .transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+# In the order of the paper's tables.
+BASE2NOVEL_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+CROSS_SOURCE = "imagenet"
+CROSS_TARGETS = tuple(d for d in BASE2NOVEL_DATASETS if d != CROSS_SOURCE)
+SEEDS = (1, 2, 3)
+# The published scripts' stage-2 settings that differ per dataset or protocol.
+KD_WEIGHT = 1000.0
+KD_WEIGHT_BY_DATASET = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
+PROMPT_DEPTH = {"base2novel": 9, "cross_dataset": 3}
+RESULT = "result.json"
+
+
+@dataclass
+class ProtocolConfig:
+    """One protocol run; defaults are the published settings (ViT-L/14 teacher, ViT-B/16 student)."""
+
+    data_root: str
+    out: str
+    datasets: list[str] = field(default_factory=list)  # empty: every dataset of the protocol
+    seeds: list[int] = field(default_factory=lambda: list(SEEDS))
+    teacher_model: str = "ViT-L-14"
+    teacher_pretrained: str | None = "openai"
+    student_model: str = "ViT-B-16"
+    student_pretrained: str | None = "openai"
+    shots: int = 16
+    val_shots: int = 4
+    teacher_epochs: int = 20
+    teacher_lr: float = 0.005
+    teacher_batch_size: int = 8
+    gpa_mean: float | None = None  # None: three quarters into training (epoch 15 of 20, as published)
+    gpa_std: float = 1.0
+    student_epochs: int = 20
+    student_lr: float = 0.005
+    student_batch_size: int = 8
+    kd_weight: float | None = None  # None: the published weight of each dataset
+    prompt_depth: int | None = None  # None: the published depth of the protocol
+    teacher_cache_views: int = 0  # 0: the teacher runs on every batch, as published; K > 0: cached, K views
+    precision: str = "fp32"
+    workers: int = 4
+    device: str = "auto"
+
+    def kd_weight_for(self, dataset: str) -> float:
+        return self.kd_weight if self.kd_weight is not None else KD_WEIGHT_BY_DATASET.get(dataset, KD_WEIGHT)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def _split(cfg: ProtocolConfig, dataset: str, split: str) -> Split:
+    return load_coop_split(Path(cfg.data_root), dataset, split)
+
+
+def _stage1(cfg: ProtocolConfig, dataset: str, seed: int, subset: str, folder: Path) -> float:
+    """Train (or resume, or skip when finished) the stage-1 teacher into `folder`; returns seconds spent."""
+    if (folder / "report.json").is_file() and (folder / "teacher.pt").is_file():
+        return 0.0
+    started = time.time()
+    val = None
+    if dataset != "imagenet":  # ImageNet's val split is its test set
+        try:
+            val = _split(cfg, dataset, "val")
+        except DatasetError:
+            val = None
+    train, held_out = few_shot_splits(_split(cfg, dataset, "train"), val, cfg.shots, cfg.val_shots, seed, subset)
+    stage1 = Stage1Config(
+        model=cfg.teacher_model, pretrained=cfg.teacher_pretrained, output_dir=str(folder),
+        epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr,
+        gpa_mean=cfg.gpa_mean if cfg.gpa_mean is not None else 0.75 * cfg.teacher_epochs, gpa_std=cfg.gpa_std,
+        precision=cfg.precision, workers=cfg.workers, seed=seed, device=cfg.device,
+    )
+    log.info("%s seed %d: stage 1 (%s classes) -> %s", dataset, seed, subset, folder)
+    train_teacher(stage1, train, held_out, resume=(folder / RUN_STATE).is_file())
+    return time.time() - started
+
+
+def _class_vectors(teacher_dir: Path, classnames: list[str], target: Path, rt: Runtime) -> None:
+    """The trained teacher's text tower, run once over `classnames` (rank 0 writes, everyone waits)."""
+    if rt.is_main and not target.is_file():
+        teacher, _ = load_teacher(teacher_dir / "teacher.pt")
+        teacher.class_vectors(classnames, source=f"teacher checkpoint {teacher_dir / 'teacher.pt'}").save(target)
+    barrier(rt)
+
+
+def _stage2(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher_dir: Path, vectors: Path,
+            folder: Path) -> float:
+    """Distil (or resume, or skip when finished) the student on the dataset's unlabelled training images."""
+    if (folder / "report.json").is_file() and (folder / "student.pt").is_file():
+        return 0.0
+    started = time.time()
+    cache = folder.parent / "teacher_cache" if cfg.teacher_cache_views else None
+    stage2 = DistillConfig(
+        teacher_model=cfg.teacher_model, teacher_pretrained=cfg.teacher_pretrained,
+        teacher_checkpoint=str(teacher_dir / "teacher.pt"),
+        student_model=cfg.student_model, student_pretrained=cfg.student_pretrained,
+        class_vectors=str(vectors), output_dir=str(folder),
+        prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol], epochs=cfg.student_epochs,
+        batch_size=cfg.student_batch_size, lr=cfg.student_lr, kd_weight=cfg.kd_weight_for(dataset),
+        precision=cfg.precision, cache_dir=str(cache) if cache else None, cache_views=max(1, cfg.teacher_cache_views),
+        workers=cfg.workers, seed=seed, device=cfg.device,
+    )
+    images = [path for path, _ in _split(cfg, dataset, "train").items]
+    log.info("%s seed %d: stage 2 on %d unlabelled images -> %s", dataset, seed, len(images), folder)
+    distill(stage2, images, eval_split=None, resume=(folder / RUN_STATE).is_file())
+    return time.time() - started
+
+
+def _finish(cell: Path, payload: dict | None, rt: Runtime) -> None:
+    """Rank 0 writes the cell's result (its completion marker) and drops the teacher cache it no longer needs."""
+    if rt.is_main and payload is not None:
+        _write_json(cell / RESULT, payload)
+        shutil.rmtree(cell / "teacher_cache", ignore_errors=True)
+    barrier(rt)
+
+
+def _base2novel_cell(cfg: ProtocolConfig, dataset: str, seed: int, cell: Path, rt: Runtime) -> None:
+    seconds = {"teacher": _stage1(cfg, dataset, seed, "base", cell / "teacher")}
+    all_classes = _split(cfg, dataset, "train").classnames
+    _class_vectors(cell / "teacher", all_classes, cell / "teacher" / "class_vectors.npz", rt)
+    seconds["student"] = _stage2(cfg, "base2novel", dataset, seed, cell / "teacher",
+                                 cell / "teacher" / "class_vectors.npz", cell / "student")
+    payload = None
+    if rt.is_main:
+        started = time.time()
+        encoders, pre, _ = load_distilled(cell / "student" / "student.pt")
+        vectors = ClassVectors.load(cell / "teacher" / "class_vectors.npz")
+        test = _split(cfg, dataset, "test")
+        vectors.check_labels(test.classnames)
+        encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
+        report = evaluate_base_novel(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale,
+                                     eval_transform(pre), workers=cfg.workers)
+        seconds["evaluation"] = time.time() - started
+        payload = {
+            "protocol": "base2novel", "dataset": dataset, "seed": seed,
+            "student": {"base": report["base"]["student_acc"], "novel": report["novel"]["student_acc"],
+                        "hm": report["hm"]["student_acc"]},
+            "teacher": {"base": report["base"]["teacher_acc"], "novel": report["novel"]["teacher_acc"],
+                        "hm": report["hm"]["teacher_acc"]},
+            "agreement": {"base": report["base"]["agreement"], "novel": report["novel"]["agreement"]},
+            "test_images": {"base": report["base"]["images"], "novel": report["novel"]["images"]},
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "settings": _settings(cfg, "base2novel", dataset),
+        }
+    _finish(cell, payload, rt)
+
+
+def _cross_cell(cfg: ProtocolConfig, dataset: str, seed: int, teacher_dir: Path, cell: Path, rt: Runtime) -> None:
+    cell.mkdir(parents=True, exist_ok=True)
+    _class_vectors(teacher_dir, _split(cfg, dataset, "train").classnames, cell / "class_vectors.npz", rt)
+    seconds = {"student": _stage2(cfg, "cross_dataset", dataset, seed, teacher_dir, cell / "class_vectors.npz",
+                                  cell / "student")}
+    payload = None
+    if rt.is_main:
+        started = time.time()
+        encoders, pre, _ = load_distilled(cell / "student" / "student.pt")
+        vectors = ClassVectors.load(cell / "class_vectors.npz")
+        test = _split(cfg, dataset, "test")
+        vectors.check_labels(test.classnames)
+        encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
+        report = evaluate_split(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale,
+                                eval_transform(pre), workers=cfg.workers)
+        seconds["evaluation"] = time.time() - started
+        payload = {
+            "protocol": "cross_dataset", "dataset": dataset, "seed": seed,
+            "student": {"accuracy": report["student_acc"]}, "teacher": {"accuracy": report["teacher_acc"]},
+            "agreement": report["agreement"], "test_images": report["images"],
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "settings": _settings(cfg, "cross_dataset", dataset),
+        }
+    _finish(cell, payload, rt)
+
+
+def _settings(cfg: ProtocolConfig, protocol: str, dataset: str) -> dict:
+    settings = asdict(cfg)
+    settings.update(kd_weight=cfg.kd_weight_for(dataset), prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol])
+    for key in ("datasets", "seeds", "workers", "device", "out"):
+        settings.pop(key)
+    return settings
+
+
+def _check_datasets(cfg: ProtocolConfig, datasets: list[str]) -> None:
+    """Fail before any training when a dataset's split files cannot be read (images are checked by check-data)."""
+    problems = []
+    for dataset in datasets:
+        for split in ("train", "test"):
+            try:
+                _split(cfg, dataset, split)
+            except DatasetError as err:
+                problems.append(f"{dataset}: {err}")
+    if problems:
+        raise DatasetError("datasets not ready (python -m training check-data says what to fetch):\n  "
+                           + "\n  ".join(problems))
+
+
+def _chosen(requested: list[str], known: tuple[str, ...], protocol: str) -> list[str]:
+    unknown = [d for d in requested if d not in known]
+    if unknown:
+        raise DatasetError(f"{', '.join(unknown)}: not a dataset of the {protocol} protocol ({', '.join(known)})")
+    return list(requested) or list(known)
+
+
+def run_base2novel(cfg: ProtocolConfig) -> list[Path]:
+    """Every (dataset, seed) cell of the base-to-novel protocol; returns the cells' result files."""
+    datasets = _chosen(cfg.datasets, BASE2NOVEL_DATASETS, "base-to-novel")
+    _check_datasets(cfg, datasets)
+    rt = setup(cfg.device)
+    results = []
+    try:
+        for dataset in datasets:
+            for seed in cfg.seeds:
+                cell = Path(cfg.out) / "base2novel" / dataset / f"seed{seed}"
+                if not (cell / RESULT).is_file():
+                    log.info("base2novel %s seed %d: running", dataset, seed)
+                    _base2novel_cell(cfg, dataset, seed, cell, rt)
+                results.append(cell / RESULT)
+    finally:
+        teardown(rt)
+    return results
+
+
+def run_cross_dataset(cfg: ProtocolConfig) -> list[Path]:
+    """Per seed one ImageNet teacher (all classes), then every target cell; returns the cells' result files."""
+    targets = _chosen(cfg.datasets, CROSS_TARGETS, "cross-dataset")
+    _check_datasets(cfg, [CROSS_SOURCE, *targets])
+    rt = setup(cfg.device)
+    results = []
+    try:
+        for seed in cfg.seeds:
+            root = Path(cfg.out) / "cross_dataset"
+            pending = [t for t in targets if not (root / t / f"seed{seed}" / RESULT).is_file()]
+            teacher_dir = root / f"{CROSS_SOURCE}_teacher" / f"seed{seed}"
+            if pending:
+                _stage1(cfg, CROSS_SOURCE, seed, "all", teacher_dir)
+            for dataset in targets:
+                cell = root / dataset / f"seed{seed}"
+                if dataset in pending:
+                    log.info("cross_dataset %s seed %d: running", dataset, seed)
+                    _cross_cell(cfg, dataset, seed, teacher_dir, cell, rt)
+                results.append(cell / RESULT)
+    finally:
+        teardown(rt)
+    return results
