@@ -33,3 +33,18 @@ def test_load_benchmark_drives_a_real_server_without_errors(tmp_path):
     assert [r["concurrency"] for r in rows] == [1, 8] and [r["engine_batch"] for r in rows] == [1, 4]
     assert all(r["errors"] == 0 and r["server_errors"] == 0 and r["images_per_s"] > 0 for r in rows)
     assert "| 8 | 24 |" in proc.stdout
+
+
+def test_stage2_benchmark_measures_every_mode_and_precision(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/stage2_gpu.py", "--teacher-model", "PKD-Tiny-Teacher", "--student-model",
+         "PKD-Tiny-Student", "--classes", "10", "--batches", "4", "--steps", "2", "--device", "cpu",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "stage2.json").read_text())["rows"]
+    assert {(r["mode"], r["precision"]) for r in rows} == {
+        (m, p) for m in ("teacher live", "teacher cached", "cache build") for p in ("fp32", "bf16")}
+    assert all(r["images_per_s"] > 0 and r["peak_gib"] is None for r in rows)  # no GPU memory on a CPU
+    assert "| fp32 | 4 |" in proc.stdout and "ImageNet stage 2" in proc.stdout

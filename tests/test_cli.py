@@ -9,7 +9,7 @@ from training.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["prepare-fashion-mnist", "pretrain-tiny", "class-vectors", "train-teacher", "import-teacher",
-            "distill", "evaluate"]
+            "distill", "evaluate", "base2novel", "cross-dataset", "check-data", "results"]
 
 
 def test_every_option_has_help():

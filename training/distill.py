@@ -135,6 +135,24 @@ def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVect
     return student, TeacherImageEncoder(tower, student_pre, teacher_pre), vectors, student_pre
 
 
+def kd_step(
+    model: nn.Module, batch: torch.Tensor, teacher_features: torch.Tensor, class_vectors: torch.Tensor,
+    scale: float, cfg: DistillConfig, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
+) -> torch.Tensor:
+    """One optimisation step of stage 2 given the teacher's features (live or cached): the student under the
+    run's autocast, logits against the shared class vectors, the weighted KD loss, and the update."""
+    with autocast(rt, cfg.precision):
+        student_features = model(batch)
+    teacher_logits = cosine_logits(teacher_features.float(), class_vectors, scale)
+    student_logits = cosine_logits(student_features.float(), class_vectors, scale)
+    loss = cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = None, resume: bool = False) -> dict:
     """Train the student on `images` (labels unused); writes student.pt, run_state.pt, logs and report.json."""
     rt = setup(cfg.device)
@@ -228,18 +246,8 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
                     continue
                 batch = batch.to(rt.device, non_blocking=True)
                 with autocast(rt, cfg.precision):
-                    if cache is not None:
-                        teacher_features = cache.get(dataset.view, indices).to(rt.device)
-                    else:
-                        teacher_features = teacher(batch)
-                    student_features = model(batch)
-                teacher_logits = cosine_logits(teacher_features.float(), class_vectors, scale)
-                student_logits = cosine_logits(student_features.float(), class_vectors, scale)
-                loss = cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.temperature)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                    features = cache.get(dataset.view, indices).to(rt.device) if cache else teacher(batch)
+                loss = kd_step(model, batch, features, class_vectors, scale, cfg, optimizer, scaler, rt)
                 total += loss.item() * len(indices)
                 seen += len(indices)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
