@@ -142,12 +142,18 @@ def test_check_data_counts_and_names_what_is_missing(coop_root, tmp_path, capsys
     broken.write_bytes(broken.read_bytes()[:200])  # a JPEG cut short
     with (root / "fgvc_aircraft/images_variant_val.txt").open("a") as f:
         f.write("1234567 Boeing 999\n")
-    assert main(["check-data", "--data-root", str(root), "--datasets", "dtd", "fgvc_aircraft", "oxford_pets"]) == 1
+    fashion_mnist.export_coop(root, "imagenet", PER_CLASS, seed=0)
+    for image in (root / "imagenet/images/val/n90000003").iterdir():  # ImageNet's val set lost one class
+        image.unlink()
+    assert main(["check-data", "--data-root", str(root), "--datasets", "dtd", "fgvc_aircraft", "oxford_pets",
+                 "imagenet"]) == 1
     out = capsys.readouterr().out
     assert f"train: 1 of 60 images missing: {gone}" in out
     assert f"test: 1 of 30 images unreadable: {broken}" in out
     assert "variant 'Boeing 999' is not in" in out
     assert "MISSING oxford_pets" in out and "robots.ox.ac.uk/~vgg/data/pets" in out
+    assert "BROKEN  imagenet: train 60 images / 10 classes, test 27 images / 9 classes" in out
+    assert "test: no images of 1 of 10 classes: dress" in out
 
 
 def _fake_cell(runs: Path, protocol: str, dataset: str, seed: int, student: dict, teacher: dict) -> None:

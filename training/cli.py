@@ -7,11 +7,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import fashion_mnist
 from .data.datasets import (
-    DATASETS, DatasetError, Split, few_shot_splits, find_images, load_coop_split, load_image_folder,
+    BASE2NOVEL_DATASETS, CROSS_TARGETS, DATASETS, DatasetError, Split, few_shot_splits, find_images,
+    load_coop_split, load_image_folder,
 )
+
+if TYPE_CHECKING:
+    from .protocols import ProtocolConfig
 
 
 def _at_least(minimum: int):
@@ -241,7 +246,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _protocol_config(args: argparse.Namespace):
+def _protocol_config(args: argparse.Namespace) -> ProtocolConfig:
     from .protocols import ProtocolConfig
 
     return ProtocolConfig(
@@ -447,8 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.set_defaults(func=cmd_evaluate)
-
-    from .protocols import BASE2NOVEL_DATASETS, CROSS_TARGETS
 
     _add_protocol(sub, "base2novel", "the base-to-novel protocol: per dataset and seed, stage 1 on the base "
                   "classes, class vectors, stage 2 on all unlabelled images, base/novel/HM; resumable", 9,

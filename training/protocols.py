@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .class_vectors import ClassVectors
-from .data.datasets import DatasetError, Split, few_shot_splits, load_coop_split
+from .data.datasets import (
+    BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
+)
 from .distill import DistillConfig, distill, load_distilled
 from .engine import RUN_STATE, Runtime, barrier, setup, teardown
 from .evaluate import evaluate_base_novel, evaluate_split
@@ -30,11 +32,6 @@ from .transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
-# In the order of the paper's tables.
-BASE2NOVEL_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-CROSS_SOURCE = "imagenet"
-CROSS_TARGETS = tuple(d for d in BASE2NOVEL_DATASETS if d != CROSS_SOURCE)
 SEEDS = (1, 2, 3)
 # The published scripts' stage-2 settings that differ per dataset or protocol.
 KD_WEIGHT = 1000.0

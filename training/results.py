@@ -11,8 +11,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.datasets import BASE2NOVEL_DATASETS, CROSS_TARGETS
 from .evaluate import harmonic_mean
-from .protocols import BASE2NOVEL_DATASETS, CROSS_TARGETS, RESULT
+from .protocols import RESULT
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 PROTOCOLS = {

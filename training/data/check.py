@@ -102,13 +102,19 @@ def check_dataset(root: Path, dataset: str, decode: bool = True, workers: int = 
         report.splits[split] = result
         if not paths:
             report.problems.append(f"{split}: no images")
-        if result.classes < len(items.classnames):
-            report.problems.append(f"{split}: images of {result.classes} of {len(items.classnames)} classes")
+        absent = sorted(set(range(len(items.classnames))) - {label for _, label in items.items})
+        if absent:
+            names = [items.classnames[i] for i in absent]
+            report.problems.append(f"{split}: no images of {len(absent)} of {len(items.classnames)} classes: "
+                                   f"{_first(names)}")
         for kind, names in (("missing", result.missing), ("unreadable", result.unreadable)):
             if names:
-                shown = ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
-                report.problems.append(f"{split}: {len(names)} of {len(paths)} images {kind}: {shown}")
+                report.problems.append(f"{split}: {len(names)} of {len(paths)} images {kind}: {_first(names)}")
     return report
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
 def layout_hint(dataset: str) -> str:

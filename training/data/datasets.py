@@ -40,6 +40,11 @@ COOP_LAYOUTS: dict[str, tuple[str, str, str]] = {
 }
 SPECIAL_DATASETS = ("imagenet", "fgvc_aircraft")
 DATASETS = tuple(sorted([*COOP_LAYOUTS, *SPECIAL_DATASETS]))
+# The protocols' datasets, in the order of the paper's tables; cross-dataset trains its teacher on ImageNet.
+BASE2NOVEL_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+CROSS_SOURCE = "imagenet"
+CROSS_TARGETS = tuple(d for d in BASE2NOVEL_DATASETS if d != CROSS_SOURCE)
 
 
 def _classnames_from(entries: list[list]) -> dict[int, str]:
