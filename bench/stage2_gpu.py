@@ -21,7 +21,7 @@ import torch
 
 from training.checkpoint import build_student
 from training.distill import DistillConfig, TeacherImageEncoder, kd_step
-from training.engine import Runtime, autocast
+from training.engine import Runtime, autocast, grad_scaler
 from training.prompts import PromptedVisionTower
 from training.towers import freeze, load_clip
 
@@ -51,7 +51,7 @@ def measure(mode: str, precision: str, batch: int, steps: int, parts: dict, rt: 
                         class_vectors="", output_dir="", precision=precision)
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=False)
+    scaler = grad_scaler(rt, precision)
     images = torch.randn(batch, 3, parts["size"], parts["size"], device=rt.device)
     cached = torch.randn(batch, vectors.shape[1], device=rt.device)
     student.train()

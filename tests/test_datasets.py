@@ -51,6 +51,8 @@ def test_imagenet_classnames_and_val_as_test(tmp_path):
     test = load_coop_split(tmp_path, "imagenet", "test")
     assert test.classnames == ["tench", "goldfish fish"]
     assert test.items == [(str(base / "images" / "val" / "n02" / "x.jpeg"), 1)]
+    with pytest.raises(DatasetError, match="official val set is the test set"):
+        load_coop_split(tmp_path, "imagenet", "val")  # never selection on the test images
 
 
 def test_fgvc_aircraft_variant_lists(tmp_path):

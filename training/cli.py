@@ -113,14 +113,7 @@ def cmd_class_vectors(args: argparse.Namespace) -> None:
 
 
 def _few_shot_splits(args: argparse.Namespace) -> tuple[Split, Split]:
-    """Stage 1's few-shot training and validation images; ImageNet's val split is its test set, never used."""
-    val = None
-    if args.dataset != "imagenet":
-        try:
-            val = _split(args, "val")
-        except DatasetError:
-            val = None
-    return few_shot_splits(_split(args, "train"), val, args.shots, args.val_shots, args.seed, args.subset)
+    return few_shot_splits(lambda split: _split(args, split), args.shots, args.val_shots, args.seed, args.subset)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:

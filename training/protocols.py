@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,13 +89,8 @@ def _stage1(cfg: ProtocolConfig, dataset: str, seed: int, subset: str, folder: P
     if (folder / "report.json").is_file() and (folder / "teacher.pt").is_file():
         return 0.0
     started = time.time()
-    val = None
-    if dataset != "imagenet":  # ImageNet's val split is its test set
-        try:
-            val = _split(cfg, dataset, "val")
-        except DatasetError:
-            val = None
-    train, held_out = few_shot_splits(_split(cfg, dataset, "train"), val, cfg.shots, cfg.val_shots, seed, subset)
+    train, held_out = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed,
+                                      subset)
     stage1 = Stage1Config(
         model=cfg.teacher_model, pretrained=cfg.teacher_pretrained, output_dir=str(folder),
         epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr,
@@ -137,6 +133,18 @@ def _stage2(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher
     return time.time() - started
 
 
+def _evaluate(cfg: ProtocolConfig, dataset: str, student: Path, vectors_path: Path, protocol_eval: Callable,
+              rt: Runtime) -> dict:
+    """The distilled student and its teacher on the dataset's test split, once, at the end of a cell (rank 0)."""
+    encoders, pre, _ = load_distilled(student)
+    vectors = ClassVectors.load(vectors_path)
+    test = _split(cfg, dataset, "test")
+    vectors.check_labels(test.classnames)
+    encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
+    return protocol_eval(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale, eval_transform(pre),
+                         workers=cfg.workers)
+
+
 def _finish(cell: Path, payload: dict | None, rt: Runtime) -> None:
     """Rank 0 writes the cell's result (its completion marker) and drops the teacher cache it no longer needs."""
     if rt.is_main and payload is not None:
@@ -154,13 +162,8 @@ def _base2novel_cell(cfg: ProtocolConfig, dataset: str, seed: int, cell: Path, r
     payload = None
     if rt.is_main:
         started = time.time()
-        encoders, pre, _ = load_distilled(cell / "student" / "student.pt")
-        vectors = ClassVectors.load(cell / "teacher" / "class_vectors.npz")
-        test = _split(cfg, dataset, "test")
-        vectors.check_labels(test.classnames)
-        encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
-        report = evaluate_base_novel(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale,
-                                     eval_transform(pre), workers=cfg.workers)
+        report = _evaluate(cfg, dataset, cell / "student" / "student.pt", cell / "teacher" / "class_vectors.npz",
+                           evaluate_base_novel, rt)
         seconds["evaluation"] = time.time() - started
         payload = {
             "protocol": "base2novel", "dataset": dataset, "seed": seed,
@@ -184,13 +187,8 @@ def _cross_cell(cfg: ProtocolConfig, dataset: str, seed: int, teacher_dir: Path,
     payload = None
     if rt.is_main:
         started = time.time()
-        encoders, pre, _ = load_distilled(cell / "student" / "student.pt")
-        vectors = ClassVectors.load(cell / "class_vectors.npz")
-        test = _split(cfg, dataset, "test")
-        vectors.check_labels(test.classnames)
-        encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
-        report = evaluate_split(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale,
-                                eval_transform(pre), workers=cfg.workers)
+        report = _evaluate(cfg, dataset, cell / "student" / "student.pt", cell / "class_vectors.npz", evaluate_split,
+                           rt)
         seconds["evaluation"] = time.time() - started
         payload = {
             "protocol": "cross_dataset", "dataset": dataset, "seed": seed,

@@ -91,22 +91,18 @@ def _stage_reached(cell: Path) -> str:
     return "teacher training unfinished"
 
 
-def _average(rows: list[Row], who: str, metrics: tuple[str, ...]) -> dict[str, float]:
-    """Mean over datasets of the per-dataset means; the HM of the mean base and novel, as the paper does."""
-    means = {m: statistics.fmean(_mean(getattr(r, who)[m]) for r in rows) for m in metrics}
+def _average(per_dataset: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, float]:
+    """Mean over datasets of each metric; the HM of the mean base and novel, as the paper computes it."""
+    means = {m: statistics.fmean(d[m] for d in per_dataset) for m in metrics}
     if "hm" in means:
         means["hm"] = harmonic_mean(means["base"], means["novel"])
     return means
 
 
-def _paper_average(reference: dict, method: str, datasets: list[str], metrics: tuple[str, ...]) -> dict | None:
+def _paper_average(reference: dict, method: str, datasets: list[str], metrics: tuple[str, ...]) -> dict:
+    """The paper's average over exactly `datasets`; empty where it lacks one of them."""
     found = [reference[(method, d)] for d in datasets if (method, d) in reference]
-    if len(found) != len(datasets) or not found:
-        return None
-    means = {m: statistics.fmean(f[m] for f in found) for m in metrics}
-    if "hm" in means:
-        means["hm"] = harmonic_mean(means["base"], means["novel"])
-    return means
+    return _average(found, metrics) if found and len(found) == len(datasets) else {}
 
 
 def table(runs: Path, protocol: str, reference_dir: Path = REFERENCE_DIR) -> tuple[list[dict], list[str]]:
@@ -130,9 +126,10 @@ def table(runs: Path, protocol: str, reference_dir: Path = REFERENCE_DIR) -> tup
         records.append(record)
     if rows:
         names = [r.dataset for r in rows]
-        ours, teacher = _average(rows, "student", metrics), _average(rows, "teacher", metrics)
-        paper = _paper_average(reference, PAPER, names, metrics) or {}
-        paper_teacher = _paper_average(reference, PAPER_TEACHER, names, metrics) or {}
+        ours = _average([{m: _mean(r.student[m]) for m in metrics} for r in rows], metrics)
+        teacher = _average([{m: _mean(r.teacher[m]) for m in metrics} for r in rows], metrics)
+        paper = _paper_average(reference, PAPER, names, metrics)
+        paper_teacher = _paper_average(reference, PAPER_TEACHER, names, metrics)
         complete = len(rows) == len(datasets)
         record = {"dataset": "average", "seeds": ""}
         for m in metrics:

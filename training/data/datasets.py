@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def load_coop_split(root: Path, dataset: str, split: str) -> Split:
 
 
 def _load_imagenet(root: Path, split: str) -> Split:
+    if split not in ("train", "test"):
+        raise DatasetError(f"ImageNet has no {split!r} split in CoOp's protocol: its official val set is the test set")
     base = root / "imagenet"
     names_file = base / "classnames.txt"
     if not names_file.is_file():
@@ -173,13 +176,18 @@ def base_novel(split: Split, subset: str) -> Split:
     return Split(items, [split.classnames[i] for i in labels])
 
 
-def few_shot_splits(full: Split, val: Split | None, shots: int, val_shots: int, seed: int,
+def few_shot_splits(load: Callable[[str], Split], shots: int, val_shots: int, seed: int,
                     subset: str) -> tuple[Split, Split]:
     """Few-shot training images and held-out validation images for stage 1, both restricted to `subset`.
 
-    Validation comes from `val` (the dataset's val split) where there is one, otherwise from training images
-    the few-shot draw did not take. Never from a test split.
+    `load(split)` reads a split of the dataset. Validation comes from its val split where it has one, otherwise
+    from training images the few-shot draw did not take. Never from a test split.
     """
+    full = load("train")
+    try:
+        val = load("val")
+    except DatasetError:
+        val = None
     train = few_shot(full, shots, seed)
     held_out = few_shot(val, val_shots, seed) if val is not None else None
     if held_out is None or not len(held_out):
