@@ -5,8 +5,10 @@
 # Installs Debian's docker.io if needed, starts its own dockerd, builds a local Debian base image with
 # debootstrap (no registry is reachable here), builds the images with BASE_IMAGE pointing at it, brings the
 # compose project up (the demo bundle is built by the training image), checks /classify's JSON, reports the CPU
-# image size and the time from `up` to ready, and tears everything down, also on failure. Skips, saying why,
-# only where no Docker engine can start.
+# image size and the time from `up` to ready, and tears everything down, also on failure: containers, volumes,
+# the images it built and the build cache (each training image is several GB; only the base image is kept). On
+# failure it prints the end of the log of the step that failed. Skips, saying why, only where no Docker engine
+# can start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -25,23 +27,35 @@ if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
 fi
 
 PIDS=()
+STEP_LOG=
 cleanup() {
     local status=$?
     if [ -n "${COMPOSE_UP:-}" ]; then
         docker compose logs --no-color >"$W/compose.log" 2>&1 || true
-        docker compose down --volumes --timeout 20 >/dev/null 2>&1 || true
+        STEP_LOG="$STEP_LOG $W/compose.log"
+    fi
+    if [ -n "${COMPOSE_BUILT:-}" ]; then
+        docker compose down --volumes --rmi all --timeout 20 >/dev/null 2>&1 || true
+        docker image prune --force >/dev/null 2>&1 || true
+        docker builder prune --all --force >/dev/null 2>&1 || true
     fi
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     if [ -f "$W/dockerd.pid" ]; then
         kill "$(cat "$W/dockerd.pid")" 2>/dev/null || true
         for _ in $(seq 30); do [ -f "$W/dockerd.pid" ] || break; sleep 1; done
     fi
-    [ $status = 0 ] || echo "container test FAILED (logs: $W/dockerd.log, $W/compose.log)" >&2
+    if [ $status != 0 ]; then
+        for log in $STEP_LOG; do
+            [ -s "$log" ] && { echo "--- end of $log"; tail -n 40 "$log"; } >&2
+        done
+        echo "container test FAILED (logs in $W)" >&2
+    fi
     exit $status
 }
 trap cleanup EXIT
 
 if ! docker info >/dev/null 2>&1; then
+    STEP_LOG=$W/dockerd.log
     dockerd --data-root "$W/data" --exec-root "$W/exec" --pidfile "$W/dockerd.pid" >"$W/dockerd.log" 2>&1 &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || skip "the Docker engine does not start here (see $W/dockerd.log)"
@@ -60,6 +74,7 @@ fi
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     ROOTFS=$W/rootfs
     rm -rf "$ROOTFS"
+    STEP_LOG=$W/debootstrap.log
     MIRROR=$( (cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
                2>/dev/null || true) | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?$' | head -1)
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" \
@@ -73,6 +88,7 @@ fi
 
 # torch for the training image, from this machine's wheels (pip inside a build would download gigabytes).
 mkdir -p "$W/wheels"
+STEP_LOG=$W/pip-download.log
 "$PY" -m pip download -q torch==2.14.1 torchvision==0.29.1 -d "$W/wheels" 2>"$W/pip-download.log"
 WHEEL_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$PY" -m http.server --bind 127.0.0.1 --directory "$W/wheels" "$WHEEL_PORT" >/dev/null 2>&1 &
@@ -80,10 +96,21 @@ PIDS+=($!)
 
 export BASE_IMAGE=$BASE TORCH_FIND_LINKS=http://127.0.0.1:$WHEEL_PORT/ COMPOSE_PROJECT_NAME=promptkd-test
 export PROMPTKD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The training image carries CUDA torch (about 6.5 GB); building it needs room for its layers twice over.
+need_gb=15
+free_gb=$(df --output=avail -BG "$W" | tail -1 | tr -dc 0-9)
+if [ "$free_gb" -lt $need_gb ]; then
+    docker image prune --force >/dev/null && docker builder prune --all --force >/dev/null
+    free_gb=$(df --output=avail -BG "$W" | tail -1 | tr -dc 0-9)
+    [ "$free_gb" -ge $need_gb ] || { echo "container test needs ${need_gb} GB free at $W, has ${free_gb} GB" >&2; exit 1; }
+fi
 started=$(date +%s)
-docker compose build --quiet 2>"$W/compose-build.log"
+STEP_LOG=$W/compose-build.log
+COMPOSE_BUILT=1
+docker compose build >"$W/compose-build.log" 2>&1
 built=$(date +%s)
 COMPOSE_UP=1
+STEP_LOG=$W/compose-up.log
 docker compose up --detach --wait --wait-timeout 1800 >"$W/compose-up.log" 2>&1
 ready=$(date +%s)
 
