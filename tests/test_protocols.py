@@ -101,6 +101,61 @@ def test_cross_dataset_trains_one_imagenet_teacher_per_seed(coop_root, tiny_weig
     assert (runs / "results" / "cross_dataset.csv").read_text().startswith("dataset,seeds,accuracy_mean")
 
 
+def _authors_download(root: Path, tiny_weights, folders: list[str]) -> dict:
+    """Teachers saved the way the authors' Dassl/PromptSRC code saves them, in their download's layout."""
+    import torch
+
+    from training.teacher import TeacherConfig, build_teacher
+
+    teacher, _ = build_teacher(TeacherConfig("PKD-Tiny-Teacher", str(tiny_weights["teacher"]), text_depth=2,
+                                             visual_depth=3))
+    with torch.no_grad():
+        teacher.text.prompts.normal_()
+        teacher.image.prompts.normal_()
+    state = {"prompt_learner.ctx": teacher.text.prompts[0], "image_encoder.VPT": teacher.image.prompts[0]}
+    for tower, stacked in (("text_encoder", teacher.text.prompts), ("image_encoder", teacher.image.prompts)):
+        for i in range(1, len(stacked)):
+            state[f"{tower}.transformer.resblocks.{i}.VPT_shallow"] = stacked[i]
+    for folder in folders:
+        (root / folder).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": state, "epoch": 20}, root / folder)
+    return {"text_prompts": teacher.text.prompts.detach().clone(),
+            "visual_prompts": teacher.image.prompts.detach().clone()}
+
+
+def test_runners_import_the_authors_teachers_instead_of_training(coop_root, tiny_weights, tmp_path, capsys):
+    import torch
+
+    download, runs = tmp_path / "teacher_model", tmp_path / "runs"
+    prompts = _authors_download(download, tiny_weights, ["DescribableTextures/VLPromptLearner/model-best.pth.tar",
+                                                         "ImageNet-xd/VLPromptLearner_large/model.pth.tar-20"])
+    towers = [*_towers(tiny_weights), "--authors-teachers", str(download)]
+    assert main(["base2novel", "--data-root", str(coop_root), "--out", str(runs), "--datasets", "dtd",
+                 "--seeds", "1", "2", *towers]) == 0
+    assert main(["cross-dataset", "--data-root", str(coop_root), "--out", str(runs), "--datasets", "eurosat",
+                 "--seeds", "1", *towers]) == 0
+    for teacher_dir, source in ((runs / "base2novel/dtd/seed1/teacher", "DescribableTextures"),
+                                (runs / "base2novel/dtd/seed2/teacher", "DescribableTextures"),
+                                (runs / "cross_dataset/imagenet_teacher/seed1", "ImageNet-xd")):
+        report = json.loads((teacher_dir / "report.json").read_text())
+        assert source in report["imported_from"] and len(report["sha256"]) == 64
+        assert "train_images" not in report and not (teacher_dir / "run_state.pt").exists()  # nothing was trained
+        state = torch.load(teacher_dir / "teacher.pt", weights_only=False)["state"]
+        for name, value in prompts.items():
+            assert torch.equal(state[name], value)
+    for cell in ("base2novel/dtd/seed1", "base2novel/dtd/seed2", "cross_dataset/eurosat/seed1"):
+        result = json.loads((runs / cell / "result.json").read_text())
+        assert result["settings"]["authors_teachers"] == str(download)
+    capsys.readouterr()
+
+    # A dataset whose teacher is not in the download is refused before anything runs.
+    assert main(["base2novel", "--data-root", str(coop_root), "--out", str(tmp_path / "more"), "--datasets", "dtd",
+                 "caltech101", *towers]) == 2
+    err = capsys.readouterr().err
+    assert "Caltech101/VLPromptLearner/model-best.pth.tar" in err and "DescribableTextures" not in err
+    assert not (tmp_path / "more").exists()
+
+
 def test_runner_under_torchrun_with_two_processes(coop_root, tiny_weights, tmp_path):
     """Two gloo processes share one process group across every stage of every cell; rank 0 writes."""
     runs = tmp_path / "runs"

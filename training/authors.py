@@ -13,12 +13,20 @@ already added and no attention mask in the image tower, the two orders compute t
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 import torch
 
 from .teacher import Teacher, TeacherConfig, build_teacher
+
+# Folder names in the authors' teacher download, per dataset (their spelling, "StandfordCars" included).
+RELEASE_FOLDERS = {
+    "imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets", "stanford_cars": "StandfordCars",
+    "oxford_flowers": "OxfordFlowers", "food101": "Food101", "fgvc_aircraft": "FGVCaircraft", "sun397": "SUN397",
+    "dtd": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101",
+}
 
 _DEEP = re.compile(r"^(text_encoder|image_encoder)\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 
@@ -41,6 +49,23 @@ def read_prompts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             raise ValueError(f"{tower} deep prompts are not contiguous from layer 1: {sorted(deep[tower])}")
         stacked[name] = torch.stack([t.float() for t in layers])
     return stacked
+
+
+def released_teacher(root: Path, protocol: str, dataset: str) -> Path:
+    """Where the authors' download keeps a protocol's teacher: one base-class teacher per dataset for base-to-novel
+    (shared by every seed), one all-class ImageNet teacher for cross-dataset."""
+    if protocol == "cross_dataset":
+        return root / "ImageNet-xd" / "VLPromptLearner_large" / "model.pth.tar-20"
+    return root / RELEASE_FOLDERS[dataset] / "VLPromptLearner" / "model-best.pth.tar"
+
+
+def file_sha256(path: Path) -> str:
+    """Which download a teacher came from, recorded beside it."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def import_teacher(path: Path, model: str, pretrained: str | None) -> Teacher:

@@ -141,11 +141,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
 
 def cmd_import_teacher(args: argparse.Namespace) -> None:
-    from .authors import import_teacher
+    from .authors import file_sha256, import_teacher
     from .teacher import save_teacher
 
     teacher = import_teacher(args.checkpoint, args.teacher_model, args.teacher_pretrained)
-    save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint)})
+    save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint), "sha256": file_sha256(args.checkpoint)})
     print(json.dumps({"teacher": str(args.out), "text_prompts": list(teacher.text.prompts.shape),
                       "visual_prompts": list(teacher.image.prompts.shape)}))
 
@@ -249,7 +249,8 @@ def _protocol_config(args: argparse.Namespace) -> ProtocolConfig:
         shots=args.shots, val_shots=args.val_shots, teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
         teacher_batch_size=args.teacher_batch_size, gpa_mean=args.gpa_mean, student_epochs=args.student_epochs,
         student_lr=args.student_lr, student_batch_size=args.student_batch_size, kd_weight=args.kd_weight,
-        prompt_depth=args.prompt_depth, teacher_cache_views=args.teacher_cache_views, precision=args.precision,
+        prompt_depth=args.prompt_depth, teacher_cache_views=args.teacher_cache_views,
+        authors_teachers=str(args.authors_teachers) if args.authors_teachers else None, precision=args.precision,
         workers=args.workers, device=args.device,
     )
 
@@ -299,6 +300,11 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
                    help="0 (published): the teacher runs on every batch; K: its features are cached for K "
                         "augmented views per image, so later epochs run only the student (deleted when the cell "
                         "is done)")
+    p.add_argument("--authors-teachers", type=Path, metavar="DIR",
+                   help="skip stage 1: import the ViT-L/14 teachers PromptKD's authors released, from their download "
+                        "folder (teacher_model/: <Dataset>/VLPromptLearner/model-best.pth.tar, "
+                        "ImageNet-xd/VLPromptLearner_large/model.pth.tar-20); one teacher per dataset serves every "
+                        "seed")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
     p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")

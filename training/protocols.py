@@ -6,6 +6,8 @@ Cross-dataset, per seed: one stage-1 teacher on 16 shots of all ImageNet classes
 class vectors for the target's classes, a student distilled on the target's unlabelled training images (prompt
 depth 3) and accuracy on the target's test split.
 
+With `authors_teachers`, stage 1 imports the teachers PromptKD's authors released instead of training them.
+
 Every stage leaves a completion marker; a finished cell (`result.json`) is never redone, and an interrupted
 stage resumes from its run state. Under torchrun every process walks the same cells; training is distributed,
 evaluation and writes happen on rank 0.
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .authors import file_sha256, import_teacher, released_teacher
 from .class_vectors import ClassVectors
 from .data.datasets import (
     BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
@@ -28,7 +31,7 @@ from .distill import DistillConfig, distill, load_distilled
 from .engine import RUN_STATE, Runtime, barrier, setup, teardown
 from .evaluate import evaluate_base_novel, evaluate_split
 from .stage1 import Stage1Config, train_teacher
-from .teacher import load_teacher
+from .teacher import load_teacher, save_teacher
 from .transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class ProtocolConfig:
     kd_weight: float | None = None  # None: the published weight of each dataset
     prompt_depth: int | None = None  # None: the published depth of the protocol
     teacher_cache_views: int = 0  # 0: the teacher runs on every batch, as published; K > 0: cached, K views
+    authors_teachers: str | None = None  # the authors' teacher download: stage 1 imports instead of training
     precision: str = "fp32"
     workers: int = 4
     device: str = "auto"
@@ -84,11 +88,15 @@ def _split(cfg: ProtocolConfig, dataset: str, split: str) -> Split:
     return load_coop_split(Path(cfg.data_root), dataset, split)
 
 
-def _stage1(cfg: ProtocolConfig, dataset: str, seed: int, subset: str, folder: Path) -> float:
-    """Train (or resume, or skip when finished) the stage-1 teacher into `folder`; returns seconds spent."""
+def _stage1(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, folder: Path, rt: Runtime) -> float:
+    """Train (or import, resume, or skip when finished) the stage-1 teacher into `folder`; returns seconds spent."""
     if (folder / "report.json").is_file() and (folder / "teacher.pt").is_file():
         return 0.0
     started = time.time()
+    if cfg.authors_teachers:
+        _import_stage1(cfg, protocol, dataset, folder, rt)
+        return time.time() - started
+    subset = "base" if protocol == "base2novel" else "all"
     train, held_out = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed,
                                       subset)
     stage1 = Stage1Config(
@@ -100,6 +108,19 @@ def _stage1(cfg: ProtocolConfig, dataset: str, seed: int, subset: str, folder: P
     log.info("%s seed %d: stage 1 (%s classes) -> %s", dataset, seed, subset, folder)
     train_teacher(stage1, train, held_out, resume=(folder / RUN_STATE).is_file())
     return time.time() - started
+
+
+def _import_stage1(cfg: ProtocolConfig, protocol: str, dataset: str, folder: Path, rt: Runtime) -> None:
+    """The authors' released teacher as this cell's stage 1 (rank 0 writes, everyone waits)."""
+    if rt.is_main:
+        source = released_teacher(Path(cfg.authors_teachers), protocol, dataset)
+        log.info("%s: stage 1 imported from %s", dataset, source)
+        teacher = import_teacher(source, cfg.teacher_model, cfg.teacher_pretrained)
+        provenance = {"imported_from": str(source), "sha256": file_sha256(source)}
+        folder.mkdir(parents=True, exist_ok=True)
+        save_teacher(folder / "teacher.pt", teacher, provenance)
+        _write_json(folder / "report.json", provenance)
+    barrier(rt)
 
 
 def _class_vectors(teacher_dir: Path, classnames: list[str], target: Path, rt: Runtime) -> None:
@@ -154,7 +175,7 @@ def _finish(cell: Path, payload: dict | None, rt: Runtime) -> None:
 
 
 def _base2novel_cell(cfg: ProtocolConfig, dataset: str, seed: int, cell: Path, rt: Runtime) -> None:
-    seconds = {"teacher": _stage1(cfg, dataset, seed, "base", cell / "teacher")}
+    seconds = {"teacher": _stage1(cfg, "base2novel", dataset, seed, cell / "teacher", rt)}
     all_classes = _split(cfg, dataset, "train").classnames
     _class_vectors(cell / "teacher", all_classes, cell / "teacher" / "class_vectors.npz", rt)
     seconds["student"] = _stage2(cfg, "base2novel", dataset, seed, cell / "teacher",
@@ -222,6 +243,20 @@ def _check_datasets(cfg: ProtocolConfig, datasets: list[str]) -> None:
                            + "\n  ".join(problems))
 
 
+def _check_teachers(cfg: ProtocolConfig, protocol: str, datasets: list[str]) -> None:
+    """Fail before any training when a teacher to import is not in the authors' download."""
+    if not cfg.authors_teachers:
+        return
+    root = Path(cfg.authors_teachers)
+    missing = [str(path) for path in sorted({released_teacher(root, protocol, d) for d in datasets})
+               if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            "the authors' teachers are not all there (their download, teacher_model/, holds <Dataset>/VLPromptLearner/"
+            "model-best.pth.tar per dataset and ImageNet-xd/VLPromptLearner_large/model.pth.tar-20):\n  "
+            + "\n  ".join(missing))
+
+
 def _chosen(requested: list[str], known: tuple[str, ...], protocol: str) -> list[str]:
     unknown = [d for d in requested if d not in known]
     if unknown:
@@ -233,6 +268,7 @@ def run_base2novel(cfg: ProtocolConfig) -> list[Path]:
     """Every (dataset, seed) cell of the base-to-novel protocol; returns the cells' result files."""
     datasets = _chosen(cfg.datasets, BASE2NOVEL_DATASETS, "base-to-novel")
     _check_datasets(cfg, datasets)
+    _check_teachers(cfg, "base2novel", datasets)
     rt = setup(cfg.device)
     results = []
     try:
@@ -252,6 +288,7 @@ def run_cross_dataset(cfg: ProtocolConfig) -> list[Path]:
     """Per seed one ImageNet teacher (all classes), then every target cell; returns the cells' result files."""
     targets = _chosen(cfg.datasets, CROSS_TARGETS, "cross-dataset")
     _check_datasets(cfg, [CROSS_SOURCE, *targets])
+    _check_teachers(cfg, "cross_dataset", [CROSS_SOURCE])
     rt = setup(cfg.device)
     results = []
     try:
@@ -260,7 +297,7 @@ def run_cross_dataset(cfg: ProtocolConfig) -> list[Path]:
             pending = [t for t in targets if not (root / t / f"seed{seed}" / RESULT).is_file()]
             teacher_dir = root / f"{CROSS_SOURCE}_teacher" / f"seed{seed}"
             if pending:
-                _stage1(cfg, CROSS_SOURCE, seed, "all", teacher_dir)
+                _stage1(cfg, "cross_dataset", CROSS_SOURCE, seed, teacher_dir, rt)
             for dataset in targets:
                 cell = root / dataset / f"seed{seed}"
                 if dataset in pending:
