@@ -28,6 +28,12 @@ fi
 
 PIDS=()
 STEP_LOG=
+# Dangling images and the build cache: each rebuilt training image leaves several GB behind.
+prune_builds() {
+    docker image prune --force >/dev/null 2>&1 || true
+    docker builder prune --all --force >/dev/null 2>&1 || true
+}
+free_gb() { df --output=avail -BG "$W" | tail -1 | tr -dc 0-9; }
 cleanup() {
     local status=$?
     if [ -n "${COMPOSE_UP:-}" ]; then
@@ -36,8 +42,7 @@ cleanup() {
     fi
     if [ -n "${COMPOSE_BUILT:-}" ]; then
         docker compose down --volumes --rmi all --timeout 20 >/dev/null 2>&1 || true
-        docker image prune --force >/dev/null 2>&1 || true
-        docker builder prune --all --force >/dev/null 2>&1 || true
+        prune_builds
     fi
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     if [ -f "$W/dockerd.pid" ]; then
@@ -56,7 +61,7 @@ trap cleanup EXIT
 
 if ! docker info >/dev/null 2>&1; then
     STEP_LOG=$W/dockerd.log
-    dockerd --data-root "$W/data" --exec-root "$W/exec" --pidfile "$W/dockerd.pid" >"$W/dockerd.log" 2>&1 &
+    dockerd --data-root "$W/data" --exec-root "$W/exec" --pidfile "$W/dockerd.pid" >"$STEP_LOG" 2>&1 &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || skip "the Docker engine does not start here (see $W/dockerd.log)"
 fi
@@ -78,7 +83,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     MIRROR=$( (cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
                2>/dev/null || true) | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?$' | head -1)
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" \
-        "${MIRROR:-http://deb.debian.org/debian}" >"$W/debootstrap.log" 2>&1
+        "${MIRROR:-http://deb.debian.org/debian}" >"$STEP_LOG" 2>&1
     cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/" 2>/dev/null || true
     chroot "$ROOTFS" update-ca-certificates >/dev/null
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$ROOTFS/etc/pip.conf"
@@ -89,7 +94,7 @@ fi
 # torch for the training image, from this machine's wheels (pip inside a build would download gigabytes).
 mkdir -p "$W/wheels"
 STEP_LOG=$W/pip-download.log
-"$PY" -m pip download -q torch==2.14.1 torchvision==0.29.1 -d "$W/wheels" 2>"$W/pip-download.log"
+"$PY" -m pip download -q torch==2.14.1 torchvision==0.29.1 -d "$W/wheels" 2>"$STEP_LOG"
 WHEEL_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$PY" -m http.server --bind 127.0.0.1 --directory "$W/wheels" "$WHEEL_PORT" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -98,20 +103,19 @@ export BASE_IMAGE=$BASE TORCH_FIND_LINKS=http://127.0.0.1:$WHEEL_PORT/ COMPOSE_P
 export PROMPTKD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The training image carries CUDA torch (about 6.5 GB); building it needs room for its layers twice over.
 need_gb=15
-free_gb=$(df --output=avail -BG "$W" | tail -1 | tr -dc 0-9)
-if [ "$free_gb" -lt $need_gb ]; then
-    docker image prune --force >/dev/null && docker builder prune --all --force >/dev/null
-    free_gb=$(df --output=avail -BG "$W" | tail -1 | tr -dc 0-9)
-    [ "$free_gb" -ge $need_gb ] || { echo "container test needs ${need_gb} GB free at $W, has ${free_gb} GB" >&2; exit 1; }
+STEP_LOG=  # this step says itself what is wrong
+if [ "$(free_gb)" -lt $need_gb ]; then
+    prune_builds
+    [ "$(free_gb)" -ge $need_gb ] || { echo "container test needs $need_gb GB free at $W, has $(free_gb) GB" >&2; exit 1; }
 fi
 started=$(date +%s)
 STEP_LOG=$W/compose-build.log
 COMPOSE_BUILT=1
-docker compose build >"$W/compose-build.log" 2>&1
+docker compose build >"$STEP_LOG" 2>&1
 built=$(date +%s)
 COMPOSE_UP=1
 STEP_LOG=$W/compose-up.log
-docker compose up --detach --wait --wait-timeout 1800 >"$W/compose-up.log" 2>&1
+docker compose up --detach --wait --wait-timeout 1800 >"$STEP_LOG" 2>&1
 ready=$(date +%s)
 
 photo=$("$PY" -c 'import importlib.util as u, pathlib as p
