@@ -23,7 +23,7 @@ def run(workdir: Path, epochs: int, cache: Path | None, out: Path) -> dict:
         teacher_checkpoint=str(workdir / "teacher" / "teacher.pt"),
         student_model="PKD-Tiny-Student", student_pretrained=str(workdir / "weights" / "student.pt"),
         class_vectors=str(workdir / "teacher" / "class_vectors.npz"), output_dir=str(out),
-        epochs=epochs, batch_size=32, lr=0.05, kd_weight=1.0, workers=2,
+        epochs=epochs, batch_size=32, lr=0.05, kd_weight=10.0, workers=2,
         cache_dir=str(cache) if cache else None, cache_views=epochs,
     )
     started = time.time()

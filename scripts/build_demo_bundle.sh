@@ -37,7 +37,7 @@ $PY -m training distill $TEACHER --teacher-checkpoint "$W/teacher/teacher.pt" \
     --student-model PKD-Tiny-Student --student-pretrained "$W/weights/student.pt" \
     --images "$W/data/train" --image-folder "$W/data" --class-vectors "$W/teacher/class_vectors.npz" \
     --teacher-cache "$W/teacher_cache" --cache-views 4 \
-    --out "$W/run" --epochs "$DISTILL_EPOCHS" --batch-size 32 --lr 0.05 --kd-weight 1 --workers "$WORKERS"
+    --out "$W/run" --epochs "$DISTILL_EPOCHS" --batch-size 32 --lr 0.05 --kd-weight 10 --workers "$WORKERS"
 
 echo "== 5/6 export: ONNX student, parity with PyTorch, bundle"
 $PY -m export --checkpoint "$W/run/student.pt" --parity-images "$W/data/test" --out "$W/bundle" \

@@ -28,7 +28,7 @@ def test_base_to_novel(demo_workdir, tmp_path, capsys):
                  "--student-model", "PKD-Tiny-Student", "--student-pretrained", str(weights / "student.pt"),
                  "--images", str(data / "train"), "--class-vectors", str(tmp_path / "teacher" / "class_vectors.npz"),
                  "--teacher-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "student"), "--epochs", "6",
-                 "--batch-size", "32", "--lr", "0.05", "--kd-weight", "1", "--workers", "0",
+                 "--batch-size", "32", "--lr", "0.05", "--kd-weight", "10", "--workers", "0",
                  "--eval-split", ""]) == 0
 
     zero_shot = _evaluate(tmp_path / "zs.json", *teacher, "--image-folder", str(data))

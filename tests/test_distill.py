@@ -38,7 +38,7 @@ def _config(tmp_path, tiny_weights, class_vectors, **kw) -> DistillConfig:
         teacher_model=TEACHER, teacher_pretrained=str(tiny_weights["teacher"]),
         student_model=STUDENT, student_pretrained=str(tiny_weights["student"]),
         class_vectors=str(class_vectors), output_dir=str(tmp_path), epochs=1, batch_size=8,
-        lr=0.05, kd_weight=1.0, workers=0,
+        lr=0.05, kd_weight=10.0, workers=0,
     )
     base.update(kw)
     return DistillConfig(**base)

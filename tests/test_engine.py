@@ -23,7 +23,7 @@ def _args(tiny_weights, class_vectors, images: Path, out: Path, *extra: str) -> 
     return ["distill", "--teacher-model", TEACHER, "--teacher-pretrained", str(tiny_weights["teacher"]),
             "--student-model", STUDENT, "--student-pretrained", str(tiny_weights["student"]),
             "--images", str(images), "--class-vectors", str(class_vectors), "--out", str(out),
-            "--batch-size", "8", "--lr", "0.05", "--kd-weight", "1", "--workers", "0", "--eval-split", "", *extra]
+            "--batch-size", "8", "--lr", "0.05", "--kd-weight", "10", "--workers", "0", "--eval-split", "", *extra]
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -78,12 +78,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_weights, cla
 
 
 def _config(tmp_path, tiny_weights, class_vectors, name, **kw) -> DistillConfig:
-    return DistillConfig(
+    settings = dict(
         teacher_model=TEACHER, teacher_pretrained=str(tiny_weights["teacher"]),
         student_model=STUDENT, student_pretrained=str(tiny_weights["student"]),
         class_vectors=str(class_vectors), output_dir=str(tmp_path / name), epochs=2, batch_size=8,
-        lr=0.05, kd_weight=1.0, workers=0, **kw,
+        lr=0.05, kd_weight=10.0, workers=0,
     )
+    return DistillConfig(**{**settings, **kw})
 
 
 def test_teacher_cache_trains_the_same_student_and_is_reused(tmp_path, tiny_weights, class_vectors, fmnist):
@@ -99,6 +100,24 @@ def test_teacher_cache_trains_the_same_student_and_is_reused(tmp_path, tiny_weig
     assert _max_diff(_state(tmp_path / "cached"), _state(tmp_path / "again")) == 0
     distill(_config(tmp_path, tiny_weights, class_vectors, "other", **{**cached, "seed": 7}), images)
     assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns != built, "stale cache was reused"
+
+
+def test_teacher_cache_is_keyed_on_the_teacher_weights_not_their_path(tmp_path, tiny_weights, class_vectors, fmnist):
+    """Other weights behind the same file (a teacher retrained in place) must rebuild the cache."""
+    images = find_images(fmnist / "train")[:32]
+    weights = tmp_path / "teacher.pt"
+    shutil.copy(tiny_weights["teacher"], weights)
+    cached = dict(cache_dir=str(tmp_path / "cache"), cache_views=1, epochs=1, teacher_pretrained=str(weights))
+    kw = dict(tmp_path=tmp_path, tiny_weights=tiny_weights, class_vectors=class_vectors)
+    distill(_config(name="first", **kw, **cached), images)
+    built = (tmp_path / "cache" / "features.npy").stat().st_mtime_ns
+    distill(_config(name="same", **kw, **cached), images)
+    assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns == built, "cache was rebuilt for the same teacher"
+    state = torch.load(weights, weights_only=True)
+    state["visual.proj"] = state["visual.proj"] * 1.5
+    torch.save(state, weights)
+    distill(_config(name="retrained", **kw, **cached), images)
+    assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns != built, "stale teacher features were reused"
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_weights, class_vectors, fmnist):

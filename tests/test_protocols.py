@@ -58,7 +58,10 @@ def test_base2novel_runs_every_cell_once_and_resumes(coop_root, tiny_weights, tm
         assert result["settings"]["prompt_depth"] == 9
         teacher_dir = path.parent / "teacher"
         assert json.loads((teacher_dir / "report.json").read_text())["train_images"] == 5 * PER_CLASS["train"]
-    assert json.loads((runs / "base2novel/dtd/seed1/student/report.json").read_text())["config"]["kd_weight"] == 200
+    student = json.loads((runs / "base2novel/dtd/seed1/student/report.json").read_text())
+    assert student["config"]["kd_weight"] == 200
+    assert student["config"]["selection"] == "best_val" and student["selected_epoch"] == 1  # published: best val
+    assert json.loads((runs / "base2novel/dtd/seed1/teacher/report.json").read_text())["selected"] == "gpa"
     out = capsys.readouterr().out
     assert "| caltech101 | 1 2 |" in out and "2 of 11 datasets" in out
     assert (runs / "results" / "base2novel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ from torch.nn import functional as F
 from training.authors import import_teacher
 from training.data.datasets import few_shot, load_image_folder
 from training.prompts import PromptedTextTower
-from training.stage1 import Stage1Config, gpa_weights, train_teacher
+from training.stage1 import Stage1Config, frozen_text_targets, gpa_weights, train_teacher
 from training.teacher import Teacher, TeacherConfig, load_teacher, save_teacher
 from training.towers import load_clip, tokenizer_for
 
@@ -97,7 +97,7 @@ def test_stage1_trains_only_prompts_and_selects_on_validation(tmp_path, tiny_wei
     split = load_image_folder(fmnist / "train")
     train, val = few_shot(split, 4, seed=1), few_shot(split, 2, seed=2)
     cfg = Stage1Config(model=TEACHER, pretrained=str(tiny_weights["teacher"]), output_dir=str(tmp_path),
-                       epochs=3, batch_size=8, lr=0.01, gpa_mean=2, gpa_std=1, workers=0)
+                       epochs=3, batch_size=8, lr=0.01, gpa_mean=2, gpa_std=1, workers=0, selection="val")
     report = train_teacher(cfg, train, val)
     assert report["selected"] in ("gpa", f"epoch {report['best_epoch']}")
     assert len(report["history"]) == 3 and all("val_acc" in h for h in report["history"])
@@ -109,4 +109,36 @@ def test_stage1_trains_only_prompts_and_selects_on_validation(tmp_path, tiny_wei
     assert not torch.allclose(fresh.text.prompts[0], teacher.text.prompts[0])
     features = teacher.encode_image(torch.randn(2, 3, 32, 32))
     assert torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
-    assert F.cosine_similarity(teacher.encode_text(["bag"]), fresh.encode_text(["bag"])).item() > 0.5
+    # Trained, yet held near the frozen text target (the template-ensemble mean) by the text regulariser.
+    target = frozen_text_targets(clip, tokenizer_for(TEACHER), ["bag"], cfg)
+    trained_cos = F.cosine_similarity(teacher.encode_text(["bag"]), target).item()
+    assert trained_cos > 0.5 and trained_cos > F.cosine_similarity(fresh.encode_text(["bag"]), target).item()
+
+
+def test_frozen_text_targets_are_the_template_ensemble_mean(tiny_weights):
+    """PromptSRC regularises toward, per class, the mean frozen text feature over its 60 templates (averaged
+    unnormalised, then normalised, as its fixed_embeddings), not toward one template."""
+    from dataclasses import replace
+
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from training.class_vectors import PROMPTSRC_TEMPLATES
+
+    assert len(PROMPTSRC_TEMPLATES) == 60 == len(set(PROMPTSRC_TEMPLATES))
+    assert "a photo of a {}." in PROMPTSRC_TEMPLATES and "a bad photo of a {}." in PROMPTSRC_TEMPLATES
+    assert OPENAI_IMAGENET_TEMPLATES[60]("{}") == "a jpeg corrupted photo of the {}."  # the first one left out
+    assert not {t("{}") for t in OPENAI_IMAGENET_TEMPLATES[60:]} & set(PROMPTSRC_TEMPLATES)
+
+    clip, _ = load_clip(TEACHER, str(tiny_weights["teacher"]))
+    tokenizer = tokenizer_for(TEACHER)
+    cfg = Stage1Config(model=TEACHER, pretrained=None, output_dir="unused")
+    ensemble = frozen_text_targets(clip, tokenizer, NAMES, cfg)
+    with torch.no_grad():
+        per_template = torch.stack([clip.encode_text(tokenizer([t.format(n) for n in NAMES]))
+                                    for t in PROMPTSRC_TEMPLATES])
+        single = F.normalize(clip.encode_text(tokenizer([f"a photo of a {n}." for n in NAMES])), dim=-1)
+    assert per_template.shape[:2] == (60, len(NAMES))
+    assert torch.allclose(ensemble, F.normalize(per_template.mean(0), dim=-1), atol=1e-5)
+    assert (ensemble - single).abs().max() > 1e-2
+    assert torch.allclose(frozen_text_targets(clip, tokenizer, NAMES, replace(cfg, text_targets="single")), single,
+                          atol=1e-5)

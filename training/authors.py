@@ -13,8 +13,10 @@ already added and no attention mask in the image tower, the two orders compute t
 """
 from __future__ import annotations
 
-import hashlib
+import collections
+import pickle
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -59,28 +61,95 @@ def released_teacher(root: Path, protocol: str, dataset: str) -> Path:
     return root / RELEASE_FOLDERS[dataset] / "VLPromptLearner" / "model-best.pth.tar"
 
 
-def file_sha256(path: Path) -> str:
-    """Which download a teacher came from, recorded beside it."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class Opaque:
+    """Stands in for every class or function a checkpoint names that is not on the allow-list.
+
+    Dassl's checkpoints pickle whole objects beside the weights: the optimizer and the warm-up scheduler with
+    its successor (`dassl.optim.lr_scheduler.ConstantWarmupScheduler`, `torch.optim.lr_scheduler.
+    CosineAnnealingLR`, `torch.optim.sgd.SGD`). Loading them for real would need Dassl installed and would run
+    whatever callables the file names. An Opaque records its name and arguments and runs nothing.
+    """
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def append(self, item) -> None:
+        self.items.append(item)
+
+    def extend(self, items) -> None:
+        self.items.extend(items)
+
+    def __setitem__(self, key, value) -> None:
+        self.items.append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<not loaded: {self.qualname}>"
 
 
-def import_teacher(path: Path, model: str, pretrained: str | None) -> Teacher:
-    """Build this project's teacher on `model`/`pretrained` (the CLIP the authors started from) with their prompts."""
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """What a tensor checkpoint needs and nothing more: containers, tensor rebuilders, dtypes, sizes."""
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch", "Size"): torch.Size,
+        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    }
+    for name in dir(torch._utils):
+        if name.startswith("_rebuild_"):
+            allowed[("torch._utils", name)] = getattr(torch._utils, name)
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        found = self.allowed.get((module, name))
+        if found is not None:
+            return found
+        return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
+
+
+# torch.load takes a pickle module; this one resolves globals through the allow-list only.
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
+    __name__="restricted_pickle",
+)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Dassl checkpoint (`state_dict`, `epoch`, `optimizer`, `scheduler`, `val_result`) read without running
+    any code it names: tensors are rebuilt, every other object becomes an inert Opaque."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as err:
         raise ValueError(f"cannot read {path} as a checkpoint: {err}") from err
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+def import_teacher(path: Path, model: str, pretrained: str | None, weights: str | None = None) -> Teacher:
+    """Build this project's teacher on `model`/`pretrained` (the CLIP the authors started from) with their prompts."""
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
     prompts = read_prompts(state)
     text, visual = prompts["text_prompts"], prompts["visual_prompts"]
     cfg = TeacherConfig(model, pretrained, text_tokens=text.shape[1], text_depth=text.shape[0],
-                        visual_tokens=visual.shape[1], visual_depth=visual.shape[0])
+                        visual_tokens=visual.shape[1], visual_depth=visual.shape[0], weights=weights)
     teacher, _ = build_teacher(cfg)
     teacher.load_prompt_state(prompts)
     return teacher.eval()

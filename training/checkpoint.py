@@ -4,6 +4,7 @@ The frozen backbone is not copied; it is rebuilt from the config's model name an
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -23,15 +24,25 @@ def build_student(
     prompt_tokens: int,
     prompt_depth: int,
     projector_hidden: int | None = None,
+    weights: str | None = None,
 ) -> tuple[Student, Preprocess]:
     """A student with a frozen image tower (its text tower is dropped) and fresh prompts and projector."""
-    clip, pre = load_clip(model_name, pretrained)
+    clip, pre = load_clip(model_name, pretrained, weights)
     tower = PromptedVisionTower(freeze(clip.visual), prompt_tokens, prompt_depth)
     return Student(tower, Projector(tower.output_dim, teacher_dim, projector_hidden)), pre
 
 
 def save_checkpoint(path: Path, student: Student, config: dict, epoch: int) -> None:
     save_atomic(path, {"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()})
+
+
+def file_sha256(path: Path) -> str:
+    """Which file a model came from, recorded beside it (e.g. an imported teacher's download)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_tagged(path: Path, fmt: str, kind: str) -> dict:
@@ -45,13 +56,18 @@ def read_tagged(path: Path, fmt: str, kind: str) -> dict:
     return ckpt
 
 
+def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """Only the trained prompts and projector of a student checkpoint."""
+    return read_tagged(path, FORMAT, "student")["state"]
+
+
 def load_checkpoint(path: Path) -> tuple[Student, Preprocess, dict]:
     """Rebuild the student a checkpoint was trained on and load its prompts and projector."""
     ckpt = read_tagged(path, FORMAT, "student")
     cfg = ckpt["config"]
     student, pre = build_student(
         cfg["student_model"], cfg["student_pretrained"], cfg["teacher_dim"],
-        cfg["prompt_tokens"], cfg["prompt_depth"], cfg.get("projector_hidden"),
+        cfg["prompt_tokens"], cfg["prompt_depth"], cfg.get("projector_hidden"), cfg.get("student_weights"),
     )
     student.load_trainable_state(ckpt["state"])
     return student.eval(), pre, cfg

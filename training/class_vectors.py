@@ -12,10 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from torch import nn
 
 from .towers import encode_text, load_clip, tokenizer_for
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+# PromptSRC's template ensemble (IMAGENET_TEMPLATES in its trainers/imagenet_templates.py): the first 60 of
+# OpenAI's 80 ImageNet templates, "a photo of a {}." among them. Stage 1's frozen text targets average over it.
+PROMPTSRC_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES[:60])
+
+
+@torch.no_grad()
+def template_ensemble(model: nn.Module, tokenizer, classnames: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    """Per class, the mean of the frozen text features over the templates, then L2-normalised.
+
+    As PromptSRC computes its `fixed_embeddings`: the per-template features are averaged unnormalised and the
+    mean is normalised afterwards.
+    """
+    total = sum(encode_text(model, tokenizer, [t.format(c) for c in classnames], normalize=False) for t in templates)
+    return nn.functional.normalize(total / len(templates), dim=-1)
 
 
 @dataclass
@@ -61,10 +77,11 @@ class ClassVectors:
 
 
 def zero_shot_vectors(
-    model_name: str, pretrained: str | None, classnames: list[str], template: str = DEFAULT_TEMPLATE
+    model_name: str, pretrained: str | None, classnames: list[str], template: str = DEFAULT_TEMPLATE,
+    weights: str | None = None,
 ) -> ClassVectors:
     """Class vectors from a plain (not prompt-tuned) CLIP text tower, one prompt per class."""
-    model, _ = load_clip(model_name, pretrained)
+    model, _ = load_clip(model_name, pretrained, weights)
     prompts = [template.format(name) for name in classnames]
     vectors = encode_text(model, tokenizer_for(model_name), prompts)
     return ClassVectors(

@@ -59,17 +59,38 @@ def _split(args: argparse.Namespace, split: str) -> Split:
     raise DatasetError("give --dataset with --data-root, or --image-folder")
 
 
+WEIGHTS_HELP = ("local weights file for the --*-pretrained tag (the tag's checkpoint downloaded elsewhere): the "
+                "tag gives the architecture's settings, QuickGELU for 'openai', the file the weights")
+
+
 def _add_towers(parser: argparse.ArgumentParser, teacher: bool = True, student: bool = True) -> None:
     if teacher:
         parser.add_argument("--teacher-model", default="ViT-L-14",
                             help="open_clip architecture of the teacher (default ViT-L-14)")
         parser.add_argument("--teacher-pretrained", default="openai",
                             help="open_clip tag or local checkpoint file (open_clip state dict or OpenAI .pt)")
+        parser.add_argument("--teacher-weights", help=WEIGHTS_HELP)
     if student:
         parser.add_argument("--student-model", default="ViT-B-16",
                             help="open_clip architecture of the student (default ViT-B-16)")
         parser.add_argument("--student-pretrained", default="openai",
                             help="open_clip tag or local checkpoint file (open_clip state dict or OpenAI .pt)")
+        parser.add_argument("--student-weights", help=WEIGHTS_HELP)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _add_crop(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crop-min", type=_fraction, default=0.08,
+                        help="smallest area fraction of the random resized crop (published: Dassl's 0.08)")
 
 
 def cmd_prepare_fashion_mnist(args: argparse.Namespace) -> None:
@@ -107,7 +128,8 @@ def cmd_class_vectors(args: argparse.Namespace) -> None:
         teacher, _ = load_teacher(args.teacher_checkpoint)
         vectors = teacher.class_vectors(names, source=f"teacher checkpoint {args.teacher_checkpoint}")
     else:
-        vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, names, args.template)
+        vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, names, args.template,
+                                    args.teacher_weights)
     vectors.save(args.out)
     print(json.dumps({"class_vectors": str(args.out), "classes": len(names), "dim": vectors.vectors.shape[1]}))
 
@@ -123,11 +145,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     train, val = _few_shot_splits(args)
     all_classes = _split(args, "train").classnames
     cfg = Stage1Config(
-        model=args.teacher_model, pretrained=args.teacher_pretrained, output_dir=str(args.out),
-        text_tokens=args.text_tokens, text_depth=args.text_depth, visual_tokens=args.visual_tokens,
-        visual_depth=args.visual_depth, init_words=args.init_words, epochs=args.epochs, batch_size=args.batch_size,
+        model=args.teacher_model, pretrained=args.teacher_pretrained, weights=args.teacher_weights,
+        output_dir=str(args.out), text_tokens=args.text_tokens, text_depth=args.text_depth,
+        visual_tokens=args.visual_tokens, visual_depth=args.visual_depth, init_words=args.init_words,
+        epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, gpa_mean=args.gpa_mean, gpa_std=args.gpa_std, precision=args.precision, workers=args.workers,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, selection=args.selection, text_targets=args.text_targets,
+        crop_min=args.crop_min,
     )
     report = train_teacher(cfg, train, val, resume=args.resume)
     if "selected" not in report:
@@ -137,14 +161,15 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
         args.out / "class_vectors.npz")
     print(json.dumps({"teacher": str(args.out / "teacher.pt"), "class_vectors": str(args.out / "class_vectors.npz"),
                       "classes": len(all_classes), "selected": report["selected"],
-                      "val_acc": max(report["val_acc_gpa"], report["val_acc_best_epoch"])}, indent=2))
+                      "val_acc": report["val_acc"]}, indent=2))
 
 
 def cmd_import_teacher(args: argparse.Namespace) -> None:
-    from .authors import file_sha256, import_teacher
+    from .authors import import_teacher
+    from .checkpoint import file_sha256
     from .teacher import save_teacher
 
-    teacher = import_teacher(args.checkpoint, args.teacher_model, args.teacher_pretrained)
+    teacher = import_teacher(args.checkpoint, args.teacher_model, args.teacher_pretrained, args.teacher_weights)
     save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint), "sha256": file_sha256(args.checkpoint)})
     print(json.dumps({"teacher": str(args.out), "text_prompts": list(teacher.text.prompts.shape),
                       "visual_prompts": list(teacher.image.prompts.shape)}))
@@ -162,6 +187,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     eval_split = _split(args, args.eval_split) if args.eval_split and (args.dataset or args.image_folder) else None
     cfg = DistillConfig(
         teacher_model=args.teacher_model, teacher_pretrained=args.teacher_pretrained,
+        teacher_weights=args.teacher_weights, student_weights=args.student_weights,
         teacher_checkpoint=str(args.teacher_checkpoint) if args.teacher_checkpoint else None,
         precision=args.precision, cache_dir=str(args.teacher_cache) if args.teacher_cache else None,
         cache_views=args.cache_views, cache_dtype=args.cache_dtype,
@@ -171,9 +197,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
         temperature=args.temperature, kd_weight=args.kd_weight, workers=args.workers, seed=args.seed,
-        device=args.device,
+        device=args.device, crop_min=args.crop_min, selection=args.selection,
     )
-    report = distill(cfg, images, eval_split, resume=args.resume)
+    val_split = _split(args, args.val_split) if args.selection == "best_val" else None
+    report = distill(cfg, images, eval_split, resume=args.resume, val_split=val_split)
     print(json.dumps({k: report[k] for k in ("before", "after", "epoch_seconds", "skipped_images") if k in report},
                      indent=2))
 
@@ -194,7 +221,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         encoders, pre, cfg = load_distilled(args.checkpoint, with_teacher=not args.student_only)
         vectors = ClassVectors.load(Path(args.class_vectors or cfg["class_vectors"]))
     else:
-        tower, pre, *_ = teacher_tower(args.teacher_model, args.teacher_pretrained, args.teacher_checkpoint)
+        tower, pre, *_ = teacher_tower(args.teacher_model, args.teacher_pretrained, args.teacher_weights,
+                                       args.teacher_checkpoint)
         encoders = {"teacher": TeacherImageEncoder(tower, pre, pre)}
         if args.class_vectors:
             vectors = ClassVectors.load(args.class_vectors)
@@ -203,7 +231,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
             vectors = load_teacher(args.teacher_checkpoint)[0].class_vectors(split.classnames, "evaluate")
         else:
-            vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, split.classnames)
+            vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, split.classnames,
+                                        weights=args.teacher_weights)
     vectors.check_labels(split.classnames)
     encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
     run = evaluate_base_novel if args.protocol == "base2novel" else evaluate_split
@@ -245,10 +274,12 @@ def _protocol_config(args: argparse.Namespace) -> ProtocolConfig:
     return ProtocolConfig(
         data_root=str(args.data_root), out=str(args.out), datasets=args.datasets or [], seeds=args.seeds,
         teacher_model=args.teacher_model, teacher_pretrained=args.teacher_pretrained,
-        student_model=args.student_model, student_pretrained=args.student_pretrained,
-        shots=args.shots, val_shots=args.val_shots, teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
-        teacher_batch_size=args.teacher_batch_size, gpa_mean=args.gpa_mean, student_epochs=args.student_epochs,
-        student_lr=args.student_lr, student_batch_size=args.student_batch_size, kd_weight=args.kd_weight,
+        teacher_weights=args.teacher_weights, student_model=args.student_model,
+        student_pretrained=args.student_pretrained, student_weights=args.student_weights, shots=args.shots,
+        val_shots=args.val_shots, teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
+        teacher_batch_size=args.teacher_batch_size, gpa_mean=args.gpa_mean, teacher_selection=args.teacher_selection,
+        student_epochs=args.student_epochs, student_lr=args.student_lr, student_batch_size=args.student_batch_size,
+        kd_weight=args.kd_weight, student_selection=args.student_selection, crop_min=args.crop_min,
         prompt_depth=args.prompt_depth, teacher_cache_views=args.teacher_cache_views,
         authors_teachers=str(args.authors_teachers) if args.authors_teachers else None, precision=args.precision,
         workers=args.workers, device=args.device,
@@ -284,11 +315,15 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
     _add_towers(p)
     p.add_argument("--shots", type=POSITIVE, default=16, help="stage 1: labelled images per class")
-    p.add_argument("--val-shots", type=POSITIVE, default=4, help="stage 1: held-out images per class for selection")
+    p.add_argument("--val-shots", type=POSITIVE, default=4,
+                   help="held-out images per class (from the val split, else unused training images) for selection")
     p.add_argument("--teacher-epochs", type=POSITIVE, default=20, help="stage 1 epochs")
     p.add_argument("--teacher-lr", type=float, default=0.005, help="stage 1 SGD learning rate")
     p.add_argument("--teacher-batch-size", type=POSITIVE, default=8, help="stage 1 batch (global)")
     p.add_argument("--gpa-mean", type=float, help="stage 1 GPA centre epoch (default: 3/4 of the epochs, 15 of 20)")
+    p.add_argument("--teacher-selection", choices=["gpa", "val"], default="gpa",
+                   help="stage 1: 'gpa' (published) keeps the aggregated prompts; 'val' the better of them and the "
+                        "best epoch on the held-out images")
     p.add_argument("--student-epochs", type=POSITIVE, default=20, help="stage 2 epochs")
     p.add_argument("--student-lr", type=float, default=0.005, help="stage 2 SGD learning rate")
     p.add_argument("--student-batch-size", type=POSITIVE, default=8, help="stage 2 batch (global)")
@@ -296,6 +331,10 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
                    help="stage 2 KD weight for every dataset (default: published, 1000; 200 for fgvc_aircraft, "
                         "oxford_flowers and dtd)")
     p.add_argument("--prompt-depth", type=POSITIVE, help=f"student prompt depth (default: published, {depth})")
+    p.add_argument("--student-selection", choices=["best_val", "last"], default="best_val",
+                   help="stage 2: 'best_val' (published) keeps the epoch with the best accuracy on held-out labelled "
+                        "images (never the test split); 'last' the final epoch")
+    _add_crop(p)
     p.add_argument("--teacher-cache-views", type=NATURAL, default=0,
                    help="0 (published): the teacher runs on every batch; K: its features are cached for K "
                         "augmented views per image, so later epochs run only the student (deleted when the cell "
@@ -380,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpa-mean", type=float, default=15.0, help="epoch at the centre of the Gaussian prompt "
                                                                 "aggregation")
     p.add_argument("--gpa-std", type=float, default=1.0, help="width (epochs) of the Gaussian prompt aggregation")
+    p.add_argument("--selection", choices=["gpa", "val"], default="gpa",
+                   help="'gpa' (published): the aggregated prompts are the teacher; 'val': the better of them and "
+                        "the best single epoch by accuracy on the held-out images")
+    p.add_argument("--text-targets", choices=["ensemble", "single"], default="ensemble",
+                   help="frozen text targets of the regularisers: 'ensemble' (published) averages PromptSRC's 60 "
+                        "templates per class, 'single' uses 'a photo of a {}.'")
+    _add_crop(p)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
     p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
@@ -416,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test",
                    help="labelled split for the before/after report (needs --dataset or --image-folder; "
                         "'' to skip)")
+    p.add_argument("--selection", choices=["last", "best_val"], default="last",
+                   help="student.pt keeps the last epoch, or the one with the best accuracy on --val-split (the "
+                        "authors' FINAL_MODEL best_val; needs --dataset or --image-folder)")
+    p.add_argument("--val-split", default="val", help="labelled split that --selection best_val evaluates each epoch")
     p.add_argument("--max-images", type=POSITIVE, help="use at most this many training images")
     p.add_argument("--prompt-tokens", type=NATURAL, default=4, help="visual prompt tokens per layer")
     p.add_argument("--prompt-depth", type=POSITIVE, default=9, help="layers that get prompts (clamped to tower depth)")
@@ -428,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=NATURAL, default=1, help="epochs at the constant warm-up lr")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate during warm-up")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature tau")
+    _add_crop(p)
     p.add_argument("--kd-weight", type=float, default=1000.0, help="weight of the KD loss (200 for aircraft, "
                                                                    "flowers and DTD in the published scripts)")
     p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import build_student, load_checkpoint, save_checkpoint
+from .checkpoint import build_student, load_checkpoint, load_checkpoint_state, save_checkpoint
 from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
@@ -27,11 +27,11 @@ from .engine import (
     lr_at, save_atomic, seed_everything, setup, teardown,
 )
 from .evaluate import evaluate_split
-from .feature_cache import TeacherCache
+from .feature_cache import TeacherCache, weights_digest
 from .loss import cosine_logits, kd_loss
 from .teacher import load_teacher
 from .towers import Preprocess, freeze, load_clip
-from .transforms import eval_transform, train_transform
+from .transforms import CROP_SCALE, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class DistillConfig:
     class_vectors: str
     output_dir: str
     teacher_checkpoint: str | None = None  # a stage-1 teacher: its visual prompts drive the teacher tower
+    teacher_weights: str | None = None  # local files for the `*_pretrained` tags (see towers.load_clip)
+    student_weights: str | None = None
     prompt_tokens: int = 4
     prompt_depth: int = 9
     projector_hidden: int | None = None
@@ -56,9 +58,11 @@ class DistillConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    crop_min: float = CROP_SCALE[0]  # smallest area fraction of the random resized crop
     temperature: float = 1.0
     kd_weight: float = 1000.0
     precision: str = "fp32"
+    selection: str = "last"  # "last": the final epoch; "best_val": the epoch with the best accuracy on a val split
     cache_dir: str | None = None
     cache_views: int = 4
     cache_dtype: str = "float16"
@@ -66,6 +70,10 @@ class DistillConfig:
     seed: int = 1
     device: str = "auto"
     teacher_dim: int = 0  # filled in from the class vectors
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("last", "best_val"):
+            raise ValueError(f"selection must be 'last' or 'best_val', got {self.selection!r}")
 
 
 class TeacherImageEncoder(nn.Module):
@@ -91,15 +99,15 @@ class TeacherImageEncoder(nn.Module):
 
 
 def teacher_tower(
-    model: str, pretrained: str | None, checkpoint: str | None
-) -> tuple[nn.Module, Preprocess, str, str | None]:
+    model: str, pretrained: str | None, weights: str | None, checkpoint: str | None
+) -> tuple[nn.Module, Preprocess, str, str | None, str | None]:
     """The teacher's image tower: prompted from a stage-1 checkpoint, or plain (zero-shot) CLIP.
-    Returns it with its preprocessing and the model name and weights it was built from."""
+    Returns it with its preprocessing and the model name, tag and weights file it was built from."""
     if checkpoint:
         teacher, pre = load_teacher(Path(checkpoint))
-        return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained
-    clip, pre = load_clip(model, pretrained)
-    return clip.visual, pre, model, pretrained
+        return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained, teacher.cfg.weights
+    clip, pre = load_clip(model, pretrained, weights)
+    return clip.visual, pre, model, pretrained, weights
 
 
 def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[str, nn.Module], Preprocess, dict]:
@@ -109,7 +117,7 @@ def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[st
     encoders: dict[str, nn.Module] = {}
     if with_teacher:
         tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
-                                               cfg.get("teacher_checkpoint"))
+                                               cfg.get("teacher_weights"), cfg.get("teacher_checkpoint"))
         encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
     encoders["student"] = student.eval()
     return encoders, pre, cfg
@@ -118,8 +126,8 @@ def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[st
 def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:
     """Student (trainable prompts + projector), frozen teacher image tower and the stored class vectors."""
     vectors = ClassVectors.load(Path(cfg.class_vectors))
-    tower, teacher_pre, cfg.teacher_model, cfg.teacher_pretrained = teacher_tower(
-        cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_checkpoint
+    tower, teacher_pre, cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights = teacher_tower(
+        cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights, cfg.teacher_checkpoint
     )
     teacher_dim = int(tower.output_dim)
     if vectors.vectors.shape[1] != teacher_dim:
@@ -130,7 +138,7 @@ def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVect
     cfg.teacher_dim = teacher_dim
     student, student_pre = build_student(
         cfg.student_model, cfg.student_pretrained, teacher_dim,
-        cfg.prompt_tokens, cfg.prompt_depth, cfg.projector_hidden,
+        cfg.prompt_tokens, cfg.prompt_depth, cfg.projector_hidden, cfg.student_weights,
     )
     return student, TeacherImageEncoder(tower, student_pre, teacher_pre), vectors, student_pre
 
@@ -153,34 +161,44 @@ def kd_step(
     return loss.detach()
 
 
-def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = None, resume: bool = False) -> dict:
-    """Train the student on `images` (labels unused); writes student.pt, run_state.pt, logs and report.json."""
+def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = None, resume: bool = False,
+            val_split: Split | None = None) -> dict:
+    """Train the student on `images` (labels unused); writes student.pt, run_state.pt, logs and report.json.
+
+    `eval_split` is reported before and after; `val_split` (labelled, never a test split) chooses the epoch
+    that student.pt keeps when `cfg.selection` is "best_val".
+    """
+    if cfg.selection == "best_val" and val_split is None:
+        raise ValueError("selection 'best_val' needs a labelled val split")
     rt = setup(cfg.device)
     try:
-        return _distill(cfg, images, eval_split, resume, rt)
+        return _distill(cfg, images, eval_split, val_split, resume, rt)
     finally:
         teardown(rt)
 
 
-def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, resume: bool, rt: Runtime) -> dict:
+def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, val_split: Split | None,
+             resume: bool, rt: Runtime) -> dict:
     seed_everything(cfg.seed)
     if cfg.batch_size % rt.world_size or cfg.batch_size // rt.world_size < 2:
         raise ValueError(f"batch size {cfg.batch_size} must split into at least 2 images on each of "
                          f"{rt.world_size} processes")
     out = Path(cfg.output_dir)
     student, teacher, vectors, pre = build(cfg)
+    teacher_digest = weights_digest(teacher) if cfg.cache_dir else None
     student.to(rt.device)
     teacher.to(rt.device)
     class_vectors = vectors.vectors.to(rt.device)
     scale = vectors.logit_scale
-    if eval_split is not None:
-        vectors.check_labels(eval_split.classnames)
+    for split in (eval_split, val_split):
+        if split is not None:
+            vectors.check_labels(split.classnames)
 
-    dataset = ViewDataset([(p, -1) for p in images], train_transform(pre), cfg.seed)
+    dataset = ViewDataset([(p, -1) for p in images], train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
     cache = None
     if cfg.cache_dir:
-        identity = {"teacher": [cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_checkpoint],
-                    "images": images, "seed": cfg.seed, "preprocess": asdict(pre)}
+        identity = {"teacher": teacher_digest, "images": images, "seed": cfg.seed, "preprocess": asdict(pre),
+                    "crop_min": cfg.crop_min}
         cache = TeacherCache.open_or_build(
             Path(cfg.cache_dir), identity, dataset, teacher, cfg.cache_views, cfg.teacher_dim, rt,
             batch_size=max(cfg.batch_size, 64), workers=cfg.workers, precision=cfg.precision, dtype=cfg.cache_dtype,
@@ -195,13 +213,14 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
     scaler = grad_scaler(rt, cfg.precision)
 
     start_epoch, start_step = 0, 0
+    best = {"val_acc": -1.0, "epoch": 0}
     state_path = out / RUN_STATE
     if resume and state_path.is_file():
         state = load_run_state(state_path, asdict(cfg))
         student.load_trainable_state(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step = state["epoch"], state["step"]
+        start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
         log.info("resuming at epoch %d, step %d", start_epoch + 1, start_step)
     elif resume:
         log.warning("--resume: no %s in %s, starting from scratch", RUN_STATE, out)
@@ -210,7 +229,7 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
         if rt.is_main:
             save_atomic(state_path, {"config": asdict(cfg), "epoch": epoch, "step": step,
                                      "student": student.trainable_state(), "optimizer": optimizer.state_dict(),
-                                     "scaler": scaler.state_dict()})
+                                     "scaler": scaler.state_dict(), "best": best})
 
     encoders = {"teacher": teacher, "student": student}
     report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
@@ -258,18 +277,31 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, re
             total, seen, skipped = reduce_sum(rt, total, seen, skipped)
             skipped_total += int(skipped)
             epoch_seconds.append(time.time() - started)
-            runlog.write(epoch + 1, loss=total / max(1, seen), lr=lr_at(epoch, cfg), seconds=epoch_seconds[-1],
-                         images_per_second=seen / epoch_seconds[-1], skipped_images=int(skipped),
-                         steps=steps_per_epoch)
-            log.info("epoch %d/%d loss %.5f", epoch + 1, cfg.epochs, total / max(1, seen))
-            save_state(epoch + 1, 0)
+            entry = {"loss": total / max(1, seen), "lr": lr_at(epoch, cfg), "seconds": epoch_seconds[-1],
+                     "images_per_second": seen / epoch_seconds[-1], "skipped_images": int(skipped),
+                     "steps": steps_per_epoch}
             if rt.is_main:
-                save_checkpoint(out / "student.pt", student, asdict(cfg), epoch + 1)
+                keep = True
+                if cfg.selection == "best_val":
+                    student.eval()
+                    entry["val_acc"] = evaluate_split({"student": student}, val_split, class_vectors, scale,
+                                                      eval_transform(pre), workers=cfg.workers)["student_acc"]
+                    keep = entry["val_acc"] > best["val_acc"]
+                    if keep:
+                        best = {"val_acc": entry["val_acc"], "epoch": epoch + 1}
+                if keep:
+                    save_checkpoint(out / "student.pt", student, asdict(cfg), epoch + 1)
+            runlog.write(epoch + 1, **entry)
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
+            save_state(epoch + 1, 0)
     runlog.close()
 
     report.update(epoch_seconds=[round(s, 3) for s in epoch_seconds], skipped_images=skipped_total,
                   cached_teacher=cache is not None)
     if rt.is_main:
+        if cfg.selection == "best_val":
+            student.load_trainable_state(load_checkpoint_state(out / "student.pt"))
+            report.update(selected_epoch=best["epoch"], val_acc=best["val_acc"])
         student.eval()
         if eval_split is not None:
             report["after"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),

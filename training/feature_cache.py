@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, shapes, bytes): the teacher's content, so a teacher
+    retrained into the same file, or other weights behind the same path, never reuse stale features."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 class TeacherCache:
     def __init__(self, folder: Path) -> None:
         self.folder = folder

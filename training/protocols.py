@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .authors import file_sha256, import_teacher, released_teacher
+from .authors import import_teacher, released_teacher
+from .checkpoint import file_sha256
 from .class_vectors import ClassVectors
 from .data.datasets import (
     BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
@@ -54,8 +55,10 @@ class ProtocolConfig:
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
     teacher_model: str = "ViT-L-14"
     teacher_pretrained: str | None = "openai"
+    teacher_weights: str | None = None  # a local file for the tag (offline machines; see towers.load_clip)
     student_model: str = "ViT-B-16"
     student_pretrained: str | None = "openai"
+    student_weights: str | None = None
     shots: int = 16
     val_shots: int = 4
     teacher_epochs: int = 20
@@ -63,10 +66,13 @@ class ProtocolConfig:
     teacher_batch_size: int = 8
     gpa_mean: float | None = None  # None: three quarters into training (epoch 15 of 20, as published)
     gpa_std: float = 1.0
+    teacher_selection: str = "gpa"  # as published: the GPA prompts; "val": the better of them and the best epoch
     student_epochs: int = 20
     student_lr: float = 0.005
     student_batch_size: int = 8
     kd_weight: float | None = None  # None: the published weight of each dataset
+    student_selection: str = "best_val"  # as published (on a real val split here); "last": the final epoch
+    crop_min: float = 0.08  # random resized crop scale (0.08, 1), Dassl's default, both stages
     prompt_depth: int | None = None  # None: the published depth of the protocol
     teacher_cache_views: int = 0  # 0: the teacher runs on every batch, as published; K > 0: cached, K views
     authors_teachers: str | None = None  # the authors' teacher download: stage 1 imports instead of training
@@ -99,15 +105,37 @@ def _stage1(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, folder:
     subset = "base" if protocol == "base2novel" else "all"
     train, held_out = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed,
                                       subset)
-    stage1 = Stage1Config(
-        model=cfg.teacher_model, pretrained=cfg.teacher_pretrained, output_dir=str(folder),
-        epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr,
-        gpa_mean=cfg.gpa_mean if cfg.gpa_mean is not None else 0.75 * cfg.teacher_epochs, gpa_std=cfg.gpa_std,
-        precision=cfg.precision, workers=cfg.workers, seed=seed, device=cfg.device,
-    )
     log.info("%s seed %d: stage 1 (%s classes) -> %s", dataset, seed, subset, folder)
-    train_teacher(stage1, train, held_out, resume=(folder / RUN_STATE).is_file())
+    train_teacher(teacher_config(cfg, seed, folder), train, held_out, resume=(folder / RUN_STATE).is_file())
     return time.time() - started
+
+
+def teacher_config(cfg: ProtocolConfig, seed: int, folder: Path) -> Stage1Config:
+    """The stage-1 settings of a cell: the protocol's choices over Stage1Config's published defaults."""
+    return Stage1Config(
+        model=cfg.teacher_model, pretrained=cfg.teacher_pretrained, weights=cfg.teacher_weights,
+        output_dir=str(folder), epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr,
+        gpa_mean=cfg.gpa_mean if cfg.gpa_mean is not None else 0.75 * cfg.teacher_epochs, gpa_std=cfg.gpa_std,
+        selection=cfg.teacher_selection, crop_min=cfg.crop_min, precision=cfg.precision, workers=cfg.workers,
+        seed=seed, device=cfg.device,
+    )
+
+
+def student_config(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher_dir: Path, vectors: Path,
+                   folder: Path) -> DistillConfig:
+    """The stage-2 settings of a cell: the protocol's and dataset's choices over DistillConfig's defaults."""
+    cache = folder.parent / "teacher_cache" if cfg.teacher_cache_views else None
+    return DistillConfig(
+        teacher_model=cfg.teacher_model, teacher_pretrained=cfg.teacher_pretrained,
+        teacher_checkpoint=str(teacher_dir / "teacher.pt"), student_weights=cfg.student_weights,
+        student_model=cfg.student_model, student_pretrained=cfg.student_pretrained,
+        class_vectors=str(vectors), output_dir=str(folder),
+        prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol], epochs=cfg.student_epochs,
+        batch_size=cfg.student_batch_size, lr=cfg.student_lr, kd_weight=cfg.kd_weight_for(dataset),
+        selection=cfg.student_selection, crop_min=cfg.crop_min, precision=cfg.precision,
+        cache_dir=str(cache) if cache else None, cache_views=max(1, cfg.teacher_cache_views),
+        workers=cfg.workers, seed=seed, device=cfg.device,
+    )
 
 
 def _import_stage1(cfg: ProtocolConfig, protocol: str, dataset: str, folder: Path, rt: Runtime) -> None:
@@ -115,7 +143,7 @@ def _import_stage1(cfg: ProtocolConfig, protocol: str, dataset: str, folder: Pat
     if rt.is_main:
         source = released_teacher(Path(cfg.authors_teachers), protocol, dataset)
         log.info("%s: stage 1 imported from %s", dataset, source)
-        teacher = import_teacher(source, cfg.teacher_model, cfg.teacher_pretrained)
+        teacher = import_teacher(source, cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights)
         provenance = {"imported_from": str(source), "sha256": file_sha256(source)}
         folder.mkdir(parents=True, exist_ok=True)
         save_teacher(folder / "teacher.pt", teacher, provenance)
@@ -137,20 +165,14 @@ def _stage2(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher
     if (folder / "report.json").is_file() and (folder / "student.pt").is_file():
         return 0.0
     started = time.time()
-    cache = folder.parent / "teacher_cache" if cfg.teacher_cache_views else None
-    stage2 = DistillConfig(
-        teacher_model=cfg.teacher_model, teacher_pretrained=cfg.teacher_pretrained,
-        teacher_checkpoint=str(teacher_dir / "teacher.pt"),
-        student_model=cfg.student_model, student_pretrained=cfg.student_pretrained,
-        class_vectors=str(vectors), output_dir=str(folder),
-        prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol], epochs=cfg.student_epochs,
-        batch_size=cfg.student_batch_size, lr=cfg.student_lr, kd_weight=cfg.kd_weight_for(dataset),
-        precision=cfg.precision, cache_dir=str(cache) if cache else None, cache_views=max(1, cfg.teacher_cache_views),
-        workers=cfg.workers, seed=seed, device=cfg.device,
-    )
+    stage2 = student_config(cfg, protocol, dataset, seed, teacher_dir, vectors, folder)
     images = [path for path, _ in _split(cfg, dataset, "train").items]
+    # Labelled held-out images of every class (the val split, or for ImageNet training images left out of the
+    # few-shot draw) choose the epoch; the authors chose on the base classes' test split.
+    _, val = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed, "all")
     log.info("%s seed %d: stage 2 on %d unlabelled images -> %s", dataset, seed, len(images), folder)
-    distill(stage2, images, eval_split=None, resume=(folder / RUN_STATE).is_file())
+    distill(stage2, images, eval_split=None, resume=(folder / RUN_STATE).is_file(),
+            val_split=val if cfg.student_selection == "best_val" else None)
     return time.time() - started
 
 

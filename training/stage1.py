@@ -2,8 +2,10 @@
 
 Loss = cross-entropy + 25 * L1(prompted text features, frozen text features)
      + 10 * L1(prompted image features, frozen image features) + 1 * KL(prompted logits || zero-shot logits).
-Prompt weights are aggregated over epochs with Gaussian weights (GPA). The final prompts are chosen between
-the aggregate and the best single epoch by accuracy on held-out labelled images, never on a test split.
+The frozen text targets are, per class, the mean frozen CLIP text feature over PromptSRC's 60-template ensemble.
+Prompt weights are aggregated over epochs with Gaussian weights (GPA) and the aggregate is the teacher, as in the
+authors' code; `selection="val"` instead keeps the better of the aggregate and the best single epoch by accuracy on
+held-out labelled images (never a test split).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .class_vectors import DEFAULT_TEMPLATE
+from .class_vectors import DEFAULT_TEMPLATE, PROMPTSRC_TEMPLATES, template_ensemble
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .engine import (
@@ -29,8 +31,8 @@ from .engine import (
     lr_at, save_atomic, seed_everything, setup, teardown,
 )
 from .teacher import Teacher, TeacherConfig, save_teacher
-from .towers import encode_text, load_clip, tokenizer_for
-from .transforms import eval_transform, train_transform
+from .towers import load_clip, tokenizer_for
+from .transforms import CROP_SCALE, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,15 @@ class Stage1Config:
     model: str
     pretrained: str | None
     output_dir: str
+    weights: str | None = None  # a local file for the `pretrained` tag (see towers.load_clip)
     text_tokens: int = 4
     text_depth: int = 9
     visual_tokens: int = 4
     visual_depth: int = 9
     init_words: str = "a photo of a"
+    text_targets: str = "ensemble"  # "ensemble": PromptSRC's 60 templates, averaged; "single": `template` alone
     template: str = DEFAULT_TEMPLATE
+    selection: str = "gpa"  # "gpa": the aggregate, as published; "val": the better of it and the best epoch on val
     epochs: int = 20
     batch_size: int = 8
     lr: float = 0.005
@@ -54,6 +59,7 @@ class Stage1Config:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    crop_min: float = CROP_SCALE[0]  # smallest area fraction of the random resized crop
     text_loss_weight: float = 25.0
     image_loss_weight: float = 10.0
     kl_weight: float = 1.0
@@ -66,7 +72,19 @@ class Stage1Config:
 
     def teacher(self) -> TeacherConfig:
         return TeacherConfig(self.model, self.pretrained, self.text_tokens, self.text_depth, self.visual_tokens,
-                             self.visual_depth, self.init_words)
+                             self.visual_depth, self.init_words, self.weights)
+
+    def __post_init__(self) -> None:
+        if self.text_targets not in ("ensemble", "single"):
+            raise ValueError(f"text_targets must be 'ensemble' or 'single', got {self.text_targets!r}")
+        if self.selection not in ("gpa", "val"):
+            raise ValueError(f"selection must be 'gpa' or 'val', got {self.selection!r}")
+
+
+def frozen_text_targets(clip, tokenizer, classnames: list[str], cfg: Stage1Config) -> torch.Tensor:
+    """The frozen CLIP's L2-normalised text feature per class that the text L1 and the zero-shot logits use."""
+    templates = PROMPTSRC_TEMPLATES if cfg.text_targets == "ensemble" else (cfg.template,)
+    return template_ensemble(clip, tokenizer, classnames, templates)
 
 
 def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
@@ -87,6 +105,21 @@ def promptsrc_loss(cfg: Stage1Config, logits, labels, text, frozen_text, image, 
                   reduction="sum") / logits.numel()
     total = ce + cfg.text_loss_weight * text_l1 + cfg.image_loss_weight * image_l1 + cfg.kl_weight * kl
     return total, {"ce": ce.item(), "text_l1": text_l1.item(), "image_l1": image_l1.item(), "kl": kl.item()}
+
+
+def teacher_loss(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+                 frozen_text: torch.Tensor, cfg: Stage1Config, rt: Runtime) -> tuple[torch.Tensor, dict]:
+    """The PromptSRC objective on one labelled batch: prompted and frozen image features, prompted text features
+    for the batch's classes, their logits at the teacher's scale, and the weighted loss with its parts."""
+    with autocast(rt, cfg.precision):
+        image = F.normalize(teacher.image(images).float(), dim=-1)
+        text = teacher.encode_text(classnames).float()
+        with torch.no_grad():
+            frozen_image = F.normalize(teacher.image.visual(images).float(), dim=-1)
+    scale = teacher.logit_scale
+    logits = scale * image @ text.t()
+    zs_logits = scale * frozen_image @ frozen_text.t()
+    return promptsrc_loss(cfg, logits, labels, text, frozen_text, image, frozen_image, zs_logits)
 
 
 @torch.no_grad()
@@ -118,11 +151,10 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     if cfg.batch_size % rt.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {rt.world_size} processes")
     out = Path(cfg.output_dir)
-    clip, pre = load_clip(cfg.model, cfg.pretrained)
+    clip, pre = load_clip(cfg.model, cfg.pretrained, cfg.weights)
     tokenizer = tokenizer_for(cfg.model)
-    frozen_text = encode_text(clip, tokenizer, [cfg.template.format(c) for c in train.classnames]).to(rt.device)
+    frozen_text = frozen_text_targets(clip.to(rt.device), tokenizer, train.classnames, cfg)
     teacher = Teacher(clip, tokenizer, cfg.teacher()).to(rt.device)
-    scale = teacher.logit_scale
     trainable = [p for p in teacher.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(rt, cfg.precision)
@@ -147,7 +179,7 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                                      "prompts": teacher.prompt_state(), "optimizer": optimizer.state_dict(),
                                      "scaler": scaler.state_dict(), "gpa": gpa, "best": best, "history": history})
 
-    dataset = ViewDataset(train.items, train_transform(pre), cfg.seed)
+    dataset = ViewDataset(train.items, train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     val_transform = eval_transform(pre)
     runlog = RunLog(out, rt)
@@ -171,14 +203,7 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                 if not len(labels):
                     continue
                 images, labels = images.to(rt.device), labels.to(rt.device)
-                with autocast(rt, cfg.precision):
-                    image = F.normalize(teacher.image(images).float(), dim=-1)
-                    text = teacher.encode_text(train.classnames).float()
-                    with torch.no_grad():
-                        frozen_image = F.normalize(teacher.image.visual(images).float(), dim=-1)
-                logits = scale * image @ text.t()
-                zs_logits = scale * frozen_image @ frozen_text.t()
-                loss, parts = promptsrc_loss(cfg, logits, labels, text, frozen_text, image, frozen_image, zs_logits)
+                loss, parts = teacher_loss(teacher, images, labels, train.classnames, frozen_text, cfg, rt)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if rt.distributed:
@@ -216,12 +241,13 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
         teacher.load_prompt_state(gpa)
         teacher.eval()
         gpa_acc = accuracy(teacher, val, val_transform, rt)
-        chosen = "gpa" if gpa_acc >= best["val_acc"] else f"epoch {best['epoch']}"
-        if chosen != "gpa":
+        chosen, val_acc = "gpa", gpa_acc
+        if cfg.selection == "val" and best["val_acc"] > gpa_acc:
+            chosen, val_acc = f"epoch {best['epoch']}", best["val_acc"]
             teacher.load_prompt_state(best["state"])
         report.update(val_acc_gpa=gpa_acc, val_acc_best_epoch=best["val_acc"], best_epoch=best["epoch"],
-                      selected=chosen)
-        save_teacher(out / "teacher.pt", teacher, {"selected": chosen, "val_acc": max(gpa_acc, best["val_acc"])})
+                      selected=chosen, val_acc=val_acc)
+        save_teacher(out / "teacher.pt", teacher, {"selected": chosen, "val_acc": val_acc})
         (out / "report.json").write_text(json.dumps(report, indent=2))
     barrier(rt)
     return report

@@ -31,6 +31,7 @@ class TeacherConfig:
     visual_tokens: int = 4
     visual_depth: int = 9
     init_words: str = "a photo of a"
+    weights: str | None = None  # a local file for the `pretrained` tag (see towers.load_clip)
 
 
 class Teacher(nn.Module):
@@ -79,7 +80,7 @@ class Teacher(nn.Module):
 
 
 def build_teacher(cfg: TeacherConfig) -> tuple[Teacher, Preprocess]:
-    clip, pre = load_clip(cfg.model, cfg.pretrained)
+    clip, pre = load_clip(cfg.model, cfg.pretrained, cfg.weights)
     return Teacher(clip, tokenizer_for(cfg.model), cfg), pre
 
 

@@ -7,6 +7,8 @@ from torchvision import transforms as T
 from .towers import Preprocess
 
 _MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+# Dassl's default INPUT.RRCROP_SCALE, which the authors' configs of both stages keep.
+CROP_SCALE = (0.08, 1.0)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -29,11 +31,11 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     ])
 
 
-def train_transform(pre: Preprocess) -> T.Compose:
-    """Random resized crop and horizontal flip, as the published stage-2 recipe."""
+def train_transform(pre: Preprocess, crop_scale: tuple[float, float] = CROP_SCALE) -> T.Compose:
+    """Random resized crop (area fraction in `crop_scale`) and horizontal flip, as both published stages."""
     return T.Compose([
         _rgb,
-        T.RandomResizedCrop(pre.image_size, scale=(0.5, 1.0), interpolation=_MODES[pre.interpolation]),
+        T.RandomResizedCrop(pre.image_size, scale=crop_scale, interpolation=_MODES[pre.interpolation]),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(pre.mean, pre.std),
