@@ -84,7 +84,7 @@ def distilled(tmp_path_factory, tiny_weights, class_vectors, fmnist) -> Path:
         teacher_model=TEACHER, teacher_pretrained=str(tiny_weights["teacher"]),
         student_model=STUDENT, student_pretrained=str(tiny_weights["student"]),
         class_vectors=str(class_vectors), output_dir=str(out),
-        epochs=1, batch_size=16, lr=0.05, kd_weight=10.0, workers=0,
+        epochs=1, batch_size=16, lr=0.05, warmup_epochs=0, kd_weight=10.0, workers=0,
     )
     distill(cfg, find_images(fmnist / "train")[:64])
     return out / "student.pt"
