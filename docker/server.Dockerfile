@@ -4,14 +4,20 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
+# glibc's malloc: two arenas and a fixed mmap threshold, so memory that decoding frees goes back to the system
+# instead of piling up per thread (a flood of large images peaked at 597 MiB without these, 224 MiB with them,
+# under a 160 MiB budget: see SECURITY.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PROMPTKD_BUNDLE=/bundle
+    PROMPTKD_BUNDLE=/bundle \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
 
-COPY pyproject.toml docker/requirements.py /tmp/build/
+COPY pyproject.toml docker/requirements.py docker/server-constraints.txt /tmp/build/
 RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server > /tmp/build/requirements.txt \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
+        -c /tmp/build/server-constraints.txt \
     && rm -rf /tmp/build \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
 

@@ -136,6 +136,9 @@ print(f"classified through the container: {result['predictions'][0]['label']} ({
 EOF
 [ "$(docker compose exec -T server id -u)" = 10001 ] || { echo "server runs as root" >&2; exit 1; }
 if docker compose exec -T server sh -c 'touch /app/x' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi
+status=$(docker compose exec -T server cat /proc/1/status)
+echo "$status" | grep -Eq '^CapEff:[[:space:]]+0+$' || { echo "server keeps capabilities: $(echo "$status" | grep Cap)" >&2; exit 1; }
+echo "$status" | grep -Eq '^NoNewPrivs:[[:space:]]+1$' || { echo "server may gain privileges (no-new-privileges is off)" >&2; exit 1; }
 health=$(docker inspect --format '{{.State.Health.Status}}' "$(docker compose ps -q server)")
 [ "$health" = healthy ] || { echo "server container is $health" >&2; exit 1; }
 

@@ -34,7 +34,7 @@ COMMON="--data-root $W/data --out $W/runs --seeds 1 2 3
   --teacher-model PKD-Tiny-Teacher --teacher-pretrained $W/weights/teacher.pt
   --student-model PKD-Tiny-Student --student-pretrained $W/weights/student.pt
   --teacher-epochs 10 --teacher-lr 0.05 --student-epochs 6 --student-lr 0.05 --student-batch-size 32
-  --kd-weight 10 --teacher-cache-views 3 --workers 2"
+  --kd-weight 10 --crop-min 0.5 --teacher-cache-views 3 --workers 2"
 
 echo "== 3/5 base-to-novel"
 $PY -m training base2novel $COMMON --datasets caltech101 dtd eurosat

@@ -19,6 +19,10 @@ import numpy as np
 from .metrics import Metrics
 
 
+class EngineStopped(RuntimeError):
+    """The worker that runs batches is gone; liveness fails until the process is restarted."""
+
+
 class Overloaded(RuntimeError):
     """The queue is full; retry later."""
 
@@ -47,6 +51,11 @@ class MicroBatcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop())
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker that runs batches is still running (liveness reports it)."""
+        return self._worker is not None and not self._worker.done()
+
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
@@ -58,6 +67,8 @@ class MicroBatcher:
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Features for `images`, computed in some batch; raises Overloaded when the queue is full."""
+        if not self.alive:
+            raise EngineStopped("the inference worker has stopped; the server needs a restart")
         if self.queued_images + len(images) > self.max_queue:
             raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
         job = _Job(images, asyncio.get_running_loop().create_future())

@@ -1,12 +1,43 @@
-"""Server settings, read from PROMPTKD_* environment variables."""
+"""Server settings, read from PROMPTKD_* environment variables, checked against each other at start-up."""
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .budget import default_budget
+
+log = logging.getLogger("promptkd.server")
+MIN_TOKEN_LENGTH = 32
+DEFAULT_FORMATS = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
+
+
+def available_cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's --cpus),
+    not the host's core count that os.cpu_count() reports."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, or v1 cfs quota/period); None when unlimited or unknown."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 class Settings(BaseSettings):
@@ -21,9 +52,10 @@ class Settings(BaseSettings):
                                              "them and they passed parity), 'fp32', or a variant the bundle lists")
     providers: str = Field("auto", description="onnxruntime execution providers in order of preference, comma-"
                                                "separated; 'auto': TensorRT, CUDA, CPU, whichever are installed")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per inference; 0 lets it choose")
-    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
-                                description="threads decoding and preprocessing uploads")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per inference; 0: one per available "
+                                                       "core (affinity and cgroup CPU quota)")
+    decode_threads: int = Field(default_factory=available_cpus, ge=1,
+                                description="threads decoding and preprocessing uploads (default: available cores)")
 
     # Dynamic batching and overload.
     max_batch_size: int = Field(8, ge=1, description="most images run together (capped by a TensorRT engine's)")
@@ -40,4 +72,50 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height), read from the "
                                                                 "header before decoding")
 
-    admin_token: SecretStr | None = Field(None, description="bearer token for /admin routes; unset disables them")
+    max_inflight_bytes: int = Field(default_factory=default_budget, gt=0,
+                                    description="memory budget for request bodies and decoded pixels in flight; "
+                                                "past it requests get 503 (default: half the container's memory "
+                                                "limit, at most 1 GiB)")
+    image_formats: str = Field(DEFAULT_FORMATS, description="Pillow decoders uploads may use, comma-separated; "
+                                                            "every other format is refused with 415")
+
+    admin_token: SecretStr | None = Field(None, description=f"bearer token for /admin routes, at least "
+                                                            f"{MIN_TOKEN_LENGTH} characters; unset or empty disables "
+                                                            f"them")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token (Docker secrets)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        """Refuse settings that could never serve, and an admin token that is weak or ambiguous."""
+        if self.admin_token_file is not None:
+            if self.admin_token is not None and self.admin_token.get_secret_value():
+                raise ValueError("set PROMPTKD_ADMIN_TOKEN or PROMPTKD_ADMIN_TOKEN_FILE, not both")
+            try:
+                self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
+            except OSError as err:
+                raise ValueError(f"PROMPTKD_ADMIN_TOKEN_FILE {self.admin_token_file} cannot be read: {err}") from None
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value().strip()
+            if not token:
+                log.warning("the admin token is empty: admin routes stay disabled")
+                self.admin_token = None
+            elif len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"PROMPTKD_ADMIN_TOKEN is {len(token)} characters; it must be at least "
+                                 f"{MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 32`), or unset to disable admin")
+            else:
+                self.admin_token = SecretStr(token)
+        for small, large in (("max_batch_size", "max_queue_images"), ("max_images_per_request", "max_queue_images"),
+                             ("top_k", "max_top_k"), ("max_upload_bytes", "max_request_bytes")):
+            if getattr(self, small) > getattr(self, large):
+                raise ValueError(f"PROMPTKD_{small.upper()} ({getattr(self, small)}) is larger than "
+                                 f"PROMPTKD_{large.upper()} ({getattr(self, large)}): requests could never be served")
+        if 2 * self.max_upload_bytes > self.max_inflight_bytes:
+            raise ValueError(f"PROMPTKD_MAX_INFLIGHT_BYTES ({self.max_inflight_bytes}) must hold twice "
+                             f"PROMPTKD_MAX_UPLOAD_BYTES ({self.max_upload_bytes}): a request body is reserved twice "
+                             f"(its spooled copy and the bytes read from it)")
+        if not self.formats():
+            raise ValueError("PROMPTKD_IMAGE_FORMATS names no image format")
+        return self
+
+    def formats(self) -> tuple[str, ...]:
+        return tuple(f.strip().upper() for f in self.image_formats.split(",") if f.strip())

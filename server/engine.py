@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from bundle import Bundle, BundleError
 
-from .config import Settings
+from .config import Settings, available_cpus
 from .sessions.ort import OrtSession
 from .sessions.trt import TensorRTUnavailable, TrtSession
 
@@ -79,6 +79,6 @@ def open_session(bundle: Bundle, settings: Settings) -> tuple[Session, str]:
         raise BundleError(f"the {name} variant runs on GPUs only (onnxruntime's CPU provider cannot run it); "
                           "put CUDAExecutionProvider or TensorrtExecutionProvider first in PROMPTKD_PROVIDERS, "
                           "or serve another variant")
-    session = OrtSession(path, providers, settings.intra_op_threads)
+    session = OrtSession(path, providers, settings.intra_op_threads or available_cpus())
     log.info("serving the %s graph with %s", name, session.description)
     return session, name

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import math
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,11 +25,12 @@ from pydantic import ValidationError
 from bundle import BundleError
 
 from . import preprocess
-from .batcher import MicroBatcher, Overloaded
+from .batcher import EngineStopped, MicroBatcher, Overloaded
+from .budget import MemoryBudget, OverBudget
 from .classifier import Classifier, Vocabulary
 from .config import Settings
 from .metrics import Metrics
-from .middleware import BodyLimit, RequestMetrics
+from .middleware import AdminGate, BodyLimit, RequestMetrics, token_matches
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ErrorResponse, Health, ImageError, Labels,
     ModelInfo, Prediction, Ready, SwapResponse, Timing,
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("bad server settings (PROMPTKD_* environment variables): %s", err)
             raise
         app.state.settings = config
+        app.state.budget = MemoryBudget(config.max_inflight_bytes)
         try:
             classifier = await asyncio.to_thread(Classifier.from_settings, config)
         except Exception as err:
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         max_batch = min(config.max_batch_size, classifier.session.max_batch or config.max_batch_size)
         batcher = MicroBatcher(classifier.features, max_batch, config.max_wait_ms, config.max_queue_images, metrics)
-        app.state.classifier, app.state.batcher, app.state.ready = classifier, batcher, False
+        app.state.classifier, app.state.batcher = classifier, batcher
+        app.state.ready, app.state.failure = False, None
         app.state.decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         batcher.start()
         warm_up = asyncio.create_task(_warm_up(app, classifier, batcher))
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "encoder runs, its features are ranked against stored class vectors.",
     )
     app.state.metrics = metrics = Metrics()
+    app.add_middleware(AdminGate)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -152,14 +155,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logit_scale=manifest.logit_scale, num_labels=len(classifier.vocabulary.labels),
             labels_version=classifier.vocabulary.version, variant=classifier.variant,
             variants=["fp32", *manifest.variants], runtime=classifier.session.description,
-            max_batch_size=request.app.state.batcher.max_batch, provenance=manifest.provenance.model_dump(),
+            max_batch_size=request.app.state.batcher.max_batch,
+            provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,
         )
 
-    @app.get("/healthz", response_model=Health)
-    def healthz() -> Health:
-        """Liveness: the process answers."""
-        return Health(status="ok")
+    @app.get("/healthz", response_model=Health,
+             responses={503: {"model": Health, "description": "the engine failed: restart the process"}})
+    def healthz(request: Request) -> Response:
+        """Liveness: the process answers and its engine can run (warm-up did not fail, the batch worker runs).
+        503 means a restart is needed; an orchestrator's liveness probe (the Docker HEALTHCHECK) acts on it."""
+        state = request.app.state
+        failure = state.failure or (None if state.batcher.alive else "the inference worker has stopped")
+        if failure:
+            return JSONResponse(Health(status="failing", detail=failure).model_dump(), status_code=503)
+        return JSONResponse(Health(status="ok").model_dump(exclude_none=True))
 
     @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "still warming up"}})
     def readyz(request: Request) -> Response:
@@ -223,19 +233,35 @@ async def _warm_up(app: FastAPI, classifier: Classifier, batcher: MicroBatcher) 
     try:
         for count in sorted({1, batcher.max_batch}):
             await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
-    except Exception:
-        log.exception("warm-up failed: the engine cannot run a batch; /readyz stays 503")
+    except Exception as err:
+        log.exception("warm-up failed: the engine cannot run a batch; /readyz and /healthz answer 503")
+        app.state.failure = f"warm-up failed: {err}"
         return
     app.state.ready = True
     log.info("warmed up: ready")
 
 
+def _without_paths(value):
+    """Provenance for the public model card: local paths from the build machine reduced to file names."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str):
+        if value.startswith("{"):
+            try:
+                return json.dumps(_without_paths(json.loads(value)), sort_keys=True)
+            except json.JSONDecodeError:
+                pass
+        return " ".join(w.replace("\\", "/").rsplit("/", 1)[-1] for w in value.split(" "))
+    return value
+
+
 def _authorise(config: Settings, authorization: str | None) -> None:
+    """The route's own check, behind AdminGate's (which answers before the body is read)."""
     if config.admin_token is None:
-        raise HTTPException(404, "admin routes are disabled: set PROMPTKD_ADMIN_TOKEN to enable them")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                 config.admin_token.get_secret_value().encode()):
+        raise HTTPException(404, "Not Found")
+    if not token_matches(authorization, config.admin_token.get_secret_value()):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -276,9 +302,12 @@ async def _run(request: Request, uploads: list[UploadFile], route: str):
             return ImageError(status=413, detail=f"image file larger than {config.max_upload_bytes} bytes")
         try:
             return await loop.run_in_executor(request.app.state.decoders, preprocess.prepare, data, spec,
-                                              config.max_image_pixels)
+                                              config.max_image_pixels, config.formats(), request.app.state.budget)
         except preprocess.ImageError as err:
             return ImageError(status=err.status, detail=str(err))
+        except OverBudget as err:
+            metrics.rejected.labels("memory").inc()
+            return ImageError(status=503, detail=f"server busy, retry later: {err}")
 
     prepared = await asyncio.gather(*(prepare(upload) for upload in uploads))
     errors = [p if isinstance(p, ImageError) else None for p in prepared]
@@ -288,7 +317,8 @@ async def _run(request: Request, uploads: list[UploadFile], route: str):
     if not good:
         first = next(filter(None, errors))
         raise HTTPException(first.status, first.detail if len(uploads) == 1 else
-                            f"none of the {len(uploads)} images could be classified; first: {first.detail}")
+                            f"none of the {len(uploads)} images could be classified; first: {first.detail}",
+                            headers={"Retry-After": "2"} if first.status == 503 else None)
     decoded = time.perf_counter()
     features = await _submit(request, np.stack(good))
     metrics.images.labels(route).inc(len(good))
@@ -308,6 +338,9 @@ async def _submit(request: Request, batch: np.ndarray) -> np.ndarray:
     except Overloaded as err:
         metrics.rejected.labels("queue_full").inc()
         raise HTTPException(503, f"server overloaded: {err}", headers={"Retry-After": retry}) from None
+    except EngineStopped as err:
+        metrics.rejected.labels("engine_stopped").inc()
+        raise HTTPException(503, str(err)) from None
     except asyncio.TimeoutError:
         metrics.rejected.labels("timeout").inc()
         raise HTTPException(503, f"no result within {config.request_timeout_s} s; the server is overloaded",

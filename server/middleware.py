@@ -2,16 +2,56 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 
 from fastapi import HTTPException
 
+from .budget import OverBudget
 from .metrics import Metrics
+
+ADMIN_PREFIX = "/admin"
+
+
+async def _answer(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """A `Bearer <token>` header against the configured token, in constant time; empty never matches."""
+    scheme, _, given = (authorization or "").partition(" ")
+    given = given.strip()
+    return scheme.lower() == "bearer" and bool(given) and secrets.compare_digest(given.encode(), token.encode())
+
+
+class AdminGate:
+    """/admin routes answer 404 when admin is disabled and 401 without the right bearer token, from the headers
+    alone: an unauthenticated caller never gets a byte of its body read, spooled or parsed."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+            return await self.app(scope, receive, send)
+        token = scope["app"].state.settings.admin_token
+        if token is None:
+            return await _answer(send, 404, "Not Found")
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not token_matches(authorization, token.get_secret_value()):
+            return await _answer(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
     """413 for bodies over PROMPTKD_MAX_REQUEST_BYTES: at once when Content-Length says so, else as soon as
-    the streamed (chunked) body passes the limit, so an endless upload never fills memory or disk."""
+    the streamed (chunked) body passes the limit, so an endless upload never fills memory or disk. Every body
+    byte is also reserved (twice: spooled, then read) from the memory budget before it is received, and a body
+    that does not fit gets 503 + Retry-After; the reservation ends with the request."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -22,23 +62,36 @@ class BodyLimit:
         limit = scope["app"].state.settings.max_request_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            body = json.dumps({"detail": f"request body over the {limit}-byte limit"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            return await _answer(send, 413, f"request body over the {limit}-byte limit")
+        budget = scope["app"].state.budget
+        reserved = 2 * int(length) if length is not None else 0
+        try:
+            budget.take(reserved, "this request's body")
+        except OverBudget as err:
+            metrics = scope["app"].state.metrics
+            metrics.rejected.labels("memory").inc()
+            return await _answer(send, 503, f"server busy: {err}", [(b"retry-after", b"2")])
         received = 0
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise HTTPException(413, f"request body over the {limit}-byte limit")
+                if 2 * received > reserved:  # a body without Content-Length, reserved as it streams
+                    try:
+                        budget.take(2 * received - reserved, "this request's body")
+                    except OverBudget as err:
+                        raise HTTPException(503, f"server busy: {err}", headers={"Retry-After": "2"}) from None
+                    reserved = 2 * received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            budget.give(reserved)
 
 
 class RequestMetrics:

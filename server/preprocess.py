@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bundle import InputSpec
 
+from .budget import MemoryBudget
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DRAFT_FACTOR = 4
 DRAFT_TOLERANCE = 0.03
 MAX_ASPECT = 64  # a 1 x 40-million-pixel strip would otherwise be resized to gigabytes before the crop
-_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # more than 8 bits per sample, one channel
+_ROWS = 256  # rows converted at a time, so a wide image never has a second full-size copy in a wider type
 
 
 class ImageError(ValueError):
@@ -36,31 +41,68 @@ class ImageError(ValueError):
         self.status = status
 
 
-def decode(data: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
-    """Bytes to a fully loaded RGB image (the first frame of an animation).
+# Bytes per pixel of Pillow's modes, for what decoding an image will cost before it is decoded.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
-    Refuses empty, unknown, truncated and oversized images. The pixel limit is checked on the header, before
-    any pixel is decoded, so a decompression bomb costs nothing. With `target_size`, large JPEGs are decoded
-    at a reduced scale that keeps both sides >= DRAFT_FACTOR x target_size."""
+
+def decode_cost(image: Image.Image) -> int:
+    """Peak bytes of decoding an opened (header-only) image to the model input: the decoded frame, up to two
+    more copies while it is rotated or widened, and the 8-bit grey and RGB images made from it. Measured peaks
+    on 4-megapixel images: 11.8 bytes per pixel for 16-bit greyscale, 15.5 for 32-bit (estimated 12 and 18)."""
+    return image.width * image.height * (3 * _MODE_BYTES.get(image.mode, 4) + 6)
+
+
+def open_header(data: bytes, max_pixels: int, target_size: int | None = None,
+                formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
+    """Read only the image's header: format, size (checked against `max_pixels`) and, for large JPEGs, the
+    reduced decoding scale. Nothing is decoded yet, so a decompression bomb costs nothing."""
     if not data:
         raise ImageError(400, "the uploaded file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(413, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             if target_size and image.format == "JPEG":
                 image.draft("RGB", (DRAFT_FACTOR * target_size, DRAFT_FACTOR * target_size))
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            return image
     except ImageError:
         raise
     except UnidentifiedImageError:
-        if _has_image_signature(data):
+        claimed = _claimed_by(data)
+        if claimed & set(formats):
             raise ImageError(400, "the image header is corrupt or truncated") from None
+        if claimed:
+            raise ImageError(415, f"{'/'.join(sorted(claimed))} images are not accepted here; accepted: "
+                                  f"{', '.join(formats)}") from None
         raise ImageError(415, "the upload is not an image in a format this server can decode") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(413, f"image too large to decode safely: {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(400, f"the image header is corrupt: {err}") from None
+
+
+def decode(data: bytes, max_pixels: int, target_size: int | None = None,
+           formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
+    """Bytes to a fully loaded RGB image (the first frame of an animation).
+
+    Refuses empty, unknown, truncated and oversized images, and formats outside `formats` (only those Pillow
+    decoders are ever tried). The pixel limit is checked on the header, before any pixel is decoded. With
+    `target_size`, large JPEGs are decoded at a reduced scale that keeps both sides >= DRAFT_FACTOR x
+    target_size."""
+    return load(open_header(data, max_pixels, target_size, formats))
+
+
+def load(image: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels (EXIF orientation applied) and make it RGB."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(413, f"image too large to decode safely: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
@@ -70,18 +112,35 @@ def decode(data: bytes, max_pixels: int, target_size: int | None = None) -> Imag
     return _to_rgb(image)
 
 
-def _has_image_signature(data: bytes) -> bool:
-    """Whether some Pillow decoder claims these leading bytes (a damaged image rather than a non-image)."""
+def _claimed_by(data: bytes) -> set[str]:
+    """The formats whose signature these leading bytes carry (a damaged or refused image, not a non-image).
+    Only the signature checks run, never a decoder."""
     Image.init()
     prefix = data[:64]
-    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
+    return {name for name, (_, accept) in Image.OPEN.items() if accept is not None and _accepts(accept, prefix)}
+
+
+def _accepts(accept, prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))
+    except Exception:  # a plugin's signature check choking on a short prefix claims nothing
+        return False
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Pillow's convert("RGB") clips 16-bit greyscale at 255 (a white image); scale it to 8 bits first."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(pixels / 257), 0, 255).astype(np.uint8), "L")
+    """Pillow's convert("RGB") clips 16-bit greyscale at 255 (a white image); scale it to 8 bits first, a band
+    of rows at a time in integers, so the cost stays ~ pixels x (source bytes + 1) plus one band."""
+    if image.mode in _WIDE_MODES:
+        pixels = np.asarray(image)
+        grey = np.empty(pixels.shape, dtype=np.uint8)
+        for top in range(0, pixels.shape[0], _ROWS):
+            band = pixels[top : top + _ROWS]
+            if band.dtype.kind == "f":  # Pillow's F mode: values as they are, clipped to 0..255
+                grey[top : top + _ROWS] = np.clip(np.rint(band), 0, 255)
+            else:  # 16-bit samples (I;16*, or I holding 16-bit data) to 8 bits: round(v / 257)
+                grey[top : top + _ROWS] = (np.clip(band.astype(np.int64), 0, 65535) + 128) // 257
+        del pixels
+        image = Image.fromarray(grey, "L")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -115,6 +174,12 @@ def to_tensor(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
 
 
-def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Upload bytes to the model input: decode (draft-scaled when large), resize, crop, normalise."""
-    return to_tensor(decode(data, max_pixels, spec.image_size), spec)
+def prepare(data: bytes, spec: InputSpec, max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS,
+            budget: MemoryBudget | None = None) -> np.ndarray:
+    """Upload bytes to the model input: decode (draft-scaled when large), resize, crop, normalise.
+
+    With a budget, the decoding's peak memory is reserved from the header before any pixel is decoded; an
+    image that does not fit now is refused (OverBudget) rather than decoded."""
+    image = open_header(data, max_pixels, spec.image_size, formats)
+    with budget.hold(decode_cost(image), "decoding this image") if budget else nullcontext():
+        return to_tensor(load(image), spec)

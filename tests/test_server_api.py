@@ -17,7 +17,7 @@ from training.data.datasets import find_images
 
 from conftest import foolbox_jpegs
 
-TOKEN = "test-token-0123456789"
+TOKEN = "test-token-0123456789abcdef0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +120,12 @@ def test_admin_swap_validates_then_switches_the_vocabulary(client, photos, bundl
 
 
 def test_admin_routes_are_disabled_without_a_token(bundle_dir):
-    with TestClient(create_app(Settings(bundle=bundle_dir))) as c:
-        response = _swap(c, ["a"], np.ones((1, 4), dtype=np.float32))
-        assert response.status_code == 404 and "PROMPTKD_ADMIN_TOKEN" in response.json()["detail"]
+    for token in (None, "", "   "):
+        with TestClient(create_app(Settings(bundle=bundle_dir, admin_token=token))) as c:
+            for bearer in ("", " ", TOKEN):
+                response = _swap(c, ["a"], np.ones((1, 4), dtype=np.float32), token=bearer)
+                assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+            assert c.get("/labels").json()["source"] == "bundle"
 
 
 class _Gate:
@@ -167,7 +170,7 @@ def test_concurrent_requests_are_batched_together(bundle_dir, photos):
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers(bundle_dir, photos):
-    client, gate = _gated_client(bundle_dir, max_batch_size=1, max_queue_images=2)
+    client, gate = _gated_client(bundle_dir, max_batch_size=1, max_queue_images=2, max_images_per_request=2)
     try:
         with ThreadPoolExecutor(4) as pool:
             held = [pool.submit(client.post, "/classify", files=_files(p)) for p in photos[:2]]

@@ -22,6 +22,9 @@ from .engine import seed_everything
 from .towers import load_clip, tokenizer_for
 from .transforms import train_transform
 
+# Stand-in weights for tiny photos: crops keep at least half the area (0.08 of a 28 px photo is a 8 px patch).
+PRETRAIN_CROP = (0.5, 1.0)
+
 log = logging.getLogger(__name__)
 
 CAPTION = "{}"
@@ -36,7 +39,7 @@ def pretrain_clip(
     model, pre = load_clip(model_name, None)
     model.train()
     tokens = tokenizer_for(model_name)([template.format(c) for c in split.classnames])
-    dataset = ViewDataset(split.items, train_transform(pre), seed)
+    dataset = ViewDataset(split.items, train_transform(pre, PRETRAIN_CROP), seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_skipping,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)

@@ -1,0 +1,253 @@
+"""Hardening against a real uvicorn: admin closed unless a strong token is configured, unauthenticated admin
+bodies never read, liveness that reflects the engine, settings checked against each other, a decoder allow-list,
+no build-host paths in the model card, and a memory budget held under a flood of worst-case images."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import ValidationError
+
+from server.budget import memory_limit
+from server.config import Settings, _cgroup_quota
+from server.main import create_app
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token-0123456789abcdef-0123456789"
+
+
+def _serve(bundle_dir: Path, process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn on loopback serving the bundle with PROMPTKD_* settings; waits until ready."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
+    environment.update(PROMPTKD_BUNDLE=str(bundle_dir), **{f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return proc, url
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("server did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode(errors="replace")
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _swap(url: str, authorization: str | None) -> httpx.Response:
+    labels = b'["x", "y"]'
+    vectors = io.BytesIO()
+    np.save(vectors, np.eye(2, 64, dtype=np.float32))
+    import hashlib
+
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    return httpx.post(f"{url}/admin/class-vectors", headers=headers, timeout=30,
+                      files={"labels": ("labels.json", labels), "class_vectors": ("v.npy", vectors.getvalue())},
+                      data={"labels_sha256": hashlib.sha256(labels).hexdigest(),
+                            "class_vectors_sha256": hashlib.sha256(vectors.getvalue()).hexdigest()})
+
+
+def test_admin_stays_closed_with_an_empty_token(bundle_dir):
+    """compose passes PROMPTKD_ADMIN_TOKEN="" when the host sets none: that must disable admin."""
+    proc, url = _serve(bundle_dir, admin_token="")
+    try:
+        for authorization in ("Bearer", "", None, f"Bearer {TOKEN}"):  # h11 strips "Bearer " to "Bearer"
+            assert _swap(url, authorization).status_code == 404
+        assert httpx.get(f"{url}/labels").json()["source"] == "bundle"
+    finally:
+        _stop(proc)
+
+
+def test_a_short_token_is_a_start_up_error_naming_the_variable(bundle_dir):
+    proc, _ = _serve(bundle_dir, admin_token="short-token")
+    assert proc.wait(timeout=60) != 0
+    assert "PROMPTKD_ADMIN_TOKEN" in _stop(proc)
+
+
+def test_wrong_or_empty_bearer_never_swaps_and_the_token_can_come_from_a_file(bundle_dir, tmp_path):
+    secret = tmp_path / "admin_token"
+    secret.write_text(TOKEN + "\n")
+    proc, url = _serve(bundle_dir, admin_token_file=str(secret))
+    try:
+        for authorization in ("Bearer", "", None, "Bearer wrong", f"Basic {TOKEN}", TOKEN):
+            response = _swap(url, authorization)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/labels").json()["source"] == "bundle"
+        assert _swap(url, f"Bearer {TOKEN}").status_code == 200
+        assert httpx.get(f"{url}/labels").json() | {"version": None} == {"labels": ["x", "y"], "version": None,
+                                                                          "source": "admin"}
+    finally:
+        _stop(proc)
+
+
+def test_an_unauthenticated_admin_upload_is_refused_before_its_body_is_read(bundle_dir):
+    """Headers announcing 100 MB and no body at all: the 401 must come without waiting for a single byte."""
+    proc, url = _serve(bundle_dir, admin_token=TOKEN)
+    try:
+        before = _peak_rss(proc.pid)
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /admin/class-vectors HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\nAuthorization: Bearer nope\r\n\r\n")
+            answer = sock.recv(4096)  # times out (the test fails) if the server waits for the body
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:80]
+            try:  # whatever the client still sends is not read: the server closed the connection
+                for _ in range(100):
+                    sock.sendall(b"x" * (1 << 20))
+            except OSError:
+                pass
+        assert _peak_rss(proc.pid) - before < 20 << 20
+    finally:
+        _stop(proc)
+
+
+def test_settings_that_could_never_serve_are_refused(bundle_dir):
+    for bad, names in (({"max_batch_size": 300}, "PROMPTKD_MAX_BATCH_SIZE"),
+                       ({"max_images_per_request": 300}, "PROMPTKD_MAX_IMAGES_PER_REQUEST"),
+                       ({"top_k": 200}, "PROMPTKD_TOP_K"),
+                       ({"max_inflight_bytes": 1 << 20}, "PROMPTKD_MAX_INFLIGHT_BYTES"),
+                       ({"image_formats": " , "}, "PROMPTKD_IMAGE_FORMATS"),
+                       ({"admin_token": TOKEN, "admin_token_file": "/nonexistent"}, "not both")):
+        with pytest.raises(ValidationError, match=names):
+            Settings(bundle=bundle_dir, **bad)
+
+
+def test_cpu_quota_and_memory_limit_come_from_the_cgroup(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_quota(tmp_path) is None
+    (tmp_path / "memory.max").write_text("2147483648\n")
+    assert memory_limit(tmp_path) == 2 << 30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory_limit(tmp_path) is None
+
+
+def test_liveness_fails_when_the_engine_cannot_run(bundle_dir, monkeypatch):
+    from server.classifier import Classifier
+
+    def broken(self, batch):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(Classifier, "features", broken)
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        deadline = time.time() + 30
+        while client.get("/healthz").status_code == 200 and time.time() < deadline:
+            time.sleep(0.05)
+        health = client.get("/healthz")
+        assert health.status_code == 503 and "warm-up failed" in health.json()["detail"]
+        assert client.get("/readyz").status_code == 503
+
+
+def test_liveness_fails_when_the_batch_worker_dies(bundle_dir, fmnist):
+    photo = next((fmnist / "test").rglob("*.png")).read_bytes()
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        deadline = time.time() + 30
+        while client.get("/readyz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert client.get("/healthz").status_code == 200
+        client.app.state.batcher._worker.cancel()
+        time.sleep(0.2)
+        health = client.get("/healthz")
+        assert health.status_code == 503 and "worker" in health.json()["detail"]
+        response = client.post("/classify", files={"file": ("a.png", photo)})
+        assert response.status_code == 503  # answered at once, not left hanging until the timeout
+
+
+def test_only_allowed_decoders_run_and_the_model_card_has_no_paths(bundle_dir, fmnist):
+    photo = Image.open(next((fmnist / "test").rglob("*.png"))).convert("RGB")
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        for fmt in ("PPM", "TGA", "PCX"):
+            data = io.BytesIO()
+            photo.save(data, fmt)
+            response = client.post("/classify", files={"file": (f"a.{fmt.lower()}", data.getvalue())})
+            assert response.status_code == 415 and "not accepted" in response.json()["detail"], fmt
+        data = io.BytesIO()
+        photo.save(data, "PNG")
+        assert client.post("/classify", files={"file": ("a.png", data.getvalue())}).status_code == 200
+        provenance = client.get("/").json()["provenance"]
+        assert provenance["student_pretrained"] and "/" not in str(provenance)
+    with TestClient(create_app(Settings(bundle=bundle_dir, image_formats="JPEG"))) as client:
+        data = io.BytesIO()
+        photo.save(data, "PNG")
+        assert client.post("/classify", files={"file": ("a.png", data.getvalue())}).status_code == 415
+
+
+def _worst_case_images(pixels: int) -> list[tuple[str, bytes]]:
+    """Small files that decode to the most memory the pixel limit allows: 16-bit and 32-bit greyscale, float."""
+    side = int(pixels ** 0.5)
+    images = []
+    for mode, fmt, name in (("I;16", "PNG", "grey16.png"), ("I", "TIFF", "int32.tif"), ("F", "TIFF", "float.tif"),
+                            ("RGB", "PNG", "rgb.png")):
+        data = io.BytesIO()
+        image = Image.new(mode, (side, side))
+        image.save(data, fmt, **({"compression": "tiff_adobe_deflate"} if fmt == "TIFF" else {}))
+        images.append((name, data.getvalue()))
+    return images
+
+
+@pytest.mark.slow
+def test_a_flood_of_worst_case_images_stays_within_the_memory_budget(bundle_dir):
+    budget = 160 << 20
+    pixels = 4_000_000
+    proc, url = _serve(bundle_dir, {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
+                       max_inflight_bytes=str(budget), max_image_pixels=str(pixels),
+                       max_upload_bytes=str(8 << 20), decode_threads="4", max_images_per_request="4")
+    try:
+        images = _worst_case_images(pixels)
+        assert max(len(data) for _, data in images) < 8 << 20
+        base = _peak_rss(proc.pid)
+
+        def post(i: int) -> int:
+            files = [("file", images[(i + k) % len(images)]) for k in range(4)]
+            try:
+                return httpx.post(f"{url}/classify", files=files, timeout=120).status_code
+            except httpx.HTTPError:
+                return -1
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(post, range(48)))
+        peak = _peak_rss(proc.pid)
+        print(f"\nflood: {len(statuses)} requests, statuses {sorted(set(statuses))}, {statuses.count(503)} x 503; "
+              f"peak RSS {base >> 20} -> {peak >> 20} MiB (budget {budget >> 20} MiB)")
+        assert set(statuses) <= {200, 413, 503} and 200 in statuses
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert peak - base <= budget
+    finally:
+        _stop(proc)
