@@ -38,6 +38,7 @@ from .schemas import (
 
 log = logging.getLogger("promptkd.server")
 VERSION = "0.2.0"
+MAX_FILENAME = 255  # characters of an upload's name echoed back
 
 IMAGE_ERRORS = {
     400: {"model": ErrorResponse, "description": "no image could be classified: empty, truncated or corrupt"},
@@ -325,7 +326,7 @@ async def _run(request: Request, uploads: list[UploadFile], route: str):
     done = time.perf_counter()
     timing = Timing(decode_ms=1000 * (decoded - started), inference_ms=1000 * (done - decoded),
                     total_ms=1000 * (done - started))
-    return [u.filename for u in uploads], features, errors, timing
+    return [u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads], features, errors, timing
 
 
 async def _submit(request: Request, batch: np.ndarray) -> np.ndarray:

@@ -200,7 +200,8 @@ def test_only_allowed_decoders_run_and_the_model_card_has_no_paths(bundle_dir, f
             assert response.status_code == 415 and "not accepted" in response.json()["detail"], fmt
         data = io.BytesIO()
         photo.save(data, "PNG")
-        assert client.post("/classify", files={"file": ("a.png", data.getvalue())}).status_code == 200
+        response = client.post("/classify", files={"file": ("a" * 400 + ".png", data.getvalue())})
+        assert response.status_code == 200 and len(response.json()["results"][0]["filename"]) == 255
         provenance = client.get("/").json()["provenance"]
         assert provenance["student_pretrained"] and "/" not in str(provenance)
     with TestClient(create_app(Settings(bundle=bundle_dir, image_formats="JPEG"))) as client:
