@@ -285,7 +285,32 @@ def _read_npy(data: bytes, shape: tuple[int, int]) -> np.ndarray:
         raise BundleError(f"class vectors are not a readable .npy array: {err}") from None
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody receives it
+DISCONNECT_POLL_S = 0.25
+
+
 async def _run(request: Request, uploads: list[UploadFile], route: str):
+    """_work, abandoned as soon as the client disconnects: its queued images are dropped from their batch and
+    its remaining images are not decoded."""
+    work = asyncio.ensure_future(_work(request, uploads, route))
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        request.app.state.metrics.rejected.labels("client_gone").inc()
+        raise HTTPException(CLIENT_CLOSED, "the client closed the connection")
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _work(request: Request, uploads: list[UploadFile], route: str):
     """Decode every upload, run the good ones through the batcher; per-image errors for the rest."""
     config: Settings = request.app.state.settings
     classifier: Classifier = request.app.state.classifier

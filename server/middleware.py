@@ -47,6 +47,35 @@ class AdminGate:
         await self.app(scope, receive, send)
 
 
+ADMIN_PARTS = 4  # the most form parts any route takes besides the images (the admin swap's four)
+
+
+class PartCounter:
+    """Counts the parts of a multipart body as it streams, so a request with thousands of parts is refused
+    (413) before the multipart parser builds them; bodies of other types pass untouched."""
+
+    def __init__(self, content_type: bytes, limit: int) -> None:
+        boundary = None
+        if content_type.lower().startswith(b"multipart/"):
+            for item in content_type.split(b";")[1:]:
+                key, _, value = item.strip().partition(b"=")
+                if key.lower() == b"boundary":
+                    boundary = value.strip(b'"')
+        self.delimiter = b"--" + boundary if boundary else None
+        self.limit = limit
+        self.seen = 0
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.delimiter is None or not chunk:
+            return
+        data = self.tail + chunk
+        self.seen += data.count(self.delimiter)
+        self.tail = data[-(len(self.delimiter) - 1):] if len(self.delimiter) > 1 else b""
+        if self.seen - 1 > self.limit:  # n parts have n + 1 delimiters, the closing one included
+            raise HTTPException(413, f"more than {self.limit} parts in one request")
+
+
 class BodyLimit:
     """413 for bodies over PROMPTKD_MAX_REQUEST_BYTES: at once when Content-Length says so, else as soon as
     the streamed (chunked) body passes the limit, so an endless upload never fills memory or disk. Every body
@@ -72,14 +101,18 @@ class BodyLimit:
             metrics.rejected.labels("memory").inc()
             return await _answer(send, 503, f"server busy: {err}", [(b"retry-after", b"2")])
         received = 0
+        parts = PartCounter(dict(scope["headers"]).get(b"content-type", b""),
+                            max(scope["app"].state.settings.max_images_per_request, ADMIN_PARTS))
 
         async def limited_receive():
             nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
                     raise HTTPException(413, f"request body over the {limit}-byte limit")
+                parts.feed(chunk)
                 if 2 * received > reserved:  # a body without Content-Length, reserved as it streams
                     try:
                         budget.take(2 * received - reserved, "this request's body")

@@ -252,3 +252,53 @@ def test_a_flood_of_worst_case_images_stays_within_the_memory_budget(bundle_dir)
         assert peak - base <= budget
     finally:
         _stop(proc)
+
+
+def _metric(url: str, name: str) -> float:
+    """The value of one Prometheus sample (0 when it does not exist yet)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_work_for_a_client_that_went_away_is_dropped(bundle_dir, fmnist):
+    """A request waiting for its batch (3 s here) is abandoned when its client disconnects: counted, and its
+    image never runs through the engine."""
+    proc, url = _serve(bundle_dir, max_wait_ms="3000", max_batch_size="8")
+    try:
+        photo = next((fmnist / "test").rglob("*.png")).read_bytes()
+        batches = _metric(url, "promptkd_batch_size_count")
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                b"Content-Type: image/png\r\n\r\n" + photo + b"\r\n--b--\r\n")
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert _metric(url, 'promptkd_rejected_total{reason="client_gone"}') == 1
+        time.sleep(2.5)  # past the batch window: the abandoned image was not run
+        assert _metric(url, "promptkd_batch_size_count") == batches
+        response = httpx.post(f"{url}/classify", files={"file": ("a.png", photo)}, timeout=30)
+        assert response.status_code == 200 and _metric(url, "promptkd_batch_size_count") == batches + 1
+    finally:
+        _stop(proc)
+
+
+def test_parts_are_counted_while_the_body_streams(bundle_dir, fmnist):
+    from server.middleware import PartCounter
+
+    counter = PartCounter(b'multipart/form-data; boundary="xyz"', limit=2)
+    for chunk in (b"--xy", b"z\r\n1\r\n--", b"xyz\r\n2\r\n--xyz--"):  # delimiters split across chunks
+        counter.feed(chunk)
+    assert counter.seen == 3
+    with pytest.raises(Exception, match="more than 2 parts"):
+        counter.feed(b"--xyz\r\n3\r\n--xyz--")
+    PartCounter(b"application/json", limit=0).feed(b"--xyz--xyz--xyz")  # not multipart: never counted
+
+    photo = next((fmnist / "test").rglob("*.png")).read_bytes()
+    with TestClient(create_app(Settings(bundle=bundle_dir, max_images_per_request=4))) as client:
+        response = client.post("/classify", files=[("file", (f"{i}.png", photo)) for i in range(40)])
+        assert response.status_code == 413 and "parts" in response.json()["detail"]
+        assert client.post("/classify", files=[("file", (f"{i}.png", photo)) for i in range(4)]).status_code == 200
