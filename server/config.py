@@ -11,10 +11,10 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .budget import default_budget
+from .preprocess import DEFAULT_FORMATS
 
 log = logging.getLogger("promptkd.server")
 MIN_TOKEN_LENGTH = 32
-DEFAULT_FORMATS = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
 
 
 def available_cpus() -> int:
@@ -76,8 +76,9 @@ class Settings(BaseSettings):
                                     description="memory budget for request bodies and decoded pixels in flight; "
                                                 "past it requests get 503 (default: half the container's memory "
                                                 "limit, at most 1 GiB)")
-    image_formats: str = Field(DEFAULT_FORMATS, description="Pillow decoders uploads may use, comma-separated; "
-                                                            "every other format is refused with 415")
+    image_formats: str = Field(",".join(DEFAULT_FORMATS),
+                               description="Pillow decoders uploads may use, comma-separated; every other format is "
+                                           "refused with 415")
 
     admin_token: SecretStr | None = Field(None, description=f"bearer token for /admin routes, at least "
                                                             f"{MIN_TOKEN_LENGTH} characters; unset or empty disables "

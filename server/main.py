@@ -30,7 +30,7 @@ from .budget import MemoryBudget, OverBudget
 from .classifier import Classifier, Vocabulary
 from .config import Settings
 from .metrics import Metrics
-from .middleware import AdminGate, BodyLimit, RequestMetrics, token_matches
+from .middleware import AdminGate, BodyLimit, RequestMetrics
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ErrorResponse, Health, ImageError, Labels,
     ModelInfo, Prediction, Ready, SwapResponse, Timing,
@@ -197,12 +197,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                           "L2-normalised rows"),
         labels_sha256: str = Form(..., description="sha256 of the labels file, checked before use"),
         class_vectors_sha256: str = Form(..., description="sha256 of the class vectors file"),
-        authorization: str | None = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>"),
+        authorization: str | None = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked by AdminGate "
+                                                             "before the body is read (documented here)"),
     ) -> SwapResponse:
         """Replace the labels and class vectors without downtime (e.g. vectors for new class names from the
         stage-1 `class-vectors` command). Everything is validated first; the switch is one atomic reference
         swap, so requests in flight finish on the old set. Not persisted: a restart serves the bundle's set."""
-        _authorise(request.app.state.settings, authorization)
         classifier: Classifier = request.app.state.classifier
         labels_bytes, vectors_bytes = await labels.read(), await class_vectors.read()
         for what, data, claimed in (("labels", labels_bytes, labels_sha256),
@@ -256,14 +256,6 @@ def _without_paths(value):
                 pass
         return " ".join(w.replace("\\", "/").rsplit("/", 1)[-1] for w in value.split(" "))
     return value
-
-
-def _authorise(config: Settings, authorization: str | None) -> None:
-    """The route's own check, behind AdminGate's (which answers before the body is read)."""
-    if config.admin_token is None:
-        raise HTTPException(404, "Not Found")
-    if not token_matches(authorization, config.admin_token.get_secret_value()):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _read_npy(data: bytes, shape: tuple[int, int]) -> np.ndarray:

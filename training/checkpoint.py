@@ -4,7 +4,6 @@ The frozen backbone is not copied; it is rebuilt from the config's model name an
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -34,15 +33,6 @@ def build_student(
 
 def save_checkpoint(path: Path, student: Student, config: dict, epoch: int) -> None:
     save_atomic(path, {"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()})
-
-
-def file_sha256(path: Path) -> str:
-    """Which file a model came from, recorded beside it (e.g. an imported teacher's download)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_tagged(path: Path, fmt: str, kind: str) -> dict:

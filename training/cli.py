@@ -166,11 +166,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
 def cmd_import_teacher(args: argparse.Namespace) -> None:
     from .authors import import_teacher
-    from .checkpoint import file_sha256
+    from bundle import sha256_file
     from .teacher import save_teacher
 
     teacher = import_teacher(args.checkpoint, args.teacher_model, args.teacher_pretrained, args.teacher_weights)
-    save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint), "sha256": file_sha256(args.checkpoint)})
+    save_teacher(args.out, teacher, {"imported_from": str(args.checkpoint), "sha256": sha256_file(args.checkpoint)})
     print(json.dumps({"teacher": str(args.out), "text_prompts": list(teacher.text.prompts.shape),
                       "visual_prompts": list(teacher.image.prompts.shape)}))
 

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bundle import sha256_file
+
 from .authors import import_teacher, released_teacher
-from .checkpoint import file_sha256
 from .class_vectors import ClassVectors
 from .data.datasets import (
     BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
@@ -144,7 +145,7 @@ def _import_stage1(cfg: ProtocolConfig, protocol: str, dataset: str, folder: Pat
         source = released_teacher(Path(cfg.authors_teachers), protocol, dataset)
         log.info("%s: stage 1 imported from %s", dataset, source)
         teacher = import_teacher(source, cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights)
-        provenance = {"imported_from": str(source), "sha256": file_sha256(source)}
+        provenance = {"imported_from": str(source), "sha256": sha256_file(source)}
         folder.mkdir(parents=True, exist_ok=True)
         save_teacher(folder / "teacher.pt", teacher, provenance)
         _write_json(folder / "report.json", provenance)
@@ -169,10 +170,11 @@ def _stage2(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher
     images = [path for path, _ in _split(cfg, dataset, "train").items]
     # Labelled held-out images of every class (the val split, or for ImageNet training images left out of the
     # few-shot draw) choose the epoch; the authors chose on the base classes' test split.
-    _, val = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed, "all")
+    val = None
+    if cfg.student_selection == "best_val":
+        _, val = few_shot_splits(lambda split: _split(cfg, dataset, split), cfg.shots, cfg.val_shots, seed, "all")
     log.info("%s seed %d: stage 2 on %d unlabelled images -> %s", dataset, seed, len(images), folder)
-    distill(stage2, images, eval_split=None, resume=(folder / RUN_STATE).is_file(),
-            val_split=val if cfg.student_selection == "best_val" else None)
+    distill(stage2, images, eval_split=None, resume=(folder / RUN_STATE).is_file(), val_split=val)
     return time.time() - started
 
 

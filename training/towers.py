@@ -58,7 +58,7 @@ def _quick_gelu_tags(name: str) -> list[str]:
             if open_clip.get_pretrained_cfg(name, t).get("quick_gelu")]
 
 
-def _activation_for_file(name: str, path: Path, tag: str | None) -> bool:
+def _activation_for_file(name: str, path: Path, torchscript: bool, tag_cfg: dict | None) -> bool:
     """Whether weights from a local file need QuickGELU; refuse when that cannot be known.
 
     A state dict does not say which activation it was trained with: OpenAI's weights (QuickGELU) and LAION's
@@ -66,10 +66,10 @@ def _activation_for_file(name: str, path: Path, tag: str | None) -> bool:
     activation comes from OpenAI's TorchScript format, from the tag the file was downloaded for, or from a
     `-quickgelu` architecture; a plain file for an architecture that has QuickGELU weights is refused.
     """
-    if _is_torchscript(path):
+    if torchscript:
         return True  # OpenAI's own release format: every OpenAI CLIP was trained with QuickGELU
-    if tag is not None:
-        return bool(_tag_cfg(name, tag).get("quick_gelu", False))
+    if tag_cfg is not None:
+        return bool(tag_cfg.get("quick_gelu", False))
     if (open_clip.get_model_config(name) or {}).get("quick_gelu"):
         return False  # the architecture itself is built with QuickGELU
     ambiguous = _quick_gelu_tags(name)
@@ -109,11 +109,12 @@ def load_clip(
     else:
         file = Path(pretrained) if pretrained and Path(pretrained).is_file() else None
         tag = None if file is not None else pretrained
+    tag_cfg = _tag_cfg(name, tag) if tag else None
     if file is not None:
-        quick_gelu = _activation_for_file(name, file, tag)
         torchscript = _is_torchscript(file)
+        quick_gelu = _activation_for_file(name, file, torchscript, tag_cfg)
         # The tag's preprocessing (mean, std, interpolation) belongs to its weights, wherever they were read from.
-        preprocess = {k: v for k, v in _tag_cfg(name, tag).items() if k in _PREPROCESS_KEYS} if tag else None
+        preprocess = {k: v for k, v in tag_cfg.items() if k in _PREPROCESS_KEYS} if tag_cfg else None
         try:
             # A TorchScript archive cannot be read with weights_only; plain state dicts always are.
             model = open_clip.create_model(
@@ -122,8 +123,8 @@ def load_clip(
             )
         except Exception as err:
             raise TowerLoadError(f"could not load weights from {file} into {name}: {err}") from err
-    elif tag:
-        quick_gelu = bool(_tag_cfg(name, tag).get("quick_gelu", False))
+    elif tag_cfg is not None:
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         try:
             model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
         except Exception as err:
