@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from .manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest
 
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
 
@@ -42,6 +42,22 @@ class Bundle:
     manifest: Manifest
     labels: list[str]
     class_vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
+
+    def parity_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The bundle's parity set (float32 inputs [n, 3, S, S], fp32 features [n, feature_dim]), or None."""
+        files = self.manifest.files
+        if "parity_inputs" not in files or "parity_features" not in files:
+            return None
+        size = self.manifest.input.image_size
+        inputs = load_npy(self.folder / files["parity_inputs"].path, "parity inputs")
+        features = load_npy(self.folder / files["parity_features"].path, "parity features")
+        if inputs.ndim != 4 or inputs.shape[1:] != (3, size, size) or inputs.dtype != np.float16:
+            raise BundleError(f"parity inputs must be float16 [n, 3, {size}, {size}], got {inputs.dtype} "
+                              f"{list(inputs.shape)}")
+        if features.shape != (len(inputs), self.manifest.feature_dim) or not np.isfinite(features).all():
+            raise BundleError(f"parity features must be finite [{len(inputs)}, {self.manifest.feature_dim}], got "
+                              f"{list(features.shape)}")
+        return inputs.astype(np.float32), features.astype(np.float32, copy=False)
 
     def model_path(self, variant: str = "fp32") -> Path:
         """The graph of a variant ("fp32" is the exported graph itself)."""
@@ -88,9 +104,10 @@ def read_bundle(folder: Path) -> Bundle:
         raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
         found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"bundle schema version {found!r} is not supported (this server reads {SCHEMA_VERSION})")
+        raise BundleError(f"bundle schema version {found!r} is not supported (this server reads "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))}; it writes {SCHEMA_VERSION})")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
@@ -112,14 +129,19 @@ def read_bundle(folder: Path) -> Bundle:
         raise BundleError(f"labels file is not valid JSON: {err}") from err
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise BundleError("labels file must be a JSON list of strings")
-    try:
-        vectors = np.load(_safe_member(folder, manifest.files["class_vectors"].path), allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise BundleError(f"class vectors are not a readable .npy array: {err}") from err
+    vectors = load_npy(_safe_member(folder, manifest.files["class_vectors"].path), "class vectors")
     check_vectors(vectors, labels, manifest.feature_dim)
     if len(labels) != manifest.num_labels:
         raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
     return Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
+
+
+def load_npy(path: Path, what: str) -> np.ndarray:
+    """A .npy array, never a pickle; a clear error for anything else."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{what} are not a readable .npy array: {err}") from err
 
 
 def check_vectors(vectors: np.ndarray, labels: list[str], feature_dim: int) -> None:

@@ -5,7 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 2 added the parity set and per-variant thresholds and CPU features
 MANIFEST_NAME = "manifest.json"
 
 
@@ -47,6 +48,11 @@ class Variant(_Strict):
     device: Literal["any", "cpu", "gpu"]
     parity: Parity | None  # None: could not be measured where it was built (e.g. fp16 without a GPU)
     forced: bool = False  # included although under its threshold or unmeasured
+    # The floors it was accepted against, checked again by the server on the parity set where it serves.
+    min_cosine: float = Field(0.0, ge=0, le=1)
+    min_agreement: float = Field(0.0, ge=0, le=1)
+    # CPU flags (/proc/cpuinfo) of which one must be present for it to be right on a CPU; empty: any CPU.
+    cpu_features: tuple[str, ...] = ()
     runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     built_for: dict[str, str] = Field(default_factory=dict)  # a TensorRT engine runs only on the GPU it was built for
 
@@ -70,7 +76,10 @@ class Manifest(_Strict):
     feature_dim: int = Field(gt=0)
     logit_scale: float = Field(gt=0)
     num_labels: int = Field(gt=0)
-    files: dict[str, FileEntry]  # roles: "model", "labels", "class_vectors", and one per variant
+    # roles: "model", "labels", "class_vectors", one per variant, and optionally "parity_inputs" /
+    # "parity_features": preprocessed held-out images (float16) and the fp32 graph's features for them, which
+    # the server uses to check the variant it picked on the machine it runs on.
+    files: dict[str, FileEntry]
     parity: Parity
     provenance: Provenance
     variants: dict[str, Variant] = Field(default_factory=dict)  # name -> variant; "fp32" is files["model"]

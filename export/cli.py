@@ -10,6 +10,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from bundle import (
     MANIFEST_NAME, BundleError, InputSpec, Manifest, Provenance, file_entry, publish, write_labels_and_vectors,
 )
@@ -20,7 +22,7 @@ from training.towers import TowerLoadError
 from training.transforms import eval_transform
 
 from .onnx_export import export_onnx
-from .parity import ParityError, check, load_images, measure
+from .parity import ParityError, check, load_images, measure, run_graph
 from .variants import VARIANTS, VariantError, add_variant
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,14 @@ MODEL_FILE = "student.onnx"
 def build_bundle(
     checkpoint: Path, out: Path, parity_images: list[str], class_vectors: Path | None = None,
     name: str | None = None, overwrite: bool = False, variants: tuple[str, ...] = (),
-    calibration_images: list[str] | None = None, force_variants: bool = False,
+    calibration_images: list[str] | None = None, force_variants: bool = False, parity_set: int = 32,
 ) -> Manifest:
     """Export, prove parity, build the asked variants, then publish the bundle; nothing is written to `out`
     unless every check holds."""
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    if parity_set < 0:
+        raise ValueError(f"--parity-set must be 0 or more, got {parity_set}")
     student, pre, cfg = load_checkpoint(checkpoint)
     vectors = ClassVectors.load(class_vectors or Path(cfg["class_vectors"]))
     if vectors.vectors.shape[1] != cfg["teacher_dim"]:
@@ -62,6 +66,8 @@ def build_bundle(
                 )
         write_labels_and_vectors(staging, vectors.classnames, class_matrix)
         files.update(labels="labels.json", class_vectors="class_vectors.npy")
+        if parity_set:
+            files.update(write_parity_set(staging, images.numpy(), parity_set))
         manifest = Manifest(
             name=name or out.name,
             input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
@@ -89,6 +95,16 @@ def build_bundle(
     return manifest
 
 
+def write_parity_set(folder: Path, images: np.ndarray, count: int) -> dict[str, str]:
+    """Up to `count` held-out images, stored as float16, and the fp32 graph's features for exactly those stored
+    values: what the server runs its chosen variant on at start-up, on its own CPU or GPU."""
+    inputs = images[:: max(1, len(images) // count)][:count].astype(np.float16)
+    features = run_graph(folder / MODEL_FILE, inputs.astype(np.float32), ["CPUExecutionProvider"])
+    np.save(folder / "parity_inputs.npy", inputs)
+    np.save(folder / "parity_features.npy", features.astype(np.float32))
+    return {"parity_inputs": "parity_inputs.npy", "parity_features": "parity_features.npy"}
+
+
 def spread(files: list[str], count: int) -> list[str]:
     """`count` files evenly spaced over a sorted listing, so every class folder is represented."""
     step = max(1, len(files) // max(1, count))
@@ -105,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-images", type=Path, required=True,
                         help="folder of real images (searched recursively) to check ONNX against PyTorch")
     parser.add_argument("--parity-count", type=int, default=64, help="how many of those images to use")
+    parser.add_argument("--parity-set", type=int, default=32,
+                        help="how many of them the bundle carries (float16) for the server to check the graph it "
+                             "picks on the machine it runs on; 0: none")
     parser.add_argument("--class-vectors", type=Path,
                         help="class vectors .npz (default: the file the student was distilled with)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
@@ -112,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
                         help="faster graphs to add, each checked against fp32 on the parity images: 'optimized' "
-                             "(fused fp32), 'int8' (static, for CPUs; needs --calibration-images), 'fp16' (GPUs)")
+                             "(fused fp32), 'int8' (static, 7-bit weights, any CPU; needs --calibration-images), "
+                             "'int8_vnni' (8-bit weights, CPUs with VNNI/AMX or ARM dot products), 'fp16' (GPUs)")
     parser.add_argument("--calibration-images", type=Path,
                         help="folder of real training images (searched recursively) to calibrate int8 on")
     parser.add_argument("--calibration-count", type=int, default=512, help="how many of those images to use")
     parser.add_argument("--force-variants", action="store_true",
                         help="include variants under their parity threshold (fp16: cos >= 0.999 and top-1 >= "
-                             "99.5%%; int8: top-1 >= 99%%) or that cannot be measured here")
+                             "99.5%%; int8: cos >= 0.99 and top-1 >= 99%%) or that cannot be measured here")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = (spread(find_images(args.calibration_images), args.calibration_count)
                        if args.calibration_images else None)
         manifest = build_bundle(args.checkpoint, args.out, images, args.class_vectors, args.name, args.overwrite,
-                                tuple(args.variants), calibration, args.force_variants)
+                                tuple(args.variants), calibration, args.force_variants, args.parity_set)
     except (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError,
             FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from bundle import Parity
+from bundle.parity import compare
 
 MIN_COSINE = 0.9999
 
@@ -32,15 +33,6 @@ def run_graph(path: Path, images: np.ndarray, providers: list[str], batch_size: 
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i : i + batch_size]})[0]
                            for i in range(0, len(images), batch_size)])
-
-
-def compare(reference: np.ndarray, features: np.ndarray, vectors: np.ndarray) -> Parity:
-    """Per-image cosine and top-1 agreement (over the class vectors) of `features` against `reference`."""
-    ref, got = reference.astype(np.float64), features.astype(np.float64)
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    agree = (ref @ vectors.T).argmax(1) == (got @ vectors.T).argmax(1)
-    return Parity(images=len(ref), min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
-                  top1_agreement=float(agree.mean()), max_abs_diff=float(np.abs(ref - got).max()))
 
 
 def measure(

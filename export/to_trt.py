@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bundle import MANIFEST_NAME, BundleError, Manifest, Parity, Variant, file_entry, read_bundle
-from export.parity import compare, load_images, run_graph
+from bundle.parity import compare, meets
+from export.parity import load_images, run_graph
 from export.variants import THRESHOLDS
 from training.data.datasets import DatasetError, find_images
 from training.towers import Preprocess
@@ -127,8 +128,9 @@ def record_engine(folder: Path, engine_bytes: bytes, precision: str, parity: Par
     (folder / name).write_bytes(engine_bytes)
     manifest = bundle.manifest
     files = {**manifest.files, "engine_tensorrt": file_entry(folder, name)}
+    min_cos, min_agree = THRESHOLDS["fp16"]
     variant = Variant(file="engine_tensorrt", precision=precision, device="gpu", parity=parity, forced=forced,
-                      runtime="tensorrt", built_for=built_for)
+                      runtime="tensorrt", built_for=built_for, min_cosine=min_cos, min_agreement=min_agree)
     updated = manifest.model_copy(update={"files": files, "variants": {**manifest.variants, "tensorrt": variant}})
     tmp = folder / (MANIFEST_NAME + ".tmp")
     tmp.write_text(updated.model_dump_json(indent=2))
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = run_graph(bundle.model_path(), images, ["CPUExecutionProvider"])
     parity = compare(reference, run_engine(engine, images, args.max_batch), bundle.class_vectors)
     min_cos, min_agree = THRESHOLDS["fp16"]
-    ok = parity.min_cosine >= min_cos and parity.top1_agreement >= min_agree
+    ok = meets(parity, min_cos, min_agree)
     summary = {"bundle": str(args.bundle), "parity": parity.model_dump(), "built_for": built_for}
     if not ok and not args.force:
         print(json.dumps(summary, indent=2))

@@ -3,8 +3,11 @@
 - optimized: onnxruntime's graph optimisations (fusions, constant folding) saved offline, fp32, any device.
 - int8: static quantisation with onnxruntime, calibrated on real training images, per-channel int8 weights;
   only MatMul/Gemm/Conv are quantised, so LayerNorm, softmax and the final L2 normalisation stay fp32. Weights use
-  7 bits (reduce_range): without AVX512-VNNI, x86 multiplies u8 x s8 pairs into saturating int16 sums, and full-range
-  weights overflow them (on the demo bundle this cost 10 points of top-1 agreement). For CPUs.
+  7 bits (reduce_range): without VNNI, x86 multiplies u8 x s8 pairs into saturating int16 sums, and full-range
+  weights overflow them (on the demo bundle this cost 10 points of top-1 agreement). For any CPU.
+- int8_vnni: the same with full-range 8-bit weights, for CPUs whose int8 dot products do not saturate (x86 VNNI
+  or AMX, ARM's dot-product instructions). The manifest records those CPU flags; the server serves it only on
+  such a CPU, and checks it there on the bundle's parity set.
 - fp16: fp16 weights and activations with LayerNorm, softmax and the final normalisation kept in fp32, inputs and
   outputs fp32. For GPUs: onnxruntime's CPU provider cannot run fp16 graphs, so its parity is measured on CUDA.
 """
@@ -23,17 +26,20 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from bundle import Parity, Variant
+from bundle import Parity, Variant, cpu_flags
+from bundle.parity import compare, meets
 
-from .parity import compare, run_graph
+from .parity import run_graph
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("optimized", "int8", "fp16")
-PRECISION = {"optimized": "fp32", "int8": "int8", "fp16": "fp16"}
-DEVICE = {"optimized": "any", "int8": "cpu", "fp16": "gpu"}
+VARIANTS = ("optimized", "int8", "int8_vnni", "fp16")
+PRECISION = {"optimized": "fp32", "int8": "int8", "int8_vnni": "int8", "fp16": "fp16"}
+DEVICE = {"optimized": "any", "int8": "cpu", "int8_vnni": "cpu", "fp16": "gpu"}
 # (minimum per-image cosine to fp32, minimum top-1 agreement with fp32) a variant must reach.
-THRESHOLDS = {"optimized": (0.9999, 1.0), "int8": (0.0, 0.99), "fp16": (0.999, 0.995)}
+THRESHOLDS = {"optimized": (0.9999, 1.0), "int8": (0.99, 0.99), "int8_vnni": (0.99, 0.99), "fp16": (0.999, 0.995)}
+# CPU flags (as /proc/cpuinfo names them) under which int8 dot products do not saturate, so 8-bit weights are safe.
+NON_SATURATING_INT8 = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "ReduceSumSquare", "Sqrt", "BatchNormalization"]
 
 
@@ -66,8 +72,9 @@ class _Batches(CalibrationDataReader):
         return next(self.pending, None)
 
 
-def build_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
-    """Static int8 (QDQ, per-channel 7-bit weights, uint8 activations) calibrated on `calibration` images.
+def build_int8(source: Path, target: Path, calibration: np.ndarray, full_range: bool = False) -> None:
+    """Static int8 (QDQ, per-channel weights of 7 bits, or 8 with `full_range`, uint8 activations) calibrated on
+    `calibration` images.
 
     Activation ranges are the 99.999th percentile of their histograms rather than min/max: a few outlier
     activations otherwise stretch the scale and cost top-1 agreement."""
@@ -83,7 +90,7 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                calibrate_method=CalibrationMethod.Percentile, reduce_range=True,
+                calibrate_method=CalibrationMethod.Percentile, reduce_range=not full_range,
                 extra_options={"CalibStridedMinMax": 1},
             )
     finally:
@@ -105,9 +112,12 @@ def providers_for(variant: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def cpu_suits(features: tuple[str, ...]) -> bool:
+    return not features or bool(cpu_flags() & set(features))
+
+
 def passes(variant: str, parity: Parity) -> bool:
-    min_cos, min_agree = THRESHOLDS[variant]
-    return parity.min_cosine >= min_cos and parity.top1_agreement >= min_agree
+    return meets(parity, *THRESHOLDS[variant])
 
 
 def add_variant(
@@ -117,10 +127,10 @@ def add_variant(
     """Build variant `name` of the fp32 graph into `folder`, measure it against the fp32 features `reference`
     on the `held_out` images, and refuse it under its threshold unless forced. Returns its file name and entry."""
     target = folder / f"student.{name}.onnx"
-    if name == "int8":
+    if name in ("int8", "int8_vnni"):
         if calibration is None:
-            raise VariantError("the int8 variant needs --calibration-images (real training images)")
-        build_int8(source, target, calibration)
+            raise VariantError(f"the {name} variant needs --calibration-images (real training images)")
+        build_int8(source, target, calibration, full_range=name == "int8_vnni")
     elif name == "fp16":
         build_fp16(source, target)
     elif name == "optimized":
@@ -129,12 +139,16 @@ def add_variant(
         raise VariantError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     providers = providers_for(name)
     parity = compare(reference, run_graph(target, held_out, providers), vectors) if providers else None
+    if name == "int8_vnni" and providers and not cpu_suits(NON_SATURATING_INT8):
+        providers = []  # this CPU would saturate: its figures would say nothing about the CPUs the variant is for
     ok = parity is not None and passes(name, parity)
     if not ok and not force:
         target.unlink()
         if parity is None:
-            raise VariantError(f"the {name} variant cannot be measured on this machine (it needs a CUDA GPU with "
-                               "onnxruntime-gpu); pass --force-variants to include it unmeasured")
+            need = ("a CPU with one of " + ", ".join(NON_SATURATING_INT8) if name == "int8_vnni"
+                    else "a CUDA GPU with onnxruntime-gpu")
+            raise VariantError(f"the {name} variant cannot be measured on this machine (it needs {need}); pass "
+                               "--force-variants to include it unmeasured")
         min_cos, min_agree = THRESHOLDS[name]
         raise VariantError(
             f"the {name} variant misses its threshold against fp32 on {parity.images} held-out images: min cosine "
@@ -144,5 +158,9 @@ def add_variant(
     if not ok:
         log.warning("including the %s variant although it is %s", name, "unmeasured" if parity is None else
                     "under its threshold")
-    return target.name, Variant(file=f"model_{name}", precision=PRECISION[name], device=DEVICE[name],
-                                parity=parity, forced=not ok)
+    min_cos, min_agree = THRESHOLDS[name]
+    return target.name, Variant(
+        file=f"model_{name}", precision=PRECISION[name], device=DEVICE[name], parity=parity, forced=not ok,
+        min_cosine=min_cos, min_agreement=min_agree,
+        cpu_features=NON_SATURATING_INT8 if name == "int8_vnni" else (),
+    )

@@ -1,24 +1,120 @@
 #!/usr/bin/env bash
-# The GPU check. Stage 2: ViT-L/14 teacher and ViT-B/16 student at real size (random weights, synthetic images),
-# images/s with the teacher live and cached, fp32 and bf16, peak GPU memory; then the serving engines on the GPU
-# (ENGINES=1 bash scripts/gpu_check.sh: onnxruntime CUDA/TensorRT providers). Each under 10 minutes on one GPU.
-#   bash scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else bench/results)
-# Needs torch with CUDA and open_clip. On a machine that cannot download, bring open_clip's wheels in .whl/:
-#   pip download --no-deps -d .whl open_clip_torch ftfy wcwidth
-set -euo pipefail
+# The GPU check: every GPU path of the project, one step after another, each step's output in OUT_DIR/<step>.txt
+# and one PASS / FAIL / SKIP line per step at the end (OUT_DIR/summary.txt). About 10 minutes on one GPU.
+#   bash scripts/gpu_check.sh [OUT_DIR]                 (default: $OUT, else bench/results/gpu)
+#   STEPS="trt serve-trt" bash scripts/gpu_check.sh     a subset (bundle first where a step needs it)
+#   DRY_RUN=1 bash scripts/gpu_check.sh                 on a machine without a GPU: says what each step needs and
+#                                                       what is missing here, runs nothing heavy (tested in CI)
+# Steps:
+#   stage2      stage-2 images/s with the teacher live and cached, fp32 and bf16, peak GPU memory
+#               (ViT-L/14 teacher, ViT-B/16 student, bench/stage2_gpu.py)
+#   bundle      a ViT-B/16 bundle at 224 px whose fp16 variant is measured on CUDA (bench/real_size_bundle.py)
+#   trt         python export/to_trt.py: fp16 TensorRT engine for that bundle, parity against onnxruntime fp32
+#   serve-cuda  the server on that bundle with onnxruntime's CUDA provider (fp16 variant): one real photo over HTTP
+#   serve-trt   the server on that bundle with the TensorRT engine: one real photo over HTTP
+#   engines     bench/engines.py --gpu: PyTorch eager fp16, onnxruntime CUDA fp32/fp16, TensorRT fp16 at
+#               batch 1, 8 and 64, beside PyTorch eager fp32
+# Needs torch with CUDA; onnxruntime-gpu for the CUDA steps; tensorrt and cuda-python for the TensorRT steps.
+# Pure-Python packages the machine lacks come from .whl/ (no network there); fill it here first with
+#   pip download --no-deps -d .whl open_clip_torch ftfy wcwidth foolbox
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-bench/results}}
+OUT_DIR=${1:-${OUT:-bench/results/gpu}}
+STEPS=${STEPS:-stage2 bundle trt serve-cuda serve-trt engines}
+DRY_RUN=${DRY_RUN:-0}
+PY=${PY:-python3}
+BUNDLE=$OUT_DIR/bundle
+export PY BUNDLE OUT_DIR
 mkdir -p "$OUT_DIR"
-if ! python3 -c "import open_clip" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/promptkd-site .whl/*.whl
+: > "$OUT_DIR/summary.txt"
+
+if ! $PY -c "import open_clip" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/promptkd-site .whl/*.whl
     export PYTHONPATH=/tmp/promptkd-site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-[ "${ENGINES:-0}" = 1 ] || timeout 560 python3 bench/stage2_gpu.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/stage2.txt"
-# Serving engines on the same GPU (ENGINES=1; a second call, as one call may run 10 minutes): onnxruntime's CUDA
-# and TensorRT providers (with onnxruntime-gpu installed; CPU providers only otherwise) beside fp32 and int8 on
-# CPU, ViT-B/16 student, batches 1/8/32.
-[ "${ENGINES:-0}" = 1 ] || exit 0
-timeout 300 python3 bench/engines.py --skip-teacher --out "$OUT_DIR" 2>&1 | tail -n 20 | tee "$OUT_DIR/engines.txt" \
-    || echo "engine benchmark failed or timed out (see above)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "nvidia-smi: no NVIDIA driver here"
+
+# Python probes: each prints nothing and exits 0 when the requirement holds, or says what is missing.
+CUDA_TORCH='import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"'
+ORT_CUDA='import onnxruntime as o; assert "CUDAExecutionProvider" in o.get_available_providers(), "onnxruntime has no CUDA provider (onnxruntime-gpu)"'
+TRT='import tensorrt, cuda.bindings.runtime'
+SERVER='import fastapi, uvicorn, multipart, prometheus_client, pydantic_settings, PIL'
+PHOTOS='import importlib.util as u; assert u.find_spec("foolbox"), "foolbox (its 20 JPEGs) is not installed"'
+
+report() {  # step status detail
+    printf '%-10s %-4s %s\n' "$1" "$2" "$3" | tee -a "$OUT_DIR/summary.txt"
+}
+
+missing() {  # the first unmet requirement among the probes given, or nothing
+    local probe
+    for probe in "$@"; do
+        if ! out=$($PY -c "$probe" 2>&1); then
+            echo "${out##*$'\n'}"
+            return
+        fi
+    done
+}
+
+step() {  # name seconds "probes..." command...
+    local name=$1 seconds=$2 probes=$3 why
+    shift 3
+    [[ " $STEPS " == *" $name "* ]] || return 0
+    local -a checks=()
+    local probe
+    for probe in $probes; do checks+=("${!probe}"); done
+    why=$(missing "${checks[@]}")
+    if [ "$DRY_RUN" = 1 ]; then
+        report "$name" SKIP "dry run: needs $probes${why:+; missing here: $why}"
+        return 0
+    fi
+    if [ -n "$why" ]; then
+        report "$name" SKIP "missing here: $why"
+        return 0
+    fi
+    echo "== $name"
+    if timeout "$seconds" "$@" > "$OUT_DIR/$name.txt" 2>&1; then
+        report "$name" PASS "$(tail -n 1 "$OUT_DIR/$name.txt")"
+    else
+        report "$name" FAIL "exit $? (see $OUT_DIR/$name.txt): $(tail -n 1 "$OUT_DIR/$name.txt")"
+    fi
+    tail -n 25 "$OUT_DIR/$name.txt"
+}
+
+serve_one_photo() {  # env assignments for the server...; posts one real photo and prints the answer
+    local port=8765
+    env "$@" PROMPTKD_BUNDLE="$BUNDLE" $PY -m uvicorn server.main:app --host 127.0.0.1 --port $port &
+    local pid=$!
+    trap 'kill $pid 2>/dev/null' RETURN
+    for _ in $(seq 60); do
+        curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break
+        sleep 1
+    done
+    curl -sf "http://127.0.0.1:$port/" | $PY -c 'import json,sys; d=json.load(sys.stdin); print("serving", d["variant"], "on", d["runtime"], "-", d["variant_reason"])'
+    curl -sf -F "file=@$(photo_dir)/$(ls "$(photo_dir)" | head -n 1)" "http://127.0.0.1:$port/classify?top_k=1"
+    echo
+}
+
+photo_dir() {
+    $PY -c 'import os; from bench.engines import photo_paths; print(os.path.dirname(photo_paths()[0]))'
+}
+export -f serve_one_photo photo_dir
+
+step stage2 200 "CUDA_TORCH" \
+    $PY bench/stage2_gpu.py --out "$OUT_DIR" --steps 10
+step bundle 90 "CUDA_TORCH ORT_CUDA PHOTOS" \
+    $PY bench/real_size_bundle.py --out "$BUNDLE" --variants fp16 --force-variants
+step trt 150 "CUDA_TORCH TRT PHOTOS" \
+    bash -c '$PY export/to_trt.py --bundle "$BUNDLE" --parity-images "$(photo_dir)" --max-batch 64'
+step serve-cuda 60 "ORT_CUDA SERVER PHOTOS" \
+    bash -c 'serve_one_photo "$@"' _ PROMPTKD_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
+    PROMPTKD_BACKEND=onnxruntime
+step serve-trt 60 "TRT SERVER PHOTOS" \
+    bash -c 'serve_one_photo "$@"' _ PROMPTKD_BACKEND=tensorrt
+step engines 150 "CUDA_TORCH PHOTOS" \
+    $PY bench/engines.py --gpu --no-cpu --skip-teacher --batches 1 8 64 --out "$OUT_DIR"
+
+echo "== summary ($OUT_DIR/summary.txt)"
+cat "$OUT_DIR/summary.txt"
+! grep -q " FAIL " "$OUT_DIR/summary.txt"

@@ -16,7 +16,7 @@ from bundle import Bundle, BundleError, read_bundle
 from bundle.io import check_vectors
 
 from .config import Settings
-from .engine import Session, open_session
+from .engine import Choice, open_session
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,11 @@ class Ranked:
 
 
 class Classifier:
-    def __init__(self, bundle: Bundle, session: Session, variant: str) -> None:
+    def __init__(self, bundle: Bundle, choice: Choice) -> None:
         self.bundle = bundle
-        self.session = session
-        self.variant = variant
+        self.session = choice.session
+        self.variant = choice.variant
+        self.choice = choice
         self.vocabulary = Vocabulary.build(bundle.labels, bundle.class_vectors, bundle.manifest.feature_dim,
                                            "bundle")
         self._check_graph()
@@ -59,8 +60,7 @@ class Classifier:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Classifier":
         bundle = read_bundle(settings.bundle)
-        session, variant = open_session(bundle, settings)
-        return cls(bundle, session, variant)
+        return cls(bundle, open_session(bundle, settings))
 
     def _check_graph(self) -> None:
         """The graph must take [batch, 3, S, S] and give [batch, feature_dim], as the manifest says."""

@@ -48,10 +48,13 @@ class Settings(BaseSettings):
     # What runs the model.
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="'auto': the bundle's TensorRT engine when it can run here, else onnxruntime")
-    variant: str = Field("auto", description="graph to serve: 'auto' (int8 on CPU, fp16 on GPU when the bundle has "
-                                             "them and they passed parity), 'fp32', or a variant the bundle lists")
+    variant: str = Field("auto", description="graph to serve: 'auto' (the fastest the bundle has for this device that "
+                                             "passed parity at export and passes the start-up check here), "
+                                             "'fp32', or a variant the bundle lists")
     providers: str = Field("auto", description="onnxruntime execution providers in order of preference, comma-"
                                                "separated; 'auto': TensorRT, CUDA, CPU, whichever are installed")
+    startup_check: bool = Field(True, description="run the graph picked on the bundle's parity set at start-up and "
+                                                  "skip (auto) or refuse (explicit) it under its manifest floors")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per inference; 0: one per available "
                                                        "core (affinity and cgroup CPU quota)")
     decode_threads: int = Field(default_factory=available_cpus, ge=1,

@@ -15,6 +15,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as err:
             log.error("cannot serve bundle %s: %s", config.bundle, err)
             raise
+        metrics.record_choice(classifier.choice)
         max_batch = min(config.max_batch_size, classifier.session.max_batch or config.max_batch_size)
         batcher = MicroBatcher(classifier.features, max_batch, config.max_wait_ms, config.max_queue_images, metrics)
         app.state.classifier, app.state.batcher = classifier, batcher
@@ -156,6 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logit_scale=manifest.logit_scale, num_labels=len(classifier.vocabulary.labels),
             labels_version=classifier.vocabulary.version, variant=classifier.variant,
             variants=["fp32", *manifest.variants], runtime=classifier.session.description,
+            variant_reason=classifier.choice.reason,
+            startup_checks=[{**asdict(c), "parity": c.parity.model_dump()} for c in classifier.choice.checks],
             max_batch_size=request.app.state.batcher.max_batch,
             provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,

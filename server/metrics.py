@@ -26,6 +26,19 @@ class Metrics:
                                     registry=self.registry)
         self.inference_seconds = Histogram("promptkd_inference_seconds", "engine time per batch",
                                            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.serving = Gauge("promptkd_serving", "1 for the graph being served and the runtime running it",
+                             ["variant", "runtime"], registry=self.registry)
+        self.startup_check = Gauge("promptkd_startup_check", "start-up check of each graph tried on the bundle's "
+                                   "parity set: min cosine, top-1 agreement and passed (1/0)",
+                                   ["variant", "figure"], registry=self.registry)
         self.queue_depth = Gauge("promptkd_queue_depth", "images waiting for the engine", registry=self.registry)
         self.rejected = Counter("promptkd_rejected", "requests refused for overload or timeout", ["reason"],
                                 registry=self.registry)
+
+    def record_choice(self, choice) -> None:
+        """What serves and which graphs were checked (and possibly rejected) on the way, for dashboards/alerts."""
+        self.serving.labels(choice.variant, choice.session.description).set(1)
+        for check in choice.checks:
+            self.startup_check.labels(check.variant, "min_cosine").set(check.parity.min_cosine)
+            self.startup_check.labels(check.variant, "top1_agreement").set(check.parity.top1_agreement)
+            self.startup_check.labels(check.variant, "passed").set(int(check.passed))

@@ -69,6 +69,9 @@ class ModelInfo(BaseModel):
     labels_version: str
     variant: str = Field(description="the graph being served")
     variants: list[str] = Field(description="graphs the bundle has")
+    variant_reason: str = Field(description="why this graph serves: configuration, or the start-up check it passed")
+    startup_checks: list[dict] = Field(description="graphs run on the bundle's parity set at start-up, rejected "
+                                                   "ones included, with their figures and floors")
     runtime: str = Field(description="the runtime and device running it")
     max_batch_size: int
     provenance: dict

@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end (on tiny towers here; their figures come from real-size runs)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,10 +16,18 @@ def test_engine_benchmark_writes_every_engine(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "engines.json").read_text())["results"]
-    assert {"pytorch eager fp32", "onnxruntime fp32", "onnxruntime optimized", "onnxruntime int8"} <= set(results)
+    report = json.loads((tmp_path / "engines.json").read_text())
+    results, agreement = report["results"], report["agreement"]
+    cpu = {"pytorch eager fp32", "onnxruntime fp32", "onnxruntime optimized", "onnxruntime int8 (7-bit weights)",
+           "onnxruntime int8_vnni (8-bit weights)"}
+    if importlib.util.find_spec("openvino"):
+        cpu |= {"openvino fp32", "openvino int8 (8-bit weights)"}
+    assert cpu <= set(results) and set(agreement) == set(results) - {"teacher PKD-Tiny-Teacher eager fp32"}
     assert all(len(rows) == 2 and rows[1]["images_per_s"] > 0 for rows in results.values())
+    assert agreement["pytorch eager fp32"]["min_cosine"] > 0.99999
+    assert agreement["onnxruntime fp32"]["min_cosine"] > 0.9999 and agreement["onnxruntime fp32"]["images"] == 20
     assert (tmp_path / "engines.png").stat().st_size > 0
-    assert "| onnxruntime int8 |" in proc.stdout
+    assert "| onnxruntime int8 (7-bit weights) |" in proc.stdout
 
 
 def test_load_benchmark_drives_a_real_server_without_errors(tmp_path):

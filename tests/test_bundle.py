@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from bundle import MANIFEST_NAME, BundleError, read_bundle, sha256_file
@@ -30,7 +31,12 @@ def test_export_writes_a_complete_verified_bundle(bundle_dir):
     assert m.input.image_size == 32 and m.input.resize_mode == "shortest"
     assert m.parity.images == 32 and m.parity.min_cosine >= 0.9999 and m.parity.top1_agreement == 1.0
     assert m.provenance.student_model == "PKD-Tiny-Student"
-    assert set(m.files) == {"model", "labels", "class_vectors"}
+    assert set(m.files) == {"model", "labels", "class_vectors", "parity_inputs", "parity_features"}
+    inputs, features = bundle.parity_set()
+    assert inputs.shape == (32, 3, 32, 32) and features.shape == (32, 64)
+    session = ort.InferenceSession(str(bundle.model_path()), providers=["CPUExecutionProvider"])
+    rerun = session.run(None, {session.get_inputs()[0].name: inputs})[0]
+    assert np.abs(rerun - features).max() < 1e-5, "stored features are not the fp32 graph's for the stored inputs"
     for entry in m.files.values():
         assert sha256_file(bundle_dir / entry.path) == entry.sha256
     assert bundle.class_vectors.shape == (10, 64)
