@@ -1,6 +1,6 @@
-# CPU server image: the FastAPI service and onnxruntime, no torch, no training code. Serves the bundle mounted
-# at /bundle. Runs as a non-root user and works on a read-only root filesystem (give it a tmpfs at /tmp: large
-# uploads are spooled there).
+# CPU server image: the FastAPI service, onnxruntime and OpenVINO (the CPU runtime it prefers), no torch, no
+# training code. Serves the bundle mounted at /bundle. Runs as a non-root user and works on a read-only root
+# filesystem (give it a tmpfs at /tmp: large uploads are spooled there).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MALLOC_MMAP_THRESHOLD_=131072
 
 COPY pyproject.toml docker/requirements.py docker/server-constraints.txt /tmp/build/
-RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server > /tmp/build/requirements.txt \
+RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server openvino > /tmp/build/requirements.txt \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
         -c /tmp/build/server-constraints.txt \

@@ -33,6 +33,7 @@ def build_bundle(
     checkpoint: Path, out: Path, parity_images: list[str], class_vectors: Path | None = None,
     name: str | None = None, overwrite: bool = False, variants: tuple[str, ...] = (),
     calibration_images: list[str] | None = None, force_variants: bool = False, parity_set: int = 32,
+    skip_failing_variants: bool = False,
 ) -> Manifest:
     """Export, prove parity, build the asked variants, then publish the bundle; nothing is written to `out`
     unless every check holds."""
@@ -60,10 +61,15 @@ def build_bundle(
             held_out = images.numpy()
             calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
             for variant in variants:
-                files[f"model_{variant}"], entries[variant] = add_variant(
-                    variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, calibration,
-                    force_variants,
-                )
+                try:
+                    files[f"model_{variant}"], entries[variant] = add_variant(
+                        variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, calibration,
+                        force_variants,
+                    )
+                except VariantError as err:
+                    if not skip_failing_variants:
+                        raise
+                    log.warning("leaving the %s variant out: %s", variant, err)
         write_labels_and_vectors(staging, vectors.classnames, class_matrix)
         files.update(labels="labels.json", class_vectors="class_vectors.npy")
         if parity_set:
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-variants", action="store_true",
                         help="include variants under their parity threshold (fp16: cos >= 0.999 and top-1 >= "
                              "99.5%%; int8: cos >= 0.99 and top-1 >= 99%%) or that cannot be measured here")
+    parser.add_argument("--skip-failing-variants", action="store_true",
+                        help="leave out (with a warning) variants under their threshold or that cannot be measured "
+                             "here, instead of failing: for recipes that run on many kinds of machine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -148,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration = (spread(find_images(args.calibration_images), args.calibration_count)
                        if args.calibration_images else None)
         manifest = build_bundle(args.checkpoint, args.out, images, args.class_vectors, args.name, args.overwrite,
-                                tuple(args.variants), calibration, args.force_variants, args.parity_set)
+                                tuple(args.variants), calibration, args.force_variants, args.parity_set,
+                                args.skip_failing_variants)
     except (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError,
             FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 - optimized: onnxruntime's graph optimisations (fusions, constant folding) saved offline, fp32, any device.
 - int8: static quantisation with onnxruntime, calibrated on real training images, per-channel int8 weights;
-  only MatMul/Gemm/Conv are quantised, so LayerNorm, softmax and the final L2 normalisation stay fp32. Weights use
+  only the transformer blocks' weight products are quantised, so the patch embedding, attention, LayerNorm,
+  softmax, the head and the final L2 normalisation stay fp32. Weights use
   7 bits (reduce_range): without VNNI, x86 multiplies u8 x s8 pairs into saturating int16 sums, and full-range
   weights overflow them (on the demo bundle this cost 10 points of top-1 agreement). For any CPU.
 - int8_vnni: the same with full-range 8-bit weights, for CPUs whose int8 dot products do not saturate (x86 VNNI
@@ -76,25 +77,43 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray, full_range: 
     """Static int8 (QDQ, per-channel weights of 7 bits, or 8 with `full_range`, uint8 activations) calibrated on
     `calibration` images.
 
-    Activation ranges are the 99.999th percentile of their histograms rather than min/max: a few outlier
-    activations otherwise stretch the scale and cost top-1 agreement."""
+    Only the transformer's weight products are quantised (see `_kept_in_fp32`), and their outputs stay float:
+    onnxruntime then runs each as one MatMulIntegerToFloat (int8 GEMM, scaled back in the same kernel) instead of
+    requantising every output; softmax stays fp32. Measured on ViT-B/16 (2 AVX-512 VNNI cores,
+    batch 8): 1.6x the speed of quantising every MatMul and its output, min cosine to fp32 0.99979 instead of
+    0.99956. Activation ranges are the 99.999th percentile of their histograms rather than min/max: a few
+    outlier activations otherwise stretch the scale and cost top-1 agreement."""
     if len(calibration) < 8:
         raise VariantError(f"int8 calibration needs at least 8 images, got {len(calibration)}")
     prepared = target.with_name(target.stem + ".prep.onnx")
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+        graph = onnx.load(str(prepared), load_external_data=False).graph
         with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress; our stdout is the JSON summary
             quantize_static(
-                str(prepared), str(target), _Batches(name, calibration),
+                str(prepared), str(target), _Batches(graph.input[0].name, calibration),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=_kept_in_fp32(graph),
                 calibrate_method=CalibrationMethod.Percentile, reduce_range=not full_range,
-                extra_options={"CalibStridedMinMax": 1},
+                extra_options={"CalibStridedMinMax": 1, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
             )
     finally:
         prepared.unlink(missing_ok=True)
+
+
+def _kept_in_fp32(graph: onnx.GraphProto) -> list[str]:
+    """Products left in fp32 (the patch embedding's Conv is never quantised either): attention's query-key and
+    weight-value products (no constant operand), and the head after the last LayerNorm (the tower's projection and
+    the student's projector, which place the feature among the class vectors). On the demo student, keeping the
+    two ends in fp32 raised top-1 agreement on 500 photos from 98.4% to 100% (mean cosine 0.99994 -> 0.999992),
+    for about 2% of ViT-B/16's work."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    last_norm = max((i for i, node in enumerate(graph.node) if node.op_type == "LayerNormalization"), default=-1)
+    return [node.name for i, node in enumerate(graph.node)
+            if (node.op_type == "MatMul" and not any(name in constants for name in node.input))
+            or (i > last_norm and node.op_type in ("MatMul", "Gemm"))]
 
 
 def build_fp16(source: Path, target: Path) -> None:

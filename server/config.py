@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     bundle: Path = Field(description="model bundle folder (manifest.json, graph, labels, class vectors)")
 
     # What runs the model.
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="'auto': the bundle's TensorRT engine when it can run here, else onnxruntime")
+    backend: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
+        "auto", description="'auto': the bundle's TensorRT engine when it can run here, else onnxruntime on a GPU "
+                            "provider, else OpenVINO on CPU when installed, else onnxruntime on CPU")
     variant: str = Field("auto", description="graph to serve: 'auto' (the fastest the bundle has for this device that "
                                              "passed parity at export and passes the start-up check here), "
                                              "'fp32', or a variant the bundle lists")

@@ -1,18 +1,20 @@
 """Which graph of the bundle runs, on which runtime: configuration first, then a fallback order, logged.
 
 Fallback order with PROMPTKD_BACKEND=auto: the bundle's TensorRT engine (when TensorRT, cuda-python and the
-GPU it was built for are here), then onnxruntime with the first available of the configured providers
-(TensorRT, CUDA, CPU by default). PROMPTKD_VARIANT=auto tries, among variants that passed parity at export
-(not forced), fp16 on a GPU provider; on CPU int8_vnni (only where the CPU has the flags it was made for), int8,
-then the optimised graph; fp32 last. Each is first run on the bundle's parity set here, because kernels differ
-between machines (onnxruntime picks int8 kernels by instruction set): one under its manifest floors is logged
-and skipped, or refused when it was configured explicitly.
+GPU it was built for are here), then onnxruntime when a GPU provider is configured and installed, then OpenVINO
+on CPU when it is installed (faster than onnxruntime on the int8 graphs), then onnxruntime's CPU provider.
+PROMPTKD_VARIANT=auto tries, among variants that passed parity at export (not forced), fp16 on a GPU provider;
+on CPU int8_vnni (only where the CPU has the flags it was made for), int8, then the optimised graph; fp32 last.
+Each is first run on the bundle's parity set here, because kernels differ between machines (runtimes pick int8
+kernels by instruction set): one under its manifest floors is logged and skipped, or refused when it was
+configured explicitly.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +23,7 @@ from bundle import Bundle, BundleError, Parity, Variant, cpu_flags
 from bundle.parity import compare, meets
 
 from .config import Settings, available_cpus
+from .sessions.openvino import OpenVinoSession
 from .sessions.ort import OrtSession
 from .sessions.trt import TensorRTUnavailable, TrtSession
 
@@ -115,15 +118,14 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
             if wants_trt:
                 raise BundleError(str(err)) from None
             log.warning("not using the bundle's TensorRT engine (%s); falling back to onnxruntime", err)
-    providers = providers_for(settings)
-    on_gpu = providers[0] in GPU_PROVIDERS
+    open_graph, on_gpu = _runtime(settings)
     explicit = settings.variant != "auto"
     for name in [settings.variant] if explicit else [*auto_candidates(bundle, on_gpu), "fp32"]:
         variant = bundle.manifest.variants.get(name)
         path = bundle.model_path(name)
         if variant is not None:
             _refuse_misplaced(name, variant, on_gpu)
-        session = OrtSession(path, providers, settings.intra_op_threads or available_cpus())
+        session = open_graph(path)
         verdict = ("the exported graph, the reference every variant is checked against" if variant is None else
                    _verify(session, bundle, name, variant, settings, explicit, checks))
         if verdict:
@@ -132,6 +134,22 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
             log.info("serving the %s graph with %s (%s)", name, session.description, verdict)
             return Choice(session, name, verdict, checks)
     raise AssertionError("fp32 is always accepted")
+
+
+def _runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
+    """What opens the ONNX graphs, and whether it runs them on a GPU: onnxruntime on a GPU provider when one is
+    configured and installed, else OpenVINO on CPU when installed (or asked for), else onnxruntime on CPU."""
+    threads = settings.intra_op_threads or available_cpus()
+    if settings.backend == "openvino":
+        if not OpenVinoSession.installed():
+            raise BundleError("PROMPTKD_BACKEND=openvino needs the openvino package "
+                              "(pip install promptkd-serve[openvino])")
+        return (lambda path: OpenVinoSession(path, threads)), False
+    providers = providers_for(settings)
+    on_gpu = providers[0] in GPU_PROVIDERS
+    if settings.backend == "auto" and not on_gpu and OpenVinoSession.installed():
+        return (lambda path: OpenVinoSession(path, threads)), False
+    return (lambda path: OrtSession(path, providers, threads)), on_gpu
 
 
 def _verify(session: Session, bundle: Bundle, name: str, variant: Variant, settings: Settings, explicit: bool,

@@ -10,8 +10,13 @@ from bundle import BundleError, Parity
 from export import to_trt
 from server.config import Settings
 from server.main import create_app
+from server.sessions.openvino import OpenVinoSession
+
+from conftest import foolbox_jpegs
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+CPU_RUNTIME = "OpenVINO" if HAS_OPENVINO else "onnxruntime on CPUExecutionProvider"
 
 
 def _refuses_to_start(settings: Settings, match: str) -> None:
@@ -36,10 +41,10 @@ def test_auto_falls_back_from_the_engine_to_onnxruntime_and_says_so(with_engine,
         with TestClient(create_app(Settings(bundle=with_engine))) as client:
             info = client.get("/").json()
             assert client.post("/classify", files={"file": ("x", b"junk")}).status_code == 415
-    assert info["variant"] == "fp32" and info["runtime"] == "onnxruntime on CPUExecutionProvider"
+    assert info["variant"] == "fp32" and info["runtime"].startswith(CPU_RUNTIME)
     assert "tensorrt" in info["variants"]
     assert "not using the bundle's TensorRT engine" in caplog.text and "falling back to onnxruntime" in caplog.text
-    assert "serving the fp32 graph with onnxruntime on CPUExecutionProvider" in caplog.text
+    assert f"serving the fp32 graph with {CPU_RUNTIME}" in caplog.text
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
@@ -60,3 +65,25 @@ def test_bad_settings_are_refused(bundle_dir):
         Settings(bundle=bundle_dir, max_batch_size=0)
     with pytest.raises(ValueError, match="backend"):
         Settings(bundle=bundle_dir, backend="tpu")
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_openvino_and_onnxruntime_serve_the_same_answers(bundle_dir):
+    """auto prefers OpenVINO on CPU; PROMPTKD_BACKEND=onnxruntime keeps onnxruntime. Same graph, same answers."""
+    answers = {}
+    for backend in ("auto", "onnxruntime"):
+        with TestClient(create_app(Settings(bundle=bundle_dir, backend=backend))) as client:
+            answers[client.get("/").json()["runtime"].split()[0]] = [
+                client.post("/classify", files={"file": path.open("rb")}).json()["results"][0]["predictions"]
+                for path in foolbox_jpegs()[:6]]
+    assert set(answers) == {"OpenVINO", "onnxruntime"}
+    for ov, ort in zip(answers["OpenVINO"], answers["onnxruntime"]):
+        assert [p["label"] for p in ov[:1]] == [p["label"] for p in ort[:1]]
+        assert ov[0]["probability"] == pytest.approx(ort[0]["probability"], abs=1e-3)
+
+
+def test_asking_for_openvino_without_it_says_what_to_install(bundle_dir, monkeypatch):
+    monkeypatch.setattr(OpenVinoSession, "installed", staticmethod(lambda: False))
+    _refuses_to_start(Settings(bundle=bundle_dir, backend="openvino"), r"pip install promptkd-serve\[openvino\]")
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        assert client.get("/").json()["runtime"] == "onnxruntime on CPUExecutionProvider"

@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle import cpu_flags
+from export.variants import NON_SATURATING_INT8
+
 from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
 from training.data.datasets import load_image_folder
@@ -55,6 +58,11 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
                 time.sleep(0.5)
         else:
             pytest.fail(f"server did not start: {server.stderr.read().decode() if server.poll() is not None else ''}")
+        info = httpx.get(f"{url}/", timeout=5).json()
+        manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+        fast = [name for name in ("int8_vnni", "int8") if name in manifest["variants"]]
+        assert fast, "the demo bundle must carry an int8 variant (it reached its floors on this CPU)"
+        assert info["variant"] in fast and "passed the start-up check" in info["variant_reason"], info
         mismatches = 0
         with httpx.Client(base_url=url, timeout=30) as client:
             for path, _ in test.items:
@@ -66,32 +74,35 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
                 if body["results"][0]["predictions"][0]["label"] != vectors.classnames[int(logits.argmax())]:
                     mismatches += 1
         with capsys.disabled():
-            print(f"served top-1 equals the PyTorch student on {len(test) - mismatches}/{len(test)} photos")
-        assert mismatches == 0
+            print(f"served ({info['variant']} on {info['runtime']}) top-1 equals the PyTorch student on "
+                  f"{len(test) - mismatches}/{len(test)} photos")
+        assert mismatches <= 0.01 * len(test)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
 @pytest.mark.slow
-def test_int8_variant_of_the_demo_student_agrees_with_fp32(demo_workdir, tmp_path, capsys):
-    """int8 against fp32 on the demo's 500 held-out real photos. The demo student is trained on this CPU and
-    onnxruntime picks this CPU's int8 kernels (VNNI or not), so the floors leave room: measured 97.4 to 99.6%
-    agreement (students near many decision boundaries disagree more) and mean cosine 0.99983 to 0.99990 on
-    AVX2 and AVX-512 VNNI machines. The cosine is the stable measure; agreement gets a wide floor."""
+def test_int8_variants_of_the_demo_student_agree_with_fp32(demo_workdir, tmp_path, capsys):
+    """int8 against fp32 on the demo's 500 held-out real photos. The weight products of the transformer blocks
+    are int8; the patch embedding, attention and head stay fp32 (export/variants.py). Measured on an AVX-512 VNNI
+    CPU: 100% (7-bit weights) and 99.6% (8-bit) agreement, mean cosine 0.999992. int8_vnni is measured only on a
+    CPU it is made for."""
     work, _ = demo_workdir
-    out = tmp_path / "bundle"
+    variants = ["int8", *(["int8_vnni"] if cpu_flags() & set(NON_SATURATING_INT8) else [])]
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(work / "run" / "student.pt"), "--out", str(out),
-         "--parity-images", str(work / "data" / "test"), "--parity-count", "500", "--variants", "int8",
-         "--calibration-images", str(work / "data" / "train"), "--force-variants"],
+        [sys.executable, "-m", "export", "--checkpoint", str(work / "run" / "student.pt"), "--out",
+         str(tmp_path / "bundle"), "--parity-images", str(work / "data" / "test"), "--parity-count", "500",
+         "--variants", *variants, "--calibration-images", str(work / "data" / "train"), "--force-variants"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    parity = json.loads(proc.stdout)["variants"]["int8"]["parity"]
-    with capsys.disabled():
-        print(f"\nint8 vs fp32 on {parity['images']} demo photos: top-1 agreement {parity['top1_agreement']:.1%}, "
-              f"cosine min {parity['min_cosine']:.5f} mean {parity['mean_cosine']:.6f}")
-    assert parity["images"] == 500
-    assert parity["top1_agreement"] >= 0.95
-    assert parity["mean_cosine"] >= 0.9995 and parity["min_cosine"] >= 0.995
+    for name in variants:
+        parity = json.loads(proc.stdout)["variants"][name]["parity"]
+        with capsys.disabled():
+            print(f"\n{name} vs fp32 on {parity['images']} demo photos: top-1 agreement "
+                  f"{parity['top1_agreement']:.1%}, cosine min {parity['min_cosine']:.5f} mean "
+                  f"{parity['mean_cosine']:.6f}")
+        assert parity["images"] == 500
+        assert parity["top1_agreement"] >= 0.99
+        assert parity["mean_cosine"] >= 0.9999 and parity["min_cosine"] >= 0.999

@@ -54,7 +54,7 @@ def test_auto_serves_the_fastest_variant_that_passes_here(int8_bundle, tmp_path)
         assert check["passed"] and check["parity"]["min_cosine"] >= check["min_cosine"] == 0.99
         metrics = client.get("/metrics").text
         assert f'promptkd_startup_check{{figure="passed",variant="{expected}"}} 1.0' in metrics
-        assert f'promptkd_serving{{runtime="onnxruntime on CPUExecutionProvider",variant="{expected}"}} 1.0' in metrics
+        assert f'promptkd_serving{{runtime="{info["runtime"]}",variant="{expected}"}} 1.0' in metrics
 
 
 def test_a_variant_failing_its_check_here_is_skipped_in_auto_and_refused_when_named(int8_bundle, tmp_path, caplog):
