@@ -4,8 +4,12 @@
 
 Without --bundle it builds a ViT-B/16 student bundle with random weights (they cost the same as trained ones).
 Clients post real JPEGs (foolbox's ImageNet photos) as fast as the server answers. For each concurrency it
-prints images/s, latency p50/p99, errors and 5xx, and the ratio to the bare engine's images/s (onnxruntime
-on the same graph, same threads, preprocessed tensors) at the batch size the server can form there.
+prints images/s, latency p50/p99, errors and 5xx, and the ratio to the bare engine's images/s (the session the
+server picks: same variant, runtime and threads, on preprocessed tensors) at the batch size the server can form
+there, alternating bare-engine windows with shares of the requests so that the machine's drift hits both alike.
+"Engine busy" is the share of the wall time the server's engine was running (its own /metrics): what is left to
+100% is time the engine waited for work; a ratio below the busy share is the engine running slower inside the
+server, where decoding and HTTP share its cores.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def foolbox_photos() -> list[Path]:
     return sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("*.jpg"))
 
 
-def random_bundle(folder: Path, model: str, feature_dim: int, photos: list[Path]) -> Path:
+def random_bundle(folder: Path, model: str, feature_dim: int, photos: list[Path], variants: list[str]) -> Path:
     """A bundle of a randomly initialised student, made by the project's own export."""
     from export.cli import build_bundle
     from training.checkpoint import build_student, save_checkpoint
@@ -52,28 +56,32 @@ def random_bundle(folder: Path, model: str, feature_dim: int, photos: list[Path]
               "class_vectors": str(folder / "vectors.npz")}
     save_checkpoint(folder / "student.pt", student, config, epoch=0)
     out = folder / "bundle"
-    build_bundle(folder / "student.pt", out, [str(p) for p in photos[:8]], name=f"{model}-random")
+    build_bundle(folder / "student.pt", out, [str(p) for p in photos], name=f"{model}-random",
+                 variants=tuple(variants), calibration_images=[str(p) for p in photos], skip_failing_variants=True)
     return out
 
 
-def bare_engine(bundle: Path, batches: list[int], threads: int, seconds: float) -> dict[int, float]:
-    """Images/s of onnxruntime alone on the bundle's graph, on already preprocessed tensors."""
-    from bundle import read_bundle
-    from server.sessions.ort import OrtSession
+class BareEngine:
+    """The session the server would pick (same variant, runtime and threads), run alone on preprocessed tensors."""
 
-    loaded = read_bundle(bundle)
-    session = OrtSession(loaded.model_path(), ["CPUExecutionProvider"], threads)
-    size = loaded.manifest.input.image_size
-    result = {}
-    for batch in batches:
-        x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
-        session.run(x)
+    def __init__(self, bundle: Path, threads: int) -> None:
+        from bundle import read_bundle
+        from server.config import Settings
+        from server.engine import open_session
+
+        loaded = read_bundle(bundle)
+        choice = open_session(loaded, Settings(bundle=bundle, intra_op_threads=threads))
+        self.session, self.size = choice.session, loaded.manifest.input.image_size
+        self.served = f"{choice.variant} on {self.session.description}"
+
+    def images_and_seconds(self, batch: int, seconds: float) -> tuple[int, float]:
+        x = np.random.default_rng(0).standard_normal((batch, 3, self.size, self.size), dtype=np.float32)
+        self.session.run(x)
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds or runs < 2:
-            session.run(x)
+            self.session.run(x)
             runs += 1
-        result[batch] = batch * runs / (time.perf_counter() - started)
-    return result
+        return batch * runs, time.perf_counter() - started
 
 
 async def load_level(url: str, photos: list[bytes], concurrency: int, requests: int) -> dict:
@@ -99,9 +107,42 @@ async def load_level(url: str, photos: list[bytes], concurrency: int, requests: 
         wall = time.perf_counter() - started
     ok = statuses.count(200)
     ordered = sorted(latencies)
-    return {"concurrency": concurrency, "requests": requests, "images_per_s": ok / wall,
+    return {"concurrency": concurrency, "requests": requests, "images_per_s": ok / wall, "wall_s": wall,
             "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
             "errors": requests - ok, "server_errors": sum(1 for s in statuses if s >= 500 or s == 0)}
+
+
+def inference_seconds(url: str) -> float:
+    """The server's total engine time so far, from its own /metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("promptkd_inference_seconds_sum"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def measure_level(engine: BareEngine, url: str, data: list[bytes], concurrency: int, args) -> dict:
+    """One concurrency level in `args.rounds` rounds, each a bare-engine window then a share of the requests: the
+    speed of a shared machine drifts over minutes, and alternating keeps that drift out of the ratio."""
+    requests = args.requests or max(24, 6 * concurrency)
+    batch = min(concurrency, args.max_batch_size)
+    images = seconds = busy = 0.0
+    parts = []
+    for share in np.array_split(np.arange(requests), args.rounds):
+        done, took = engine.images_and_seconds(batch, args.engine_seconds / args.rounds)
+        images, seconds = images + done, seconds + took
+        engine_time = inference_seconds(url)
+        parts.append(asyncio.run(load_level(url, data, concurrency, len(share))))
+        busy += inference_seconds(url) - engine_time
+    wall = sum(p["wall_s"] for p in parts)
+    row = {"concurrency": concurrency, "requests": requests,
+           "images_per_s": sum(p["requests"] - p["errors"] for p in parts) / wall,
+           "p50_ms": statistics.median(p["p50_ms"] for p in parts), "p99_ms": max(p["p99_ms"] for p in parts),
+           "errors": sum(p["errors"] for p in parts), "server_errors": sum(p["server_errors"] for p in parts),
+           "engine_batch": batch, "engine_images_per_s": images / seconds, "engine_busy": busy / wall}
+    row["ratio"] = row["images_per_s"] / row["engine_images_per_s"]
+    print(f"concurrency {concurrency}: {row['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}", file=sys.stderr,
+          flush=True)
+    return row
 
 
 def free_port() -> int:
@@ -116,21 +157,25 @@ def main() -> None:
     parser.add_argument("--student-model", default="ViT-B-16", help="architecture of the random bundle")
     parser.add_argument("--feature-dim", type=int, default=768, help="class-vector width of the random bundle")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64], help="client counts")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(24, 3 x it))")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(24, 6 x it))")
     parser.add_argument("--max-batch-size", type=int, default=8, help="PROMPTKD_MAX_BATCH_SIZE of the server")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads, server and bare engine alike")
-    parser.add_argument("--engine-seconds", type=float, default=10.0, help="timing per bare-engine batch size")
+    parser.add_argument("--engine-seconds", type=float, default=10.0, help="bare-engine time per level")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of bare engine and load per level")
+    parser.add_argument("--variants", nargs="*", default=["int8", "int8_vnni"],
+                        help="variants of the random bundle (kept where they reach their floors); the server and "
+                             "the bare engine both run the one the server picks")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for load.json")
     args = parser.parse_args()
 
     photos = foolbox_photos()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or random_bundle(Path(tmp), args.student_model, args.feature_dim, photos)
-        batches = sorted({min(c, args.max_batch_size) for c in args.concurrency})
-        engine = bare_engine(bundle, batches, args.threads, args.engine_seconds)
+        bundle = args.bundle or random_bundle(Path(tmp), args.student_model, args.feature_dim, photos,
+                                                   args.variants)
+        engine = BareEngine(bundle, args.threads)
         port = free_port()
         env = dict(os.environ, PROMPTKD_BUNDLE=str(bundle), PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
-                   PROMPTKD_INTRA_OP_THREADS=str(args.threads), PROMPTKD_VARIANT="fp32",
+                   PROMPTKD_INTRA_OP_THREADS=str(args.threads),
                    PROMPTKD_MAX_QUEUE_IMAGES=str(4 * max(args.concurrency)), PROMPTKD_REQUEST_TIMEOUT_S="600")
         server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),
                                    "--log-level", "warning"], cwd=REPO, env=env)
@@ -146,30 +191,23 @@ def main() -> None:
             else:
                 sys.exit("error: the server did not become ready")
             data = [p.read_bytes() for p in photos]
-            rows = []
-            for concurrency in args.concurrency:
-                requests = args.requests or max(24, 3 * concurrency)
-                row = asyncio.run(load_level(url, data, concurrency, requests))
-                batch = min(concurrency, args.max_batch_size)
-                row.update(engine_batch=batch, engine_images_per_s=engine[batch],
-                           ratio=row["images_per_s"] / engine[batch])
-                rows.append(row)
-                print(f"concurrency {concurrency}: {row['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}",
-                      file=sys.stderr, flush=True)
+            rows = [measure_level(engine, url, data, concurrency, args) for concurrency in args.concurrency]
         finally:
             server.terminate()
             server.wait(timeout=60)
 
-    print(f"\nserver on {bundle.name if args.bundle else args.student_model + ' (random weights)'}, max batch "
-          f"{args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
-    print("| concurrency | requests | img/s | p50 ms | p99 ms | errors | 5xx | bare engine img/s (batch) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nserver on {bundle.name if args.bundle else args.student_model + ' (random weights)'}, {engine.served}, "
+          f"max batch {args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
+    print("| concurrency | requests | img/s | p50 ms | p99 ms | errors | 5xx | bare engine img/s (batch) | ratio | "
+          "engine busy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['errors']} | {r['server_errors']} | {r['engine_images_per_s']:.2f} "
-              f"({r['engine_batch']}) | {r['ratio']:.2f} |")
+              f"({r['engine_batch']}) | {r['ratio']:.2f} | {r['engine_busy']:.0%} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load.json").write_text(json.dumps({"max_batch_size": args.max_batch_size, "rows": rows}, indent=2))
+    (args.out / "load.json").write_text(json.dumps({"max_batch_size": args.max_batch_size, "served": engine.served,
+                                                    "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 # GPU server image: the same service on a CUDA runtime base with onnxruntime-gpu (CUDA and TensorRT execution
 # providers), TensorRT's runtime and cuda-python, so it serves a bundle's TensorRT engine or its ONNX graphs
-# on the GPU. Needs the NVIDIA Container Toolkit on the host (compose profile "gpu").
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# on the GPU. Needs the NVIDIA Container Toolkit on the host (compose profile "gpu") and a driver for CUDA 13
+# (R580 or newer). The CUDA runtime, cuBLAS, cuDNN and TensorRT libraries come as pip wheels pinned in
+# docker/gpu-constraints.txt (one CUDA major), so the base needs only Python: the CUDA base image is the default.
+# Building needs pypi.nvidia.com: tensorrt-cu13-libs is a stub that fetches its wheel from there.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,11 +15,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml docker/requirements.py /tmp/build/
+COPY pyproject.toml docker/requirements.py docker/server-constraints.txt docker/gpu-constraints.txt /tmp/build/
 RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server gpu \
         | grep -v '^onnxruntime>' > /tmp/build/requirements.txt \
+    && grep -v '^onnxruntime==' /tmp/build/server-constraints.txt > /tmp/build/constraints.txt \
+    && cat /tmp/build/gpu-constraints.txt >> /tmp/build/constraints.txt \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
+        -c /tmp/build/constraints.txt \
     && rm -rf /tmp/build \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
 

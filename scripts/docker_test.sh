@@ -132,7 +132,10 @@ assert body["model"] and result["error"] is None, body
 probabilities = [p["probability"] for p in result["predictions"]]
 assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True), body
 assert all(isinstance(p["label"], str) and p["label"] for p in result["predictions"]), body
-print(f"classified through the container: {result['predictions'][0]['label']} ({probabilities[0]:.2f})")
+info = httpx.get(f"{sys.argv[2]}/", timeout=10).json()
+assert info["variant"].startswith("int8") and info["runtime"].startswith("OpenVINO"), info
+print(f"classified through the container: {result['predictions'][0]['label']} ({probabilities[0]:.2f}) by the "
+      f"{info['variant']} graph on {info['runtime']}: {info['variant_reason']}")
 EOF
 [ "$(docker compose exec -T server id -u)" = 10001 ] || { echo "server runs as root" >&2; exit 1; }
 if docker compose exec -T server sh -c 'touch /app/x' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi

@@ -7,11 +7,14 @@ against the vocabulary the request started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -73,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = MicroBatcher(classifier.features, max_batch, config.max_wait_ms, config.max_queue_images, metrics)
         app.state.classifier, app.state.batcher = classifier, batcher
         app.state.ready, app.state.failure = False, None
-        app.state.decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        app.state.decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
+                                                initializer=_yield_to_the_engine)
         batcher.start()
         warm_up = asyncio.create_task(_warm_up(app, classifier, batcher))
         log.info("serving %s (%d labels, %s graph, batches of up to %d)", classifier.name,
@@ -244,6 +248,14 @@ async def _warm_up(app: FastAPI, classifier: Classifier, batcher: MicroBatcher) 
         return
     app.state.ready = True
     log.info("warmed up: ready")
+
+
+def _yield_to_the_engine() -> None:
+    """Decoding threads run at a lower priority (nice 10, this thread only on Linux) than the inference threads:
+    the engine's parallel kernels wait for their slowest thread, so a decode preempting one of them costs the
+    whole batch, while a decode delayed by a few milliseconds costs nothing as long as the queue is not empty."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _without_paths(value):

@@ -2,7 +2,13 @@
 
 On the int8 variants it runs the quantised products with its own int8 kernels and fuses the fp32 ops between
 them; measured on ViT-B/16 (2 AVX-512 VNNI cores) it ran the int8_vnni graph 1.3x as fast as onnxruntime
-(see README, "Speed"). Optional: `pip install promptkd-serve[openvino]`; the server image has it.
+(README, "Speed on CPU"). Optional: `pip install promptkd-serve[openvino]`; the server image has it.
+
+A batch of at least as many images as there are streams (one per core) is split across the streams, each with
+one thread: no thread waits for another, so a decoding thread that preempts one core delays one stream instead
+of stalling every core at the next barrier. Measured on 2 cores at batch 8: 20.4 images/s against 18.9 with
+all threads on one request, before any interference. Smaller batches run on one request with every thread, for
+latency.
 """
 from __future__ import annotations
 
@@ -20,26 +26,42 @@ class OpenVinoSession:
     def installed() -> bool:
         return importlib.util.find_spec("openvino") is not None
 
-    def __init__(self, model_path: Path, threads: int = 0) -> None:
+    def __init__(self, model_path: Path, threads: int) -> None:
         import openvino as ov
 
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
         try:
-            compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+            model = core.read_model(str(model_path))
+            latency = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                        "INFERENCE_PRECISION_HINT": "f32"})
+            streams = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
+                                                        "INFERENCE_NUM_THREADS": threads,
+                                                        "INFERENCE_PRECISION_HINT": "f32"})
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own for unreadable graphs
             raise RuntimeError(f"OpenVINO cannot load {model_path}: {err}") from err
-        if len(compiled.inputs) != 1 or len(compiled.outputs) != 1:
+        if len(latency.inputs) != 1 or len(latency.outputs) != 1:
             raise RuntimeError(f"{model_path} must have one input and one output")
-        self._request = compiled.create_infer_request()
-        self._output = compiled.output(0)
-        self._lock = threading.Lock()  # one infer request: start-up checks and the batcher never overlap, but be sure
-        self.input_shape = [d.get_length() if d.is_static else "batch" for d in compiled.input(0).get_partial_shape()]
+        self.streams = int(streams.get_property("NUM_STREAMS"))
+        self._latency = latency.create_infer_request()
+        self._queue = ov.AsyncInferQueue(streams, self.streams)
+        self._queue.set_callback(self._collect)
+        self._parts: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # the batcher runs one batch at a time; start-up checks run before it
+        self.input_shape = [d.get_length() if d.is_static else "batch" for d in latency.input(0).get_partial_shape()]
         self.output_shape = [d.get_length() if d.is_static else "batch"
-                             for d in compiled.output(0).get_partial_shape()]
-        self.description = f"OpenVINO {ov.get_version().split('-')[0]} on CPU"
+                             for d in latency.output(0).get_partial_shape()]
+        self.description = f"OpenVINO {ov.get_version().split('-')[0]} on CPU ({self.streams} streams)"
+
+    def _collect(self, request, index: int) -> None:
+        self._parts[index] = request.get_output_tensor(0).data.copy()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
         with self._lock:
-            return np.array(self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[self._output])
+            if len(batch) < self.streams:
+                return self._latency.infer({0: batch})[0].copy()
+            self._parts.clear()
+            for index, part in enumerate(np.array_split(batch, self.streams)):
+                self._queue.start_async({0: part}, index)
+            self._queue.wait_all()
+            return np.concatenate([self._parts[i] for i in range(self.streams)])

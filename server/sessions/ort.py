@@ -1,16 +1,34 @@
 """onnxruntime session for the bundle's student image encoder (CPU, CUDA or TensorRT execution providers)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+log = logging.getLogger("promptkd.server")
+
+
+def load_gpu_libraries(providers: list[str]) -> None:
+    """onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels, and TensorRT's of the tensorrt
+    wheel, only once they are loaded into the process (the GPU image installs them as wheels, not system-wide)."""
+    if "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers:
+        try:
+            ort.preload_dlls()
+        except Exception as err:  # missing wheels: onnxruntime then says itself which library it lacks
+            log.warning("could not preload the CUDA libraries: %s", err)
+    if "TensorrtExecutionProvider" in providers:
+        with contextlib.suppress(ImportError):
+            import tensorrt  # noqa: F401  (loads libnvinfer from the tensorrt wheel)
 
 
 class OrtSession:
     max_batch: int | None = None  # onnxruntime graphs take any batch
 
     def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
+        load_gpu_libraries(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         try:
