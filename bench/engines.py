@@ -5,7 +5,8 @@
 The student is the deployable one (deep visual prompts, projector, L2 norm) with random weights, which cost
 the same as trained ones. CPU engines: PyTorch eager fp32 (how the authors' code runs it), onnxruntime fp32, its
 optimised graph, static int8 with 7-bit and with 8-bit weights (calibrated on real photos), and OpenVINO (fp32,
-bf16 where the CPU has it, int8 from the same int8 graph) when it is installed. With --gpu: PyTorch eager fp16,
+bf16 where the CPU has it, and the int8 graphs through the server's OpenVINO session, which splits a batch
+across one stream per core) when it is installed. With --gpu: PyTorch eager fp16,
 onnxruntime's CUDA provider (fp32 and the fp16 variant) and a TensorRT fp16 engine, where present. The teacher's
 image tower in PyTorch gives the cost ratio. Each engine's features on the real photos are compared with eager
 fp32 (min cosine, top-1 agreement over 1000 random class vectors). Prints markdown tables, writes JSON and a PNG.
@@ -31,6 +32,7 @@ from export.parity import load_images
 from bundle import cpu_flags
 from bundle.parity import compare
 from export.variants import build_fp16, build_int8, build_optimized
+from server.sessions.openvino import OpenVinoSession
 from training.checkpoint import build_student
 from training.prompts import PromptedVisionTower
 from training.towers import freeze, load_clip
@@ -122,7 +124,10 @@ def cpu_engines(student, fp32: Path, folder: Path, photos: np.ndarray) -> dict:
     engines["openvino fp32"] = openvino_runner(fp32, "f32")
     if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         engines["openvino bf16"] = openvino_runner(fp32, "bf16")
-    engines["openvino int8 (8-bit weights)"] = openvino_runner(folder / "int8_vnni.onnx", "f32")
+    threads = torch.get_num_threads()
+    engines["openvino int8 (7-bit weights, server session)"] = OpenVinoSession(folder / "int8.onnx", threads).run
+    engines["openvino int8_vnni (8-bit weights, server session)"] = OpenVinoSession(
+        folder / "int8_vnni.onnx", threads).run
     return engines
 
 

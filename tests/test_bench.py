@@ -21,7 +21,8 @@ def test_engine_benchmark_writes_every_engine(tmp_path):
     cpu = {"pytorch eager fp32", "onnxruntime fp32", "onnxruntime optimized", "onnxruntime int8 (7-bit weights)",
            "onnxruntime int8_vnni (8-bit weights)"}
     if importlib.util.find_spec("openvino"):
-        cpu |= {"openvino fp32", "openvino int8 (8-bit weights)"}
+        cpu |= {"openvino fp32", "openvino int8 (7-bit weights, server session)",
+                "openvino int8_vnni (8-bit weights, server session)"}
     assert cpu <= set(results) and set(agreement) == set(results) - {"teacher PKD-Tiny-Teacher eager fp32"}
     assert all(len(rows) == 2 and rows[1]["images_per_s"] > 0 for rows in results.values())
     assert agreement["pytorch eager fp32"]["min_cosine"] > 0.99999
