@@ -4,11 +4,11 @@ On the int8 variants it runs the quantised products with its own int8 kernels an
 them; measured on ViT-B/16 (2 AVX-512 VNNI cores) it ran the int8_vnni graph 1.3x as fast as onnxruntime
 (README, "Speed on CPU"). Optional: `pip install promptkd-serve[openvino]`; the server image has it.
 
-A batch of at least as many images as there are streams (one per core) is split across the streams, each with
-one thread: no thread waits for another, so a decoding thread that preempts one core delays one stream instead
-of stalling every core at the next barrier. Measured on 2 cores at batch 8: 20.4 images/s against 18.9 with
-all threads on one request, before any interference. Smaller batches run on one request with every thread, for
-latency.
+A batch of at least as many images as there are streams (OpenVINO's throughput hint picks them for the threads
+given: one per core on 2 cores) is split across the streams. Threads of one stream never wait for another's, so
+a decoding thread that preempts one core delays one stream instead of stalling every core at the next barrier.
+Measured on 2 cores at batch 8: 20.4 images/s against 18.9 with all threads on one request, before any
+interference. Smaller batches run on one request with every thread, for latency.
 """
 from __future__ import annotations
 
@@ -32,11 +32,9 @@ class OpenVinoSession:
         core = ov.Core()
         try:
             model = core.read_model(str(model_path))
-            latency = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                                        "INFERENCE_PRECISION_HINT": "f32"})
-            streams = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
-                                                        "INFERENCE_NUM_THREADS": threads,
-                                                        "INFERENCE_PRECISION_HINT": "f32"})
+            common = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+            latency = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **common})
+            streams = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **common})
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own for unreadable graphs
             raise RuntimeError(f"OpenVINO cannot load {model_path}: {err}") from err
         if len(latency.inputs) != 1 or len(latency.outputs) != 1:
