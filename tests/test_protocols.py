@@ -13,7 +13,7 @@ import pytest
 
 from training.cli import main
 from training.data import fashion_mnist
-from training.evaluate import harmonic_mean
+from training.results import harmonic_mean
 from training.protocols import KD_WEIGHT, KD_WEIGHT_BY_DATASET
 from training.results import REFERENCE_DIR, read_reference
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from .data.datasets import Split, base_novel
 from .data.views import ViewDataset, collate_skipping
 from .loss import cosine_logits
+from .results import harmonic_mean
 
 
 @torch.no_grad()
@@ -49,10 +50,6 @@ def evaluate_split(
     if "student" in preds and "teacher" in preds:
         result["agreement"] = 100.0 * (preds["student"] == preds["teacher"]).float().mean().item()
     return result
-
-
-def harmonic_mean(base: float, novel: float) -> float:
-    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
 def evaluate_base_novel(

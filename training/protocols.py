@@ -32,6 +32,7 @@ from .data.datasets import (
 from .distill import DistillConfig, distill, load_distilled
 from .engine import RUN_STATE, Runtime, barrier, setup, teardown
 from .evaluate import evaluate_base_novel, evaluate_split
+from .results import RESULT
 from .stage1 import Stage1Config, train_teacher
 from .teacher import load_teacher, save_teacher
 from .transforms import eval_transform
@@ -43,7 +44,6 @@ SEEDS = (1, 2, 3)
 KD_WEIGHT = 1000.0
 KD_WEIGHT_BY_DATASET = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
 PROMPT_DEPTH = {"base2novel": 9, "cross_dataset": 3}
-RESULT = "result.json"
 
 
 @dataclass

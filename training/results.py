@@ -11,9 +11,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data.datasets import BASE2NOVEL_DATASETS, CROSS_TARGETS
-from .evaluate import harmonic_mean
-from .protocols import RESULT
+from .data.names import BASE2NOVEL_DATASETS, CROSS_TARGETS
+
+RESULT = "result.json"  # each protocol cell's figures, written by protocols.py
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 PROTOCOLS = {
@@ -40,6 +40,10 @@ def read_reference(path: Path) -> dict[tuple[str, str], dict[str, float]]:
     if not header:
         raise ValueError(f"{path}: no '# method,dataset,...' header line")
     return rows
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
 @dataclass

@@ -1,0 +1,24 @@
+"""Import boundaries: the results tables load without torch, so summarising a finished run needs no model stack."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK_TORCH = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def test_results_tables_import_without_torch():
+    code = BLOCK_TORCH + "import training.results as r; print(r.harmonic_mean(50.0, 100.0), r.RESULT)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["66.66666666666667", "result.json"]
+    blocked = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import training.evaluate"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert "blocked in this test" in blocked.stderr, "the blocker must actually block torch"
