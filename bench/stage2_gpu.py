@@ -21,7 +21,7 @@ import torch
 
 from training.checkpoint import build_student
 from training.distill import DistillConfig, TeacherImageEncoder, kd_step
-from training.engine import Runtime, autocast, grad_scaler
+from training.runtime import Runtime, autocast, grad_scaler
 from training.prompts import PromptedVisionTower
 from training.towers import freeze, load_clip
 

@@ -5,6 +5,7 @@ Reading verifies every checksum and shape, so a server never starts on a tampere
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -129,19 +130,33 @@ def read_bundle(folder: Path) -> Bundle:
         raise BundleError(f"labels file is not valid JSON: {err}") from err
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise BundleError("labels file must be a JSON list of strings")
-    vectors = load_npy(_safe_member(folder, manifest.files["class_vectors"].path), "class vectors")
+    vectors = load_npy(_safe_member(folder, manifest.files["class_vectors"].path), "class vectors",
+                       (len(labels), manifest.feature_dim))
     check_vectors(vectors, labels, manifest.feature_dim)
     if len(labels) != manifest.num_labels:
         raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
     return Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
 
 
-def load_npy(path: Path, what: str) -> np.ndarray:
-    """A .npy array, never a pickle; a clear error for anything else."""
+def load_npy(source: Path | bytes, what: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A numeric .npy array, never a pickle. Its header is checked against `shape` before any data is read, so a
+    wrong or hostile file (an admin upload, a damaged bundle) costs no allocation of the size it claims."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{what} are not a readable .npy array: {err}") from err
+        with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            header_shape, _, dtype = read_header(stream)
+            if shape is not None and tuple(header_shape) != shape:
+                raise BundleError(f"{what} have shape {tuple(header_shape)}, expected {shape}")
+            if dtype.hasobject:
+                raise BundleError(f"{what} must be a numeric array")
+            stream.seek(0)
+            return np.load(stream, allow_pickle=False)
+    except BundleError:
+        raise
+    except (ValueError, OSError, EOFError) as err:
+        raise BundleError(f"{what} are not a readable .npy array: {err}") from None
 
 
 def check_vectors(vectors: np.ndarray, labels: list[str], feature_dim: int) -> None:

@@ -16,7 +16,7 @@ from bundle import Bundle, BundleError, read_bundle
 from bundle.io import check_vectors
 
 from .config import Settings
-from .engine import Choice, open_session
+from .sessions.choice import Choice, open_session
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class AdminGate:
         path = scope.get("path", "")
         if scope["type"] != "http" or not (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
             return await self.app(scope, receive, send)
-        token = scope["app"].state.settings.admin_token
+        token = scope["app"].state.service.settings.admin_token
         if token is None:
             return await _answer(send, 404, "Not Found")
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -88,11 +88,11 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = scope["app"].state.settings.max_request_bytes
+        limit = scope["app"].state.service.settings.max_request_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _answer(send, 413, f"request body over the {limit}-byte limit")
-        budget = scope["app"].state.budget
+        budget = scope["app"].state.service.budget
         reserved = 2 * int(length) if length is not None else 0
         try:
             budget.take(reserved, "this request's body")
@@ -102,7 +102,7 @@ class BodyLimit:
             return await _answer(send, 503, f"server busy: {err}", [(b"retry-after", b"2")])
         received = 0
         parts = PartCounter(dict(scope["headers"]).get(b"content-type", b""),
-                            max(scope["app"].state.settings.max_images_per_request, ADMIN_PARTS))
+                            max(scope["app"].state.service.settings.max_images_per_request, ADMIN_PARTS))
 
         async def limited_receive():
             nonlocal received, reserved

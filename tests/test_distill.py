@@ -7,7 +7,7 @@ from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
 from training.data.datasets import find_images
 from training.distill import DistillConfig, build, distill
-from training.engine import lr_at
+from training.runtime import lr_at
 from training.towers import load_clip
 
 from conftest import STUDENT, TEACHER

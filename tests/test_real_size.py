@@ -17,7 +17,7 @@ from export.cli import build_bundle
 from training.checkpoint import build_student, save_checkpoint
 from training.class_vectors import PROMPTSRC_TEMPLATES
 from training.distill import DistillConfig, TeacherImageEncoder, kd_step
-from training.engine import Runtime, grad_scaler
+from training.runtime import Runtime, grad_scaler
 from training.stage1 import Stage1Config, frozen_text_targets, teacher_loss
 from training.teacher import Teacher
 from training.towers import load_clip, tokenizer_for

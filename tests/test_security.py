@@ -182,7 +182,7 @@ def test_liveness_fails_when_the_batch_worker_dies(bundle_dir, fmnist):
         while client.get("/readyz").status_code != 200 and time.time() < deadline:
             time.sleep(0.05)
         assert client.get("/healthz").status_code == 200
-        client.app.state.batcher._worker.cancel()
+        client.app.state.service.batcher._worker.cancel()
         time.sleep(0.2)
         health = client.get("/healthz")
         assert health.status_code == 503 and "worker" in health.json()["detail"]

@@ -148,8 +148,8 @@ def _gated_client(bundle_dir, **settings):
     deadline = time.time() + 30
     while not client.get("/readyz").json()["ready"] and time.time() < deadline:
         time.sleep(0.05)
-    gate = _Gate(app.state.batcher.run)
-    app.state.batcher.run = gate
+    gate = _Gate(app.state.service.batcher.run)
+    app.state.service.batcher.run = gate
     return client, gate
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import save_atomic
+from .runtime import save_atomic
 from .prompts import PromptedVisionTower
 from .student import Projector, Student
 from .towers import Preprocess, freeze, load_clip

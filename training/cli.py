@@ -210,7 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from .class_vectors import ClassVectors, zero_shot_vectors
     from .distill import TeacherImageEncoder, load_distilled, teacher_tower
-    from .engine import setup
+    from .runtime import setup
     from .evaluate import evaluate_base_novel, evaluate_split
     from .transforms import eval_transform
 
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .engine import Interrupted
+    from .runtime import Interrupted
     from .towers import TowerLoadError
 
     try:

@@ -22,7 +22,7 @@ from .checkpoint import build_student, load_checkpoint, load_checkpoint_state, s
 from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
-from .engine import (
+from .runtime import (
     RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
     lr_at, save_atomic, seed_everything, setup, teardown,
 )

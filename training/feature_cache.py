@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data.views import ViewDataset, collate_skipping
-from .engine import Runtime, autocast, barrier
+from .runtime import Runtime, autocast, barrier
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
-from .engine import seed_everything
+from .runtime import seed_everything
 from .towers import load_clip, tokenizer_for
 from .transforms import train_transform
 

@@ -30,7 +30,7 @@ from .data.datasets import (
     BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
 )
 from .distill import DistillConfig, distill, load_distilled
-from .engine import RUN_STATE, Runtime, barrier, setup, teardown
+from .runtime import RUN_STATE, Runtime, barrier, setup, teardown
 from .evaluate import evaluate_base_novel, evaluate_split
 from .results import RESULT
 from .stage1 import Stage1Config, train_teacher

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .class_vectors import DEFAULT_TEMPLATE, PROMPTSRC_TEMPLATES, template_ensemble
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
-from .engine import (
+from .runtime import (
     RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
     lr_at, save_atomic, seed_everything, setup, teardown,
 )

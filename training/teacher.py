@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from .checkpoint import read_tagged
 from .class_vectors import ClassVectors
-from .engine import save_atomic
+from .runtime import save_atomic
 from .prompts import PromptedTextTower, PromptedVisionTower
 from .towers import Preprocess, freeze, load_clip, tokenizer_for
 

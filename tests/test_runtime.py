@@ -1,4 +1,4 @@
-"""The training engine: torchrun with two CPU processes, interrupt and resume, the teacher feature cache,
+"""The training runtime: torchrun with two CPU processes, interrupt and resume, the teacher feature cache,
 unreadable images, and bf16 autocast. All on real Fashion-MNIST photos with tiny towers."""
 import json
 import os

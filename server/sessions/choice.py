@@ -22,10 +22,10 @@ import onnxruntime as ort
 from bundle import Bundle, BundleError, Parity, Variant, cpu_flags
 from bundle.parity import compare, meets
 
-from .config import Settings, available_cpus
-from .sessions.openvino import OpenVinoSession
-from .sessions.ort import OrtSession
-from .sessions.trt import TensorRTUnavailable, TrtSession
+from ..config import Settings, available_cpus
+from .openvino import OpenVinoSession
+from .ort import OrtSession
+from .trt import TensorRTUnavailable, TrtSession
 
 log = logging.getLogger("promptkd.server")
 

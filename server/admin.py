@@ -1,0 +1,31 @@
+"""Admin routes, off unless PROMPTKD_ADMIN_TOKEN is set. AdminGate (middleware.py) checks the bearer token for
+every /admin path before the body is read; these handlers only ever run for an authorised caller."""
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Form, Header, Request, UploadFile
+
+from .schemas import ErrorResponse, SwapResponse
+
+router = APIRouter(prefix="/admin")
+
+
+@router.post("/class-vectors", response_model=SwapResponse, responses={
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorResponse, "description": "admin routes are disabled (no PROMPTKD_ADMIN_TOKEN)"},
+    422: {"model": ErrorResponse, "description": "checksum mismatch, unreadable files, wrong shape or width"},
+})
+async def swap_class_vectors(
+    request: Request,
+    labels: UploadFile = File(..., description="labels.json: a JSON list of label strings"),
+    class_vectors: UploadFile = File(..., description="class_vectors.npy: float [labels, feature_dim], "
+                                                      "L2-normalised rows"),
+    labels_sha256: str = Form(..., description="sha256 of the labels file, checked before use"),
+    class_vectors_sha256: str = Form(..., description="sha256 of the class vectors file"),
+    authorization: str | None = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked by AdminGate "
+                                                         "before the body is read (documented here)"),
+) -> SwapResponse:
+    """Replace the labels and class vectors without downtime (e.g. vectors for new class names from the
+    stage-1 `class-vectors` command). Everything is validated first; the switch is one atomic reference
+    swap, so requests in flight finish on the old set. Not persisted: a restart serves the bundle's set."""
+    return request.app.state.service.swap_vocabulary(await labels.read(), labels_sha256, await class_vectors.read(),
+                                                     class_vectors_sha256)
