@@ -1,5 +1,5 @@
 """A real-size bundle for the GPU checks: ViT-B/16 student at 224 px (random weights, which cost the same as
-trained ones), 768-d class vectors for 1000 classes, exported by `python -m export`'s own `build_bundle`.
+trained ones), 768-d class vectors for 1000 classes, exported by `python -m export bundle`'s own `build_bundle`.
 
     python bench/real_size_bundle.py --out DIR [--variants fp16] [--force-variants]
 

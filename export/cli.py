@@ -1,4 +1,4 @@
-"""`python -m export`: turn a distilled student checkpoint into a verified model bundle."""
+"""`python -m export bundle`: turn a distilled student checkpoint into a verified model bundle."""
 from __future__ import annotations
 
 import argparse
@@ -119,7 +119,7 @@ def spread(files: list[str], count: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m export",
+        prog="python -m export bundle",
         description="Fold a distilled student's prompts and projector into a static ONNX image encoder, prove "
                     "parity with PyTorch on real images, and write a model bundle for the server.",
     )

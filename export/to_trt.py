@@ -140,7 +140,7 @@ def record_engine(folder: Path, engine_bytes: bytes, precision: str, parity: Par
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python export/to_trt.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder made by python -m export")
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder made by python -m export bundle")
     parser.add_argument("--parity-images", type=Path, required=True,
                         help="folder of real images (recursive) to check the engine against onnxruntime")
     parser.add_argument("--parity-count", type=int, default=64, help="how many of those images to use")

@@ -1,4 +1,4 @@
-"""`python -m export.vocabulary`: class vectors from the stage-1 teacher (.npz) -> the bundle's labels.json and
+"""`python -m export vocabulary`: class vectors from the stage-1 teacher (.npz) -> the bundle's labels.json and
 class_vectors.npy, ready for the server's POST /admin/class-vectors (their sha256 sums are printed)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from training.class_vectors import ClassVectors
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.vocabulary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m export vocabulary", description=__doc__.splitlines()[0])
     parser.add_argument("class_vectors", type=Path, help=".npz written by python -m training class-vectors")
     parser.add_argument("--out", type=Path, required=True, help="folder for labels.json and class_vectors.npy")
     parser.add_argument("--bundle", type=Path, help="check the vectors fit this bundle (feature width, logit scale)")

@@ -45,7 +45,7 @@ $PY -m training distill $TEACHER --teacher-checkpoint "$W/teacher/teacher.pt" \
 echo "== 5/6 export: ONNX student, parity with PyTorch, int8 variants for CPUs, bundle"
 # int8 (7-bit weights, any CPU) and int8_vnni (8-bit, CPUs with VNNI/AMX or ARM dot products), each kept only
 # where it reaches its floors here; the server picks the fastest that passes its start-up check where it runs.
-$PY -m export --checkpoint "$W/run/student.pt" --parity-images "$W/data/test" --out "$W/bundle" \
+$PY -m export bundle --checkpoint "$W/run/student.pt" --parity-images "$W/data/test" --out "$W/bundle" \
     --name fashion-mnist-demo --overwrite --variants int8 int8_vnni optimized \
     --calibration-images "$W/data/train" --skip-failing-variants
 

@@ -91,7 +91,7 @@ def test_int8_variants_of_the_demo_student_agree_with_fp32(demo_workdir, tmp_pat
     work, _ = demo_workdir
     variants = ["int8", *(["int8_vnni"] if cpu_flags() & set(NON_SATURATING_INT8) else [])]
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(work / "run" / "student.pt"), "--out",
+        [sys.executable, "-m", "export", "bundle", "--checkpoint", str(work / "run" / "student.pt"), "--out",
          str(tmp_path / "bundle"), "--parity-images", str(work / "data" / "test"), "--parity-count", "500",
          "--variants", *variants, "--calibration-images", str(work / "data" / "train"), "--force-variants"],
         cwd=REPO, capture_output=True, text=True, timeout=600,

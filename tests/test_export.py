@@ -35,3 +35,28 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys, fmnist):
                             "--out", str(tmp_path / "b")])
     assert code == 2
     assert "cannot read student checkpoint" in capsys.readouterr().err
+
+
+def test_one_entry_dispatches_to_every_export_tool():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "export", *args], cwd=repo, capture_output=True, text=True,
+                              timeout=120)
+
+    listing = run("--help")
+    assert listing.returncode == 0 and all(name in listing.stdout for name in ("bundle", "trt", "vocabulary"))
+    assert run().returncode == 2
+    unknown = run("bogus")
+    assert unknown.returncode == 2 and "unknown command 'bogus'" in unknown.stderr
+    for command, prog in (("bundle", "python -m export bundle"), ("trt", "python export/to_trt.py"),
+                          ("vocabulary", "python -m export vocabulary")):
+        usage = run(command, "--help")
+        assert usage.returncode == 0 and usage.stdout.startswith(f"usage: {prog}"), usage.stderr
+    missing = run("bundle", "--checkpoint", "/nonexistent/student.pt", "--parity-images", "/nonexistent",
+                  "--out", "/tmp/never-written")
+    assert missing.returncode == 2 and missing.stderr.startswith("error:")
