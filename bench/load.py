@@ -42,7 +42,7 @@ def foolbox_photos() -> list[Path]:
 
 def random_bundle(folder: Path, model: str, feature_dim: int, photos: list[Path], variants: list[str]) -> Path:
     """A bundle of a randomly initialised student, made by the project's own export."""
-    from export.cli import build_bundle
+    from export.build import build_bundle
     from training.checkpoint import build_student, save_checkpoint
     from training.class_vectors import ClassVectors
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engines import photo_paths  # a sibling script: bench/ is on the path when run
-from export.cli import build_bundle
+from export.build import build_bundle
 from export.variants import VARIANTS
 from training.checkpoint import build_student, save_checkpoint
 from training.class_vectors import ClassVectors

@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
-from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest, Variant
 
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
 
@@ -68,6 +70,29 @@ class Bundle:
             have = ", ".join(["fp32", *self.manifest.variants])
             raise BundleError(f"bundle has no {variant!r} variant (it has: {have})")
         return self.folder / self.manifest.files[self.manifest.variants[variant].file].path
+
+
+def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Write `path` through a hidden temporary sibling renamed over it, so that a crash or a full disk leaves the
+    old file or the new one, never half of one. `suffix` ends the temporary name for writers that append their
+    own extension otherwise (numpy's savez adds .npz)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_variant(folder: Path, name: str, file_name: str, variant: Variant) -> Manifest:
+    """Add a variant whose file is already in a verified bundle folder: its checksum and entry, then the manifest
+    replaced atomically (the bundle stays readable at every moment)."""
+    manifest = read_bundle(folder).manifest
+    files = {**manifest.files, variant.file: file_entry(folder, file_name)}
+    updated = manifest.model_copy(update={"files": files, "variants": {**manifest.variants, name: variant}})
+    write_atomic(folder / MANIFEST_NAME, lambda tmp: tmp.write_text(updated.model_dump_json(indent=2)))
+    return updated
 
 
 def write_labels_and_vectors(folder: Path, labels: list[str], vectors: np.ndarray) -> None:

@@ -4,117 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from bundle import (
-    MANIFEST_NAME, BundleError, InputSpec, Manifest, Provenance, file_entry, publish, write_labels_and_vectors,
-)
-from training.checkpoint import load_checkpoint
-from training.class_vectors import ClassVectors
+from bundle import BundleError
 from training.data.datasets import DatasetError, find_images
 from training.towers import TowerLoadError
-from training.transforms import eval_transform
 
-from .onnx_export import export_onnx
-from .parity import ParityError, check, load_images, measure, run_graph
-from .variants import VARIANTS, VariantError, add_variant
-
-log = logging.getLogger(__name__)
-MODEL_FILE = "student.onnx"
-
-
-def build_bundle(
-    checkpoint: Path, out: Path, parity_images: list[str], class_vectors: Path | None = None,
-    name: str | None = None, overwrite: bool = False, variants: tuple[str, ...] = (),
-    calibration_images: list[str] | None = None, force_variants: bool = False, parity_set: int = 32,
-    skip_failing_variants: bool = False,
-) -> Manifest:
-    """Export, prove parity, build the asked variants, then publish the bundle; nothing is written to `out`
-    unless every check holds."""
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    if parity_set < 0:
-        raise ValueError(f"--parity-set must be 0 or more, got {parity_set}")
-    student, pre, cfg = load_checkpoint(checkpoint)
-    vectors = ClassVectors.load(class_vectors or Path(cfg["class_vectors"]))
-    if vectors.vectors.shape[1] != cfg["teacher_dim"]:
-        raise BundleError(f"class vectors are {vectors.vectors.shape[1]}-d, the student projects to "
-                          f"{cfg['teacher_dim']}-d")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        export_onnx(student, pre.image_size, staging / MODEL_FILE)
-        transform = eval_transform(pre)
-        images = load_images(parity_images, transform)
-        class_matrix = vectors.vectors.numpy()
-        parity, reference = measure(student, staging / MODEL_FILE, images, class_matrix)
-        check(parity)
-        files = {"model": MODEL_FILE}
-        entries = {}
-        if variants:
-            held_out = images.numpy()
-            calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
-            for variant in variants:
-                try:
-                    files[f"model_{variant}"], entries[variant] = add_variant(
-                        variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, calibration,
-                        force_variants,
-                    )
-                except VariantError as err:
-                    if not skip_failing_variants:
-                        raise
-                    log.warning("leaving the %s variant out: %s", variant, err)
-        write_labels_and_vectors(staging, vectors.classnames, class_matrix)
-        files.update(labels="labels.json", class_vectors="class_vectors.npy")
-        if parity_set:
-            files.update(write_parity_set(staging, images.numpy(), parity_set))
-        manifest = Manifest(
-            name=name or out.name,
-            input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
-                            resize_mode=pre.resize_mode, interpolation=pre.interpolation),
-            feature_dim=int(vectors.vectors.shape[1]),
-            logit_scale=vectors.logit_scale,
-            num_labels=len(vectors.classnames),
-            files={role: file_entry(staging, f) for role, f in files.items()},
-            parity=parity,
-            variants=entries,
-            provenance=Provenance(
-                teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
-                student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
-                prompt_tokens=cfg["prompt_tokens"], prompt_depth=cfg["prompt_depth"],
-                class_vectors_source=json.dumps(vectors.meta, sort_keys=True),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                exporter="promptkd-serve export/1",
-            ),
-        )
-        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
-        staging.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
-        publish(staging, out, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
-
-
-def write_parity_set(folder: Path, images: np.ndarray, count: int) -> dict[str, str]:
-    """Up to `count` held-out images, stored as float16, and the fp32 graph's features for exactly those stored
-    values: what the server runs its chosen variant on at start-up, on its own CPU or GPU."""
-    inputs = images[:: max(1, len(images) // count)][:count].astype(np.float16)
-    features = run_graph(folder / MODEL_FILE, inputs.astype(np.float32), ["CPUExecutionProvider"])
-    np.save(folder / "parity_inputs.npy", inputs)
-    np.save(folder / "parity_features.npy", features.astype(np.float32))
-    return {"parity_inputs": "parity_inputs.npy", "parity_features": "parity_features.npy"}
-
-
-def spread(files: list[str], count: int) -> list[str]:
-    """`count` files evenly spaced over a sorted listing, so every class folder is represented."""
-    step = max(1, len(files) // max(1, count))
-    return files[::step][:count]
+from .build import build_bundle, spread
+from .parity import ParityError
+from .variants import VARIANTS, VariantError
 
 
 def main(argv: list[str] | None = None) -> int:

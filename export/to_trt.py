@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from bundle import MANIFEST_NAME, BundleError, Manifest, Parity, Variant, file_entry, read_bundle
+from bundle import BundleError, Manifest, Parity, Variant, read_bundle, record_variant, write_atomic
 from bundle.parity import compare, meets
 from export.parity import load_images, run_graph
 from export.variants import THRESHOLDS
@@ -122,20 +121,14 @@ def run_engine(engine_bytes: bytes, images: np.ndarray, batch: int) -> np.ndarra
 
 def record_engine(folder: Path, engine_bytes: bytes, precision: str, parity: Parity, built_for: dict[str, str],
                   forced: bool) -> Manifest:
-    """Add the engine to a verified bundle: write its file, then replace the manifest atomically."""
-    bundle = read_bundle(folder)
+    """Add the engine to a verified bundle: write its file, then record it in the manifest (atomically)."""
+    read_bundle(folder)
     name = f"student.{precision}.plan"
-    (folder / name).write_bytes(engine_bytes)
-    manifest = bundle.manifest
-    files = {**manifest.files, "engine_tensorrt": file_entry(folder, name)}
+    write_atomic(folder / name, lambda tmp: tmp.write_bytes(engine_bytes))
     min_cos, min_agree = THRESHOLDS["fp16"]
     variant = Variant(file="engine_tensorrt", precision=precision, device="gpu", parity=parity, forced=forced,
                       runtime="tensorrt", built_for=built_for, min_cosine=min_cos, min_agreement=min_agree)
-    updated = manifest.model_copy(update={"files": files, "variants": {**manifest.variants, "tensorrt": variant}})
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(updated.model_dump_json(indent=2))
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return updated
+    return record_variant(folder, "tensorrt", name, variant)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ def distilled(tmp_path_factory, tiny_weights, class_vectors, fmnist) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, distilled, fmnist) -> Path:
-    from export.cli import build_bundle
+    from export.build import build_bundle
     from training.data.datasets import find_images
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"

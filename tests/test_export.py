@@ -1,6 +1,7 @@
 """Export refuses to publish a graph that fails parity, and never clobbers an existing bundle by accident."""
 import pytest
 
+import export.build as export_build
 import export.cli as export_cli
 from bundle import BundleError, Parity, read_bundle
 from export.parity import ParityError
@@ -9,10 +10,10 @@ from training.data.datasets import find_images
 
 def test_parity_failure_writes_nothing(distilled, fmnist, tmp_path, monkeypatch):
     bad = Parity(images=4, min_cosine=0.98, mean_cosine=0.99, top1_agreement=0.75, max_abs_diff=0.1)
-    monkeypatch.setattr(export_cli, "measure", lambda *a, **k: (bad, None))
+    monkeypatch.setattr(export_build, "measure", lambda *a, **k: (bad, None))
     out = tmp_path / "bundle"
     with pytest.raises(ParityError, match="min cosine 0.980000"):
-        export_cli.build_bundle(distilled, out, find_images(fmnist / "test")[:4])
+        export_build.build_bundle(distilled, out, find_images(fmnist / "test")[:4])
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind
 
@@ -23,9 +24,9 @@ def test_existing_bundle_is_kept_unless_overwrite(distilled, fmnist, tmp_path, b
     (out / "precious.txt").write_text("keep me")
     images = find_images(fmnist / "test")[:4]
     with pytest.raises(BundleError, match="--overwrite"):
-        export_cli.build_bundle(distilled, out, images)
+        export_build.build_bundle(distilled, out, images)
     assert (out / "precious.txt").read_text() == "keep me"
-    export_cli.build_bundle(distilled, out, images, overwrite=True)
+    export_build.build_bundle(distilled, out, images, overwrite=True)
     assert read_bundle(out).manifest.parity.images == 4
     assert not (out / "precious.txt").exists()
 

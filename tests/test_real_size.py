@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from export.cli import build_bundle
+from export.build import build_bundle
 from training.checkpoint import build_student, save_checkpoint
 from training.class_vectors import PROMPTSRC_TEMPLATES
 from training.distill import DistillConfig, TeacherImageEncoder, kd_step

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 import server.sessions.choice as engine
 from bundle import MANIFEST_NAME, cpu_flags, read_bundle
-from export.cli import build_bundle
+from export.build import build_bundle
 from export.variants import NON_SATURATING_INT8
 from server.config import Settings
 from server.main import create_app

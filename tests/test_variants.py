@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 
 import export.variants as variants
 from bundle import BundleError, read_bundle
-from export.cli import build_bundle
+from export.build import build_bundle
 from export.variants import VariantError
 from server.config import Settings
 from server.main import create_app

@@ -15,6 +15,8 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
+from bundle import write_atomic
+
 from .towers import encode_text, load_clip, tokenizer_for
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -42,16 +44,13 @@ class ClassVectors:
     meta: dict
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
+        write_atomic(path, lambda tmp: np.savez(
             tmp,
             vectors=self.vectors.float().cpu().numpy(),
             classnames=np.array(self.classnames, dtype=str),
             logit_scale=np.float32(self.logit_scale),
             meta=np.array(json.dumps(self.meta)),
-        )
-        tmp.replace(path)
+        ), suffix=".npz")
 
     def check_labels(self, classnames: list[str]) -> None:
         """Vectors are rows in label order: refuse a labelled split whose classes are not exactly these."""

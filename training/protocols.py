@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bundle import sha256_file
+from bundle import sha256_file, write_atomic
 
 from .authors import import_teacher, released_teacher
 from .class_vectors import ClassVectors
@@ -86,9 +86,7 @@ class ProtocolConfig:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
 
 
 def _split(cfg: ProtocolConfig, dataset: str, split: str) -> Split:
