@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import build_student
-from training.distill import DistillConfig, TeacherImageEncoder, kd_step
+from training.distill import DistillConfig, kd_step
+from training.loss import KDObjective
+from training.teacher import TeacherImageEncoder
 from training.runtime import Runtime, autocast, grad_scaler
 from training.prompts import PromptedVisionTower
 from training.towers import freeze, load_clip
@@ -47,10 +49,11 @@ def _peak_gib(device: torch.device) -> float | None:
 def measure(mode: str, precision: str, batch: int, steps: int, parts: dict, rt: Runtime) -> dict:
     """Images/s over `steps` timed steps (after two untimed ones) and the peak memory of this configuration."""
     student, teacher, vectors = parts["student"], parts["teacher"], parts["vectors"]
-    cfg = DistillConfig(teacher_model="", teacher_pretrained=None, student_model="", student_pretrained=None,
-                        class_vectors="", output_dir="", precision=precision)
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    published = DistillConfig.__dataclass_fields__  # the published optimiser settings, without a whole run config
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=published["lr"].default,
+                                momentum=published["momentum"].default,
+                                weight_decay=published["weight_decay"].default)
+    objective = KDObjective(vectors, 100.0, published["kd_weight"].default, published["temperature"].default)
     scaler = grad_scaler(rt, precision)
     images = torch.randn(batch, 3, parts["size"], parts["size"], device=rt.device)
     cached = torch.randn(batch, vectors.shape[1], device=rt.device)
@@ -64,7 +67,7 @@ def measure(mode: str, precision: str, batch: int, steps: int, parts: dict, rt: 
             return
         with autocast(rt, precision):
             features = teacher(images) if mode == "teacher live" else cached
-        kd_step(student, images, features, vectors, 100.0, cfg, optimizer, scaler, rt)
+        kd_step(student, images, features, objective, optimizer, scaler, rt, precision)
 
     _peak_reset(rt.device)
     for _ in range(2):

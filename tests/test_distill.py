@@ -53,16 +53,16 @@ def test_only_prompts_and_projector_train(tmp_path, tiny_weights, class_vectors,
 
     def spy(cfg):
         captured["parts"] = parts = real_build(cfg)
-        captured["before"] = {k: v.clone() for k, v in parts[0].tower.visual.state_dict().items()}
-        captured["teacher"] = {k: v.clone() for k, v in parts[1].state_dict().items()}
-        captured["prompts"] = parts[0].tower.prompts.detach().clone()
+        captured["before"] = {k: v.clone() for k, v in parts[1].tower.visual.state_dict().items()}
+        captured["teacher"] = {k: v.clone() for k, v in parts[2].state_dict().items()}
+        captured["prompts"] = parts[1].tower.prompts.detach().clone()
         return parts
 
     monkeypatch.setattr(module, "build", spy)
     # No weight decay and no warm-up: then only a gradient can move the prompts.
     distill(_config(tmp_path, tiny_weights, class_vectors, weight_decay=0.0, warmup_epochs=0),
             find_images(fmnist / "train")[:32])
-    student, teacher = captured["parts"][0], captured["parts"][1]
+    student, teacher = captured["parts"][1], captured["parts"][2]
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable == {"tower.prompts"} | {f"projector.{n}" for n, _ in student.projector.named_parameters()}
     for k, v in student.tower.visual.state_dict().items():

@@ -16,9 +16,11 @@ from torch.nn import functional as F
 from export.build import build_bundle
 from training.checkpoint import build_student, save_checkpoint
 from training.class_vectors import PROMPTSRC_TEMPLATES
-from training.distill import DistillConfig, TeacherImageEncoder, kd_step
+from training.distill import DistillConfig, kd_step
+from training.loss import KDObjective
+from training.teacher import TeacherImageEncoder
 from training.runtime import Runtime, grad_scaler
-from training.stage1 import Stage1Config, frozen_text_targets, teacher_loss
+from training.teacher_training import Stage1Config, frozen_text_targets, teacher_loss
 from training.teacher import Teacher
 from training.towers import load_clip, tokenizer_for
 from training.transforms import train_transform
@@ -136,7 +138,8 @@ def test_stage2_step_matches_the_authors_formula_and_exports(teacher_and_vectors
     student.train()
     student.tower.visual.eval()
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loss = kd_step(student, images, teacher_features, vectors, scale, cfg, optimizer, grad_scaler(cpu, "fp32"), cpu)
+    objective = KDObjective(vectors, scale, cfg.kd_weight, cfg.temperature)
+    loss = kd_step(student, images, teacher_features, objective, optimizer, grad_scaler(cpu, "fp32"), cpu, "fp32")
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(authors.item(), rel=1e-5)
     theirs = [p.grad for p in reference.parameters() if p.requires_grad]
     assert all(p.grad is not None for p in trainable)

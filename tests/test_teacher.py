@@ -6,7 +6,7 @@ from torch.nn import functional as F
 from training.authors import import_teacher
 from training.data.datasets import few_shot, load_image_folder
 from training.prompts import PromptedTextTower
-from training.stage1 import Stage1Config, frozen_text_targets, gpa_weights, train_teacher
+from training.teacher_training import Stage1Config, frozen_text_targets, gpa_weights, train_teacher
 from training.teacher import Teacher, TeacherConfig, load_teacher, save_teacher
 from training.towers import load_clip, tokenizer_for
 
@@ -150,7 +150,7 @@ def test_stage1_keeps_gpa_unless_asked_to_choose_on_validation(tmp_path, tiny_we
                                                                selection, gpa_acc, expected):
     """Validation accuracies are scripted (30, 50, 40 per epoch, then the aggregate's): 'gpa' (published) keeps the
     aggregate whatever they are; 'val' keeps the better of it and the best epoch, whose prompts are saved."""
-    import training.stage1 as stage1
+    import training.teacher_training as stage1
 
     scripted = iter([30.0, 50.0, 40.0, gpa_acc])
     states = []

@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .runtime import save_atomic
+from .runtime import read_tagged, save_atomic
 from .prompts import PromptedVisionTower
 from .student import Projector, Student
+from .teacher import TeacherImageEncoder, teacher_tower
 from .towers import Preprocess, freeze, load_clip
 
 FORMAT = "promptkd-student/1"
@@ -35,17 +37,6 @@ def save_checkpoint(path: Path, student: Student, config: dict, epoch: int) -> N
     save_atomic(path, {"format": FORMAT, "config": config, "epoch": epoch, "state": student.trainable_state()})
 
 
-def read_tagged(path: Path, fmt: str, kind: str) -> dict:
-    """A checkpoint written by this project with format tag `fmt`; a clear error for anything else."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {kind} checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise ValueError(f"{path} is not a PromptKD {kind} checkpoint (format {fmt})")
-    return ckpt
-
-
 def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     """Only the trained prompts and projector of a student checkpoint."""
     return read_tagged(path, FORMAT, "student")["state"]
@@ -61,3 +52,16 @@ def load_checkpoint(path: Path) -> tuple[Student, Preprocess, dict]:
     )
     student.load_trainable_state(ckpt["state"])
     return student.eval(), pre, cfg
+
+
+def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[str, nn.Module], Preprocess, dict]:
+    """A distilled student.pt as encoders for evaluation: the student and, unless left out, the teacher image
+    tower it learned from. Returns them with the student's preprocessing and the run's config."""
+    student, pre, cfg = load_checkpoint(checkpoint)
+    encoders: dict[str, nn.Module] = {}
+    if with_teacher:
+        tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
+                                               cfg.get("teacher_weights"), cfg.get("teacher_checkpoint"))
+        encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
+    encoders["student"] = student.eval()
+    return encoders, pre, cfg

@@ -139,7 +139,7 @@ def _few_shot_splits(args: argparse.Namespace) -> tuple[Split, Split]:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
-    from .stage1 import Stage1Config, train_teacher
+    from .teacher_training import Stage1Config, train_teacher
     from .teacher import load_teacher
 
     train, val = _few_shot_splits(args)
@@ -206,38 +206,31 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import torch
-
     from .class_vectors import ClassVectors, zero_shot_vectors
-    from .distill import TeacherImageEncoder, load_distilled, teacher_tower
+    from .evaluate import evaluate_checkpoint, evaluate_encoders
     from .runtime import setup
-    from .evaluate import evaluate_base_novel, evaluate_split
+    from .teacher import TeacherImageEncoder, load_teacher, teacher_tower
     from .transforms import eval_transform
 
     device = setup(args.device).device
     split = _split(args, args.split)
-    encoders: dict[str, torch.nn.Module]
+    base_novel_split = args.protocol == "base2novel"
     if args.checkpoint:
-        encoders, pre, cfg = load_distilled(args.checkpoint, with_teacher=not args.student_only)
-        vectors = ClassVectors.load(Path(args.class_vectors or cfg["class_vectors"]))
+        vectors = ClassVectors.load(args.class_vectors) if args.class_vectors else None
+        report = evaluate_checkpoint(args.checkpoint, split, device, base_novel_split, args.workers, vectors,
+                                     with_teacher=not args.student_only)
     else:
         tower, pre, *_ = teacher_tower(args.teacher_model, args.teacher_pretrained, args.teacher_weights,
                                        args.teacher_checkpoint)
-        encoders = {"teacher": TeacherImageEncoder(tower, pre, pre)}
         if args.class_vectors:
             vectors = ClassVectors.load(args.class_vectors)
         elif args.teacher_checkpoint:
-            from .teacher import load_teacher
-
             vectors = load_teacher(args.teacher_checkpoint)[0].class_vectors(split.classnames, "evaluate")
         else:
             vectors = zero_shot_vectors(args.teacher_model, args.teacher_pretrained, split.classnames,
                                         weights=args.teacher_weights)
-    vectors.check_labels(split.classnames)
-    encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
-    run = evaluate_base_novel if args.protocol == "base2novel" else evaluate_split
-    report = run(encoders, split, vectors.vectors.to(device), vectors.logit_scale, eval_transform(pre),
-                 workers=args.workers)
+        report = evaluate_encoders({"teacher": TeacherImageEncoder(tower, pre, pre)}, split, vectors,
+                                   eval_transform(pre), device, base_novel_split, args.workers)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +298,21 @@ def cmd_results(args: argparse.Namespace) -> None:
     print("\n".join(texts.values()))
 
 
+def _add_run_options(p: argparse.ArgumentParser, precision: bool = False, resume: bool = False,
+                     seed: str | None = None) -> None:
+    """The options every command that trains or evaluates shares, declared once, as one group of its --help."""
+    group = p.add_argument_group("run")
+    if precision:
+        group.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                           help="autocast precision for the forward passes (weights stay fp32)")
+    if resume:
+        group.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
+    group.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
+    if seed:
+        group.add_argument("--seed", type=int, default=1, help=seed)
+    group.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
 def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[str, ...]) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the CoOp dataset folders")
@@ -344,9 +352,7 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
                         "folder (teacher_model/: <Dataset>/VLPromptLearner/model-best.pth.tar, "
                         "ImageNet-xd/VLPromptLearner_large/model.pth.tar-20); one teacher per dataset serves every "
                         "seed")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
-    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _add_run_options(p, precision=True)
     p.set_defaults(func=cmd_protocol)
 
 
@@ -426,11 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frozen text targets of the regularisers: 'ensemble' (published) averages PromptSRC's 60 "
                         "templates per class, 'single' uses 'a photo of a {}.'")
     _add_crop(p)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
-    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw and of training")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _add_run_options(p, precision=True, resume=True, seed="seed of the few-shot draw and of training")
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("import-teacher", help="turn a PromptSRC teacher checkpoint published by PromptKD's authors "
@@ -450,9 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-vectors", type=Path, required=True, help=".npz made by the class-vectors command")
     p.add_argument("--out", type=Path, required=True,
                    help="run folder: student.pt, run_state.pt, metrics.jsonl, tensorboard/, report.json")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its run_state.pt")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast precision for the forward passes (weights stay fp32)")
     p.add_argument("--teacher-cache", type=Path,
                    help="folder for the teacher feature cache: the teacher runs once per image and view, later "
                         "epochs run only the student (reused across runs with the same teacher and images)")
@@ -481,9 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_crop(p)
     p.add_argument("--kd-weight", type=float, default=1000.0, help="weight of the KD loss (200 for aircraft, "
                                                                    "flowers and DTD in the published scripts)")
-    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _add_run_options(p, precision=True, resume=True, seed="random seed")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="accuracy on a labelled split of a distilled student and its teacher, "
@@ -499,8 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'base2novel' reports base, novel and their harmonic mean")
     p.add_argument("--student-only", action="store_true", help="skip the teacher")
     p.add_argument("--out", type=Path, help="write the JSON report here too")
-    p.add_argument("--workers", type=NATURAL, default=4, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     _add_protocol(sub, "base2novel", "the base-to-novel protocol: per dataset and seed, stage 1 on the base "

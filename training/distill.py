@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,24 +16,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
-from .checkpoint import build_student, load_checkpoint, load_checkpoint_state, save_checkpoint
+from .checkpoint import build_student, load_checkpoint_state, save_checkpoint
 from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .runtime import (
-    RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
-    lr_at, save_atomic, seed_everything, setup, teardown,
+    EpochSteps, Interrupt, Runtime, RunLog, RunState, autocast, barrier, grad_scaler, lr_at, reduce_sum,
+    seed_everything, set_lr, setup, teardown,
 )
 from .evaluate import evaluate_split
 from .feature_cache import TeacherCache, weights_digest
-from .loss import cosine_logits, kd_loss
-from .teacher import load_teacher
-from .towers import Preprocess, freeze, load_clip
+from .loss import KDObjective
+from .teacher import TeacherImageEncoder, teacher_tower
+from .towers import Preprocess
 from .transforms import CROP_SCALE, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class DistillConfig:
@@ -76,84 +76,36 @@ class DistillConfig:
             raise ValueError(f"selection must be 'last' or 'best_val', got {self.selection!r}")
 
 
-class TeacherImageEncoder(nn.Module):
-    """The frozen teacher image tower, fed images normalised for the student and re-normalised for itself."""
-
-    def __init__(self, tower: nn.Module, student_pre: Preprocess, teacher_pre: Preprocess) -> None:
-        super().__init__()
-        if student_pre.image_size != teacher_pre.image_size:
-            raise ValueError(
-                f"teacher and student must share an input size (teacher {teacher_pre.image_size}, "
-                f"student {student_pre.image_size})"
-            )
-        self.tower = freeze(tower)
-        s_mean, s_std = torch.tensor(student_pre.mean), torch.tensor(student_pre.std)
-        t_mean, t_std = torch.tensor(teacher_pre.mean), torch.tensor(teacher_pre.std)
-        # x_t = (x_s * s_std + s_mean - t_mean) / t_std, folded into one scale and shift.
-        self.register_buffer("scale", (s_std / t_std).view(1, 3, 1, 1))
-        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1))
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tower(images * self.scale + self.shift)
-
-
-def teacher_tower(
-    model: str, pretrained: str | None, weights: str | None, checkpoint: str | None
-) -> tuple[nn.Module, Preprocess, str, str | None, str | None]:
-    """The teacher's image tower: prompted from a stage-1 checkpoint, or plain (zero-shot) CLIP.
-    Returns it with its preprocessing and the model name, tag and weights file it was built from."""
-    if checkpoint:
-        teacher, pre = load_teacher(Path(checkpoint))
-        return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained, teacher.cfg.weights
-    clip, pre = load_clip(model, pretrained, weights)
-    return clip.visual, pre, model, pretrained, weights
-
-
-def load_distilled(checkpoint: Path, with_teacher: bool = True) -> tuple[dict[str, nn.Module], Preprocess, dict]:
-    """A distilled student.pt as encoders for evaluation: the student and, unless left out, the teacher image
-    tower it learned from. Returns them with the student's preprocessing and the run's config."""
-    student, pre, cfg = load_checkpoint(checkpoint)
-    encoders: dict[str, nn.Module] = {}
-    if with_teacher:
-        tower, teacher_pre, *_ = teacher_tower(cfg["teacher_model"], cfg["teacher_pretrained"],
-                                               cfg.get("teacher_weights"), cfg.get("teacher_checkpoint"))
-        encoders["teacher"] = TeacherImageEncoder(tower, pre, teacher_pre)
-    encoders["student"] = student.eval()
-    return encoders, pre, cfg
-
-
-def build(cfg: DistillConfig) -> tuple[nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:
-    """Student (trainable prompts + projector), frozen teacher image tower and the stored class vectors."""
+def build(cfg: DistillConfig) -> tuple[DistillConfig, nn.Module, TeacherImageEncoder, ClassVectors, Preprocess]:
+    """Student (trainable prompts + projector), frozen teacher image tower and the stored class vectors, with the
+    config completed by what they resolved to (the teacher a stage-1 checkpoint names, the feature width)."""
     vectors = ClassVectors.load(Path(cfg.class_vectors))
-    tower, teacher_pre, cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights = teacher_tower(
+    tower, teacher_pre, model, pretrained, weights = teacher_tower(
         cfg.teacher_model, cfg.teacher_pretrained, cfg.teacher_weights, cfg.teacher_checkpoint
     )
     teacher_dim = int(tower.output_dim)
     if vectors.vectors.shape[1] != teacher_dim:
         raise ValueError(
-            f"class vectors are {vectors.vectors.shape[1]}-d but the teacher {cfg.teacher_model} "
+            f"class vectors are {vectors.vectors.shape[1]}-d but the teacher {model} "
             f"outputs {teacher_dim}-d features: were they made by another teacher?"
         )
-    cfg.teacher_dim = teacher_dim
+    cfg = replace(cfg, teacher_model=model, teacher_pretrained=pretrained, teacher_weights=weights,
+                  teacher_dim=teacher_dim)
     student, student_pre = build_student(
         cfg.student_model, cfg.student_pretrained, teacher_dim,
         cfg.prompt_tokens, cfg.prompt_depth, cfg.projector_hidden, cfg.student_weights,
     )
-    return student, TeacherImageEncoder(tower, student_pre, teacher_pre), vectors, student_pre
+    return cfg, student, TeacherImageEncoder(tower, student_pre, teacher_pre), vectors, student_pre
 
 
-def kd_step(
-    model: nn.Module, batch: torch.Tensor, teacher_features: torch.Tensor, class_vectors: torch.Tensor,
-    scale: float, cfg: DistillConfig, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
-) -> torch.Tensor:
+def kd_step(model: nn.Module, batch: torch.Tensor, teacher_features: torch.Tensor, objective: KDObjective,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
+            precision: str) -> torch.Tensor:
     """One optimisation step of stage 2 given the teacher's features (live or cached): the student under the
-    run's autocast, logits against the shared class vectors, the weighted KD loss, and the update."""
-    with autocast(rt, cfg.precision):
+    run's autocast, the objective, and the update."""
+    with autocast(rt, precision):
         student_features = model(batch)
-    teacher_logits = cosine_logits(teacher_features.float(), class_vectors, scale)
-    student_logits = cosine_logits(student_features.float(), class_vectors, scale)
-    loss = cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.temperature)
+    loss = objective(student_features, teacher_features)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -184,12 +136,13 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
         raise ValueError(f"batch size {cfg.batch_size} must split into at least 2 images on each of "
                          f"{rt.world_size} processes")
     out = Path(cfg.output_dir)
-    student, teacher, vectors, pre = build(cfg)
+    cfg, student, teacher, vectors, pre = build(cfg)
     teacher_digest = weights_digest(teacher) if cfg.cache_dir else None
     student.to(rt.device)
     teacher.to(rt.device)
     class_vectors = vectors.vectors.to(rt.device)
     scale = vectors.logit_scale
+    objective = KDObjective(class_vectors, scale, cfg.kd_weight, cfg.temperature)
     for split in (eval_split, val_split):
         if split is not None:
             vectors.check_labels(split.classnames)
@@ -214,22 +167,17 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
 
     start_epoch, start_step = 0, 0
     best = {"val_acc": -1.0, "epoch": 0}
-    state_path = out / RUN_STATE
-    if resume and state_path.is_file():
-        state = load_run_state(state_path, asdict(cfg))
+    run_state = RunState(out, asdict(cfg), rt)
+    state = run_state.load(resume)
+    if state is not None:
         student.load_trainable_state(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
-        log.info("resuming at epoch %d, step %d", start_epoch + 1, start_step)
-    elif resume:
-        log.warning("--resume: no %s in %s, starting from scratch", RUN_STATE, out)
 
     def save_state(epoch: int, step: int) -> None:
-        if rt.is_main:
-            save_atomic(state_path, {"config": asdict(cfg), "epoch": epoch, "step": step,
-                                     "student": student.trainable_state(), "optimizer": optimizer.state_dict(),
-                                     "scaler": scaler.state_dict(), "best": best})
+        run_state.save(epoch, step, student=student.trainable_state(), optimizer=optimizer.state_dict(),
+                       scaler=scaler.state_dict(), best=best)
 
     encoders = {"teacher": teacher, "student": student}
     report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
@@ -251,30 +199,21 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
             dataset.view = epoch % cache.views if cache else epoch
             loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
                                 num_workers=cfg.workers, collate_fn=collate_skipping, drop_last=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch, cfg)
+            set_lr(optimizer, lr_at(epoch, cfg))
             model.train()
             student.tower.visual.eval()
-            total, seen, skipped = 0.0, 0, 0
-            bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-            for step, (batch, indices, _, n_skipped) in enumerate(bar):
-                if step < start_step:
-                    continue
-                skipped += n_skipped
-                if not len(indices):
-                    continue
+            total, seen = 0.0, 0
+            steps = EpochSteps(loader, epoch, cfg.epochs, start_step, stop, save_state, "distill")
+            for batch, indices, _ in steps:
                 batch = batch.to(rt.device, non_blocking=True)
                 with autocast(rt, cfg.precision):
                     features = cache.get(dataset.view, indices).to(rt.device) if cache else teacher(batch)
-                loss = kd_step(model, batch, features, class_vectors, scale, cfg, optimizer, scaler, rt)
+                loss = kd_step(model, batch, features, objective, optimizer, scaler, rt, cfg.precision)
                 total += loss.item() * len(indices)
                 seen += len(indices)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if stop.requested:
-                    save_state(epoch, step + 1)
-                    raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}; rerun with --resume")
+                steps.show(loss.item())
             start_step = 0
-            total, seen, skipped = reduce_sum(rt, total, seen, skipped)
+            total, seen, skipped = reduce_sum(rt, total, seen, steps.skipped)
             skipped_total += int(skipped)
             epoch_seconds.append(time.time() - started)
             entry = {"loss": total / max(1, seen), "lr": lr_at(epoch, cfg), "seconds": epoch_seconds[-1],

@@ -1,15 +1,20 @@
 """Accuracy of teacher and student against the shared class vectors, and the base-to-novel protocol."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .checkpoint import load_distilled
+from .class_vectors import ClassVectors
 from .data.datasets import Split, base_novel
 from .data.views import ViewDataset, collate_skipping
 from .loss import cosine_logits
 from .results import harmonic_mean
+from .transforms import eval_transform
 
 
 @torch.no_grad()
@@ -66,3 +71,21 @@ def evaluate_base_novel(
         for name in encoders
     }
     return report
+
+
+def evaluate_encoders(encoders: dict[str, nn.Module], split: Split, vectors: ClassVectors, transform,
+                      device: torch.device, base_novel_split: bool, workers: int) -> dict:
+    """Encoders on `split` against `vectors` (checked to be the split's classes): overall, or base/novel/HM."""
+    vectors.check_labels(split.classnames)
+    encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
+    run = evaluate_base_novel if base_novel_split else evaluate_split
+    return run(encoders, split, vectors.vectors.to(device), vectors.logit_scale, transform, workers=workers)
+
+
+def evaluate_checkpoint(checkpoint: Path, split: Split, device: torch.device, base_novel_split: bool,
+                        workers: int, vectors: ClassVectors | None = None, with_teacher: bool = True) -> dict:
+    """A distilled student.pt (and, unless left out, the teacher it learned from) on a labelled split, against
+    `vectors` or else the class vectors it was distilled with: what the CLI's evaluate and the protocols run."""
+    encoders, pre, cfg = load_distilled(checkpoint, with_teacher)
+    vectors = vectors or ClassVectors.load(Path(cfg["class_vectors"]))
+    return evaluate_encoders(encoders, split, vectors, eval_transform(pre), device, base_novel_split, workers)

@@ -18,7 +18,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,13 +28,12 @@ from .class_vectors import ClassVectors
 from .data.datasets import (
     BASE2NOVEL_DATASETS, CROSS_SOURCE, CROSS_TARGETS, DatasetError, Split, few_shot_splits, load_coop_split,
 )
-from .distill import DistillConfig, distill, load_distilled
+from .distill import DistillConfig, distill
 from .runtime import RUN_STATE, Runtime, barrier, setup, teardown
-from .evaluate import evaluate_base_novel, evaluate_split
+from .evaluate import evaluate_checkpoint
 from .results import RESULT
-from .stage1 import Stage1Config, train_teacher
+from .teacher_training import Stage1Config, train_teacher
 from .teacher import load_teacher, save_teacher
-from .transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +174,11 @@ def _stage2(cfg: ProtocolConfig, protocol: str, dataset: str, seed: int, teacher
     return time.time() - started
 
 
-def _evaluate(cfg: ProtocolConfig, dataset: str, student: Path, vectors_path: Path, protocol_eval: Callable,
+def _evaluate(cfg: ProtocolConfig, dataset: str, student: Path, vectors_path: Path, base_novel_split: bool,
               rt: Runtime) -> dict:
     """The distilled student and its teacher on the dataset's test split, once, at the end of a cell (rank 0)."""
-    encoders, pre, _ = load_distilled(student)
-    vectors = ClassVectors.load(vectors_path)
-    test = _split(cfg, dataset, "test")
-    vectors.check_labels(test.classnames)
-    encoders = {name: encoder.to(rt.device) for name, encoder in encoders.items()}
-    return protocol_eval(encoders, test, vectors.vectors.to(rt.device), vectors.logit_scale, eval_transform(pre),
-                         workers=cfg.workers)
+    return evaluate_checkpoint(student, _split(cfg, dataset, "test"), rt.device, base_novel_split, cfg.workers,
+                               ClassVectors.load(vectors_path))
 
 
 def _finish(cell: Path, payload: dict | None, rt: Runtime) -> None:
@@ -206,7 +199,7 @@ def _base2novel_cell(cfg: ProtocolConfig, dataset: str, seed: int, cell: Path, r
     if rt.is_main:
         started = time.time()
         report = _evaluate(cfg, dataset, cell / "student" / "student.pt", cell / "teacher" / "class_vectors.npz",
-                           evaluate_base_novel, rt)
+                           True, rt)
         seconds["evaluation"] = time.time() - started
         payload = {
             "protocol": "base2novel", "dataset": dataset, "seed": seed,
@@ -230,8 +223,7 @@ def _cross_cell(cfg: ProtocolConfig, dataset: str, seed: int, teacher_dir: Path,
     payload = None
     if rt.is_main:
         started = time.time()
-        report = _evaluate(cfg, dataset, cell / "student" / "student.pt", cell / "class_vectors.npz", evaluate_split,
-                           rt)
+        report = _evaluate(cfg, dataset, cell / "student" / "student.pt", cell / "class_vectors.npz", False, rt)
         seconds["evaluation"] = time.time() - started
         payload = {
             "protocol": "cross_dataset", "dataset": dataset, "seed": seed,

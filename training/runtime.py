@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from bundle import write_atomic
 
@@ -123,6 +125,17 @@ def save_atomic(path: Path, payload: dict) -> None:
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
+def read_tagged(path: Path, fmt: str, kind: str) -> dict:
+    """A checkpoint written by this project with format tag `fmt`; a clear error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {kind} checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ValueError(f"{path} is not a PromptKD {kind} checkpoint (format {fmt})")
+    return ckpt
+
+
 def load_run_state(path: Path, config: dict) -> dict:
     """A run state saved by this engine, refused when the run's settings have changed since."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -155,6 +168,62 @@ class Interrupt:
 
 class Interrupted(RuntimeError):
     """Training stopped on a signal after saving its state; `--resume` continues it."""
+
+
+class RunState:
+    """The run_state.pt of a resumable run: saved after every epoch and on an interrupt (rank 0 only), and
+    loaded by `--resume` unless the run's settings changed since."""
+
+    def __init__(self, folder: Path, config: dict, rt: Runtime) -> None:
+        self.path, self.config, self.rt = folder / RUN_STATE, config, rt
+
+    def load(self, resume: bool) -> dict | None:
+        if resume and self.path.is_file():
+            state = load_run_state(self.path, self.config)
+            log.info("resuming at epoch %d, step %d", state["epoch"] + 1, state["step"])
+            return state
+        if resume:
+            log.warning("--resume: no %s in %s, starting from scratch", RUN_STATE, self.path.parent)
+        return None
+
+    def save(self, epoch: int, step: int, **progress) -> None:
+        if self.rt.is_main:
+            save_atomic(self.path, {"config": self.config, "epoch": epoch, "step": step, **progress})
+
+
+class EpochSteps:
+    """One epoch of a resumable loop: iterating yields (images, indices, labels) per step. Steps done before a
+    resume are skipped, as are batches whose every image was unreadable (counted in `skipped`). After each step
+    an interrupt is honoured: `save(epoch, next_step)`, then Interrupted."""
+
+    def __init__(self, loader, epoch: int, epochs: int, start_step: int, stop: Interrupt,
+                 save: Callable[[int, int], None], name: str) -> None:
+        self.loader, self.epoch, self.epochs, self.start_step = loader, epoch, epochs, start_step
+        self.stop, self.save, self.name = stop, save, name
+        self.skipped = 0
+        self._bar = None
+
+    def __iter__(self):
+        self._bar = tqdm(self.loader, desc=f"{self.name} epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                         disable=None)
+        for step, (images, indices, labels, skipped) in enumerate(self._bar):
+            if step < self.start_step:
+                continue
+            self.skipped += skipped
+            if not len(indices):
+                continue
+            yield images, indices, labels
+            if self.stop.requested:
+                self.save(self.epoch, step + 1)
+                raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {step + 1}; rerun with --resume")
+
+    def show(self, loss: float) -> None:
+        self._bar.set_postfix(loss=f"{loss:.4f}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class RunLog:

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoint import read_tagged
 from .class_vectors import ClassVectors
-from .runtime import save_atomic
+from .runtime import read_tagged, save_atomic
 from .prompts import PromptedTextTower, PromptedVisionTower
 from .towers import Preprocess, freeze, load_clip, tokenizer_for
 
@@ -95,3 +94,37 @@ def load_teacher(path: Path) -> tuple[Teacher, Preprocess]:
     teacher, pre = build_teacher(TeacherConfig(**ckpt["config"]))
     teacher.load_prompt_state(ckpt["state"])
     return teacher.eval(), pre
+
+
+class TeacherImageEncoder(nn.Module):
+    """The frozen teacher image tower, fed images normalised for the student and re-normalised for itself."""
+
+    def __init__(self, tower: nn.Module, student_pre: Preprocess, teacher_pre: Preprocess) -> None:
+        super().__init__()
+        if student_pre.image_size != teacher_pre.image_size:
+            raise ValueError(
+                f"teacher and student must share an input size (teacher {teacher_pre.image_size}, "
+                f"student {student_pre.image_size})"
+            )
+        self.tower = freeze(tower)
+        s_mean, s_std = torch.tensor(student_pre.mean), torch.tensor(student_pre.std)
+        t_mean, t_std = torch.tensor(teacher_pre.mean), torch.tensor(teacher_pre.std)
+        # x_t = (x_s * s_std + s_mean - t_mean) / t_std, folded into one scale and shift.
+        self.register_buffer("scale", (s_std / t_std).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower(images * self.scale + self.shift)
+
+
+def teacher_tower(
+    model: str, pretrained: str | None, weights: str | None, checkpoint: str | None
+) -> tuple[nn.Module, Preprocess, str, str | None, str | None]:
+    """The teacher's image tower: prompted from a stage-1 checkpoint, or plain (zero-shot) CLIP.
+    Returns it with its preprocessing and the model name, tag and weights file it was built from."""
+    if checkpoint:
+        teacher, pre = load_teacher(Path(checkpoint))
+        return teacher.image, pre, teacher.cfg.model, teacher.cfg.pretrained, teacher.cfg.weights
+    clip, pre = load_clip(model, pretrained, weights)
+    return clip.visual, pre, model, pretrained, weights

@@ -70,9 +70,8 @@ class TrtSession:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         cudart = self._cudart
-        if len(batch) > self.max_batch:
-            return np.concatenate([self.run(batch[i : i + self.max_batch])
-                                   for i in range(0, len(batch), self.max_batch)])
+        if len(batch) > self.max_batch:  # the batcher and the start-up check never send more
+            raise ValueError(f"batch of {len(batch)} over the engine's profile maximum {self.max_batch}")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         out = np.empty((len(batch), self.output_shape[1]), dtype=np.float32)
         self.context.set_input_shape(self.input_name, batch.shape)

@@ -1,4 +1,4 @@
-"""Stage 1: prompt-tune the teacher with PromptSRC on few-shot labelled images.
+"""Stage 1 (teacher training): prompt-tune the teacher with PromptSRC on few-shot labelled images.
 
 Loss = cross-entropy + 25 * L1(prompted text features, frozen text features)
      + 10 * L1(prompted image features, frozen image features) + 1 * KL(prompted logits || zero-shot logits).
@@ -21,20 +21,20 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 from .class_vectors import DEFAULT_TEMPLATE, PROMPTSRC_TEMPLATES, template_ensemble
 from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .runtime import (
-    RUN_STATE, Interrupt, Interrupted, Runtime, RunLog, autocast, barrier, grad_scaler, load_run_state, reduce_sum,
-    lr_at, save_atomic, seed_everything, setup, teardown,
+    EpochSteps, Interrupt, Runtime, RunLog, RunState, autocast, barrier, grad_scaler, lr_at, reduce_sum,
+    seed_everything, set_lr, setup, teardown,
 )
 from .teacher import Teacher, TeacherConfig, save_teacher
 from .towers import load_clip, tokenizer_for
 from .transforms import CROP_SCALE, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Stage1Config:
@@ -164,9 +164,9 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     history: list[dict] = []
 
     start_epoch, start_step = 0, 0
-    state_path = out / RUN_STATE
-    if resume and state_path.is_file():
-        state = load_run_state(state_path, asdict(cfg))
+    run_state = RunState(out, asdict(cfg), rt)
+    state = run_state.load(resume)
+    if state is not None:
         teacher.load_prompt_state(state["prompts"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -174,10 +174,8 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
         start_epoch, start_step = state["epoch"], state["step"]
 
     def save_state(epoch: int, step: int) -> None:
-        if rt.is_main:
-            save_atomic(state_path, {"config": asdict(cfg), "epoch": epoch, "step": step,
-                                     "prompts": teacher.prompt_state(), "optimizer": optimizer.state_dict(),
-                                     "scaler": scaler.state_dict(), "gpa": gpa, "best": best, "history": history})
+        run_state.save(epoch, step, prompts=teacher.prompt_state(), optimizer=optimizer.state_dict(),
+                       scaler=scaler.state_dict(), gpa=gpa, best=best, history=history)
 
     dataset = ViewDataset(train.items, train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
@@ -190,18 +188,12 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
             dataset.view = epoch
             loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
                                 num_workers=cfg.workers, collate_fn=collate_skipping)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch, cfg)
+            set_lr(optimizer, lr_at(epoch, cfg))
             teacher.train()
             sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
-            seen = skipped = 0
-            bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-            for step, (images, _, labels, n_skipped) in enumerate(bar):
-                if step < start_step:
-                    continue
-                skipped += n_skipped
-                if not len(labels):
-                    continue
+            seen = 0
+            steps = EpochSteps(loader, epoch, cfg.epochs, start_step, stop, save_state, "teacher")
+            for images, _, labels in steps:
                 images, labels = images.to(rt.device), labels.to(rt.device)
                 loss, parts = teacher_loss(teacher, images, labels, train.classnames, frozen_text, cfg, rt)
                 optimizer.zero_grad(set_to_none=True)
@@ -214,12 +206,9 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
                 for k, v in parts.items():
                     sums[k] += v * len(labels)
                 seen += len(labels)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if stop.requested:
-                    save_state(epoch, step + 1)
-                    raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}; rerun with --resume")
+                steps.show(loss.item())
             start_step = 0
-            *totals, seen, skipped = reduce_sum(rt, *sums.values(), seen, skipped)
+            *totals, seen, skipped = reduce_sum(rt, *sums.values(), seen, steps.skipped)
             for k, v in teacher.prompt_state().items():
                 gpa[k] += weights[epoch] * v
             entry = {k: v / max(1, seen) for k, v in zip(sums, totals)}
