@@ -3,7 +3,8 @@ import ast
 from pathlib import Path
 
 from training.class_vectors import PROMPTSRC_TEMPLATES
-from training.cli import _protocol_config, build_parser
+from training.cli import build_parser
+from training.commands import _protocol_config
 from training.protocols import PROMPT_DEPTH, student_config, teacher_config
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "FIDELITY.md"
