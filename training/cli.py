@@ -135,15 +135,7 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
     p.set_defaults(func=cmd_protocol)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training",
-        description="PromptKD training: class vectors from a CLIP teacher, then unsupervised distillation of a "
-                    "prompted CLIP student image tower.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_prepare_fashion_mnist(sub) -> None:
     p = sub.add_parser("prepare-fashion-mnist", help="write Fashion-MNIST (Debian package) as labelled PNG folders")
     p.add_argument("--out", type=Path, required=True, help="output folder; gets train/ and test/ class folders")
     p.add_argument("--train-per-class", type=POSITIVE, default=200, help="images per class from the training set")
@@ -156,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.set_defaults(func=cmd_prepare_fashion_mnist)
 
+
+def _add_pretrain_tiny(sub) -> None:
     p = sub.add_parser("pretrain-tiny", help="make stand-in CLIP weights for a small model on a labelled folder "
                                              "(for demos and tests where no pretrained CLIP can be had)")
     p.add_argument("--model", required=True, help="open_clip architecture, e.g. PKD-Tiny-Teacher")
@@ -168,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_pretrain_tiny)
 
+
+def _add_class_vectors(sub) -> None:
     p = sub.add_parser("class-vectors", help="run the teacher text tower once over the class names and store "
                                              "the L2-normalised class vectors with names and logit scale")
     _add_towers(p, student=False)
@@ -182,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
     p.set_defaults(func=cmd_class_vectors)
 
+
+def _add_train_teacher(sub) -> None:
     p = sub.add_parser("train-teacher", help="stage 1: PromptSRC prompt tuning of the teacher on few-shot "
                                              "labelled images, then class vectors for every class")
     _add_towers(p, student=False)
@@ -214,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, precision=True, resume=True, seed="seed of the few-shot draw and of training")
     p.set_defaults(func=cmd_train_teacher)
 
+
+def _add_import_teacher(sub) -> None:
     p = sub.add_parser("import-teacher", help="turn a PromptSRC teacher checkpoint published by PromptKD's authors "
                                               "(model-best.pth.tar) into this project's teacher.pt")
     p.add_argument("--checkpoint", type=Path, required=True, help="the authors' .pth.tar file")
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="teacher.pt to write")
     p.set_defaults(func=cmd_import_teacher)
 
+
+def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="stage 2: train the student's deep visual prompts and projector to match "
                                        "the teacher's logits on unlabelled images")
     _add_towers(p)
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, precision=True, resume=True, seed="random seed")
     p.set_defaults(func=cmd_distill)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy on a labelled split of a distilled student and its teacher, "
                                         "of a trained teacher, or of the zero-shot teacher")
     p.add_argument("--checkpoint", type=Path, help="student.pt from distill (evaluates it and its teacher)")
@@ -278,12 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    _add_protocol(sub, "base2novel", "the base-to-novel protocol: per dataset and seed, stage 1 on the base "
-                  "classes, class vectors, stage 2 on all unlabelled images, base/novel/HM; resumable", 9,
-                  BASE2NOVEL_DATASETS)
-    _add_protocol(sub, "cross-dataset", "the cross-dataset protocol: per seed an ImageNet teacher (all classes), "
-                  "then per target dataset class vectors, stage 2 and test accuracy; resumable", 3, CROSS_TARGETS)
 
+def _add_check_data(sub) -> None:
     p = sub.add_parser("check-data", help="check a data root: split files, every image present and decodable, "
                                           "counts per split, and what is missing with where to get it")
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the CoOp dataset folders")
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=POSITIVE, default=8, help="decoding threads")
     p.set_defaults(func=cmd_check_data)
 
+
+def _add_results(sub) -> None:
     p = sub.add_parser("results", help="tables (CSV, markdown) and bar charts of finished protocol cells beside "
                                        "the paper's numbers; works on partial runs")
     p.add_argument("--runs", type=Path, required=True, help="the --out folder of base2novel / cross-dataset")
@@ -299,6 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="folder with the paper's tables (default: the copies shipped in "
                                                   "training/reference)")
     p.set_defaults(func=cmd_results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="PromptKD training: class vectors from a CLIP teacher, then unsupervised distillation of a "
+                    "prompted CLIP student image tower.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_prepare_fashion_mnist(sub)
+    _add_pretrain_tiny(sub)
+    _add_class_vectors(sub)
+    _add_train_teacher(sub)
+    _add_import_teacher(sub)
+    _add_distill(sub)
+    _add_evaluate(sub)
+    _add_protocol(sub, "base2novel", "the base-to-novel protocol: per dataset and seed, stage 1 on the base "
+                  "classes, class vectors, stage 2 on all unlabelled images, base/novel/HM; resumable", 9,
+                  BASE2NOVEL_DATASETS)
+    _add_protocol(sub, "cross-dataset", "the cross-dataset protocol: per seed an ImageNet teacher (all classes), "
+                  "then per target dataset class vectors, stage 2 and test accuracy; resumable", 3, CROSS_TARGETS)
+    _add_check_data(sub)
+    _add_results(sub)
     return parser
 
 
