@@ -14,20 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import build_student, load_checkpoint_state, save_checkpoint
 from .class_vectors import ClassVectors
 from .data.datasets import Split
-from .data.views import ViewDataset, collate_skipping
+from .data.views import ViewDataset
+from .evaluate import evaluate_split
+from .feature_cache import TeacherCache, weights_digest
+from .loss import KDObjective
 from .runtime import (
     EpochSteps, Interrupt, Runtime, RunLog, RunState, autocast, barrier, grad_scaler, lr_at, reduce_sum,
     seed_everything, set_lr, setup, teardown,
 )
-from .evaluate import evaluate_split
-from .feature_cache import TeacherCache, weights_digest
-from .loss import KDObjective
 from .teacher import TeacherImageEncoder, teacher_tower
 from .towers import Preprocess
 from .transforms import CROP_SCALE, eval_transform, train_transform
@@ -168,16 +167,13 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
     start_epoch, start_step = 0, 0
     best = {"val_acc": -1.0, "epoch": 0}
     run_state = RunState(out, asdict(cfg), rt)
-    state = run_state.load(resume)
+    state = run_state.load(resume, optimizer, scaler)
     if state is not None:
         student.load_trainable_state(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
         start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
 
     def save_state(epoch: int, step: int) -> None:
-        run_state.save(epoch, step, student=student.trainable_state(), optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict(), best=best)
+        run_state.save(epoch, step, optimizer, scaler, student=student.trainable_state(), best=best)
 
     encoders = {"teacher": teacher, "student": student}
     report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
@@ -195,15 +191,13 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
     with Interrupt() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.time()
-            sampler.set_epoch(epoch)
             dataset.view = epoch % cache.views if cache else epoch
-            loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
-                                num_workers=cfg.workers, collate_fn=collate_skipping, drop_last=True)
             set_lr(optimizer, lr_at(epoch, cfg))
             model.train()
             student.tower.visual.eval()
             total, seen = 0.0, 0
-            steps = EpochSteps(loader, epoch, cfg.epochs, start_step, stop, save_state, "distill")
+            steps = EpochSteps(dataset, sampler, cfg.batch_size // rt.world_size, cfg.workers, True, epoch,
+                               cfg.epochs, start_step, stop, save_state, "distill")
             for batch, indices, _ in steps:
                 batch = batch.to(rt.device, non_blocking=True)
                 with autocast(rt, cfg.precision):

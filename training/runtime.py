@@ -18,9 +18,12 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bundle import write_atomic
+
+from .data.views import collate_skipping
 
 log = logging.getLogger(__name__)
 
@@ -177,28 +180,37 @@ class RunState:
     def __init__(self, folder: Path, config: dict, rt: Runtime) -> None:
         self.path, self.config, self.rt = folder / RUN_STATE, config, rt
 
-    def load(self, resume: bool) -> dict | None:
+    def load(self, resume: bool, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict | None:
+        """With `resume` and a saved state: the optimiser and loss scaler restored, and the state (epoch, step and
+        what the loop saved) returned for the loop to restore the rest."""
         if resume and self.path.is_file():
             state = load_run_state(self.path, self.config)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
             log.info("resuming at epoch %d, step %d", state["epoch"] + 1, state["step"])
             return state
         if resume:
             log.warning("--resume: no %s in %s, starting from scratch", RUN_STATE, self.path.parent)
         return None
 
-    def save(self, epoch: int, step: int, **progress) -> None:
+    def save(self, epoch: int, step: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             **progress) -> None:
         if self.rt.is_main:
-            save_atomic(self.path, {"config": self.config, "epoch": epoch, "step": step, **progress})
+            save_atomic(self.path, {"config": self.config, "epoch": epoch, "step": step,
+                                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **progress})
 
 
 class EpochSteps:
-    """One epoch of a resumable loop: iterating yields (images, indices, labels) per step. Steps done before a
-    resume are skipped, as are batches whose every image was unreadable (counted in `skipped`). After each step
-    an interrupt is honoured: `save(epoch, next_step)`, then Interrupted."""
+    """One epoch of a resumable loop over this process's shard: iterating yields (images, indices, labels) per
+    step. Steps done before a resume are skipped, as are batches whose every image was unreadable (counted in
+    `skipped`). After each step an interrupt is honoured: `save(epoch, next_step)`, then Interrupted."""
 
-    def __init__(self, loader, epoch: int, epochs: int, start_step: int, stop: Interrupt,
-                 save: Callable[[int, int], None], name: str) -> None:
-        self.loader, self.epoch, self.epochs, self.start_step = loader, epoch, epochs, start_step
+    def __init__(self, dataset, sampler, batch_size: int, workers: int, drop_last: bool, epoch: int, epochs: int,
+                 start_step: int, stop: Interrupt, save: Callable[[int, int], None], name: str) -> None:
+        sampler.set_epoch(epoch)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                 collate_fn=collate_skipping, drop_last=drop_last)
+        self.epoch, self.epochs, self.start_step = epoch, epochs, start_step
         self.stop, self.save, self.name = stop, save, name
         self.skipped = 0
         self._bar = None

@@ -165,17 +165,15 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
 
     start_epoch, start_step = 0, 0
     run_state = RunState(out, asdict(cfg), rt)
-    state = run_state.load(resume)
+    state = run_state.load(resume, optimizer, scaler)
     if state is not None:
         teacher.load_prompt_state(state["prompts"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
         gpa, best, history = state["gpa"], state["best"], state["history"]
         start_epoch, start_step = state["epoch"], state["step"]
 
     def save_state(epoch: int, step: int) -> None:
-        run_state.save(epoch, step, prompts=teacher.prompt_state(), optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict(), gpa=gpa, best=best, history=history)
+        run_state.save(epoch, step, optimizer, scaler, prompts=teacher.prompt_state(), gpa=gpa, best=best,
+                       history=history)
 
     dataset = ViewDataset(train.items, train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
@@ -184,15 +182,13 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     with Interrupt() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.time()
-            sampler.set_epoch(epoch)
             dataset.view = epoch
-            loader = DataLoader(dataset, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
-                                num_workers=cfg.workers, collate_fn=collate_skipping)
             set_lr(optimizer, lr_at(epoch, cfg))
             teacher.train()
             sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
             seen = 0
-            steps = EpochSteps(loader, epoch, cfg.epochs, start_step, stop, save_state, "teacher")
+            steps = EpochSteps(dataset, sampler, cfg.batch_size // rt.world_size, cfg.workers, False, epoch,
+                               cfg.epochs, start_step, stop, save_state, "teacher")
             for images, _, labels in steps:
                 images, labels = images.to(rt.device), labels.to(rt.device)
                 loss, parts = teacher_loss(teacher, images, labels, train.classnames, frozen_text, cfg, rt)
