@@ -2,15 +2,18 @@
 
 Routes are thin: each hands its request to the Service (service.py), where the request path reads top to
 bottom. Middleware (middleware.py) checks the admin token and the body size as the body streams, and counts
-requests; admin routes live in admin.py.
+requests; admin routes live in admin.py. `GET /` answers browsers with the web page in static/ (plain HTML,
+CSS and JS, served from this origin) and every other client with the model card as JSON.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, File, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -32,6 +35,14 @@ IMAGE_ERRORS = {
     503: {"model": ErrorResponse, "description": "overloaded (queue full) or timed out; see Retry-After"},
 }
 routes = APIRouter()
+STATIC = Path(__file__).parent / "static"
+# The page and its assets come from this origin only: no CDN, no inline script, nothing framed elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Vary": "Accept",  # the same URL answers HTML or JSON: caches must keep them apart
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestError, _request_error)
     app.include_router(routes)
     app.include_router(admin.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
@@ -104,10 +116,15 @@ def labels(request: Request) -> Labels:
     return Labels(labels=vocabulary.labels, version=vocabulary.version, source=vocabulary.source)
 
 
-@routes.get("/", response_model=ModelInfo)
-def info(request: Request) -> ModelInfo:
-    """What is being served: the manifest's model description, the graph, the runtime running it and why."""
-    return _service(request).info()
+@routes.get("/", response_model=ModelInfo, responses={200: {"content": {"text/html": {}}, "description": "the model "
+                                                          "card as JSON, or the web page for browsers"}})
+def info(request: Request) -> Response:
+    """What is being served: the manifest's model description, the graph, the runtime running it and why. A
+    browser (Accept: text/html without application/json) gets the web page instead, which reads this as JSON."""
+    accept = request.headers.get("accept", "")
+    if "text/html" in accept and "application/json" not in accept:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+    return JSONResponse(_service(request).info().model_dump(), headers={"Vary": "Accept"})
 
 
 @routes.get("/healthz", response_model=Health,

@@ -76,6 +76,8 @@ class ModelInfo(BaseModel):
     max_batch_size: int
     provenance: dict
     parity: dict = Field(description="each graph's parity figures, from the manifest")
+    limits: dict[str, int] = Field(description="upload limits a client should respect before sending: "
+                                               "max_upload_bytes, max_images_per_request, max_top_k, top_k")
 
 
 class Health(BaseModel):

@@ -152,6 +152,9 @@ class Service:
             startup_checks=[{**asdict(c), "parity": c.parity.model_dump()} for c in classifier.choice.checks],
             max_batch_size=self.batcher.max_batch, provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,
+            limits={"max_upload_bytes": self.settings.max_upload_bytes, "top_k": self.settings.top_k,
+                    "max_images_per_request": self.settings.max_images_per_request,
+                    "max_top_k": self.settings.max_top_k},
         )
 
     def swap_vocabulary(self, labels_bytes: bytes, labels_sha256: str, vectors_bytes: bytes,

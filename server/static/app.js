@@ -1,0 +1,103 @@
+// The page for people: pick or drop images, see each one's top labels. Same origin, no external assets.
+"use strict";
+
+let limits = { max_upload_bytes: 20 * 1024 * 1024, max_images_per_request: 16, top_k: 5 };
+
+function el(tag, attrs = {}, text = "") {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text) node.textContent = text;
+  return node;
+}
+
+async function loadCard() {
+  const response = await fetch("/", { headers: { Accept: "application/json" }, cache: "no-store" });
+  const info = await response.json();
+  limits = info.limits || limits;
+  document.getElementById("model-name").textContent = info.name;
+  const parity = info.parity[info.variant];
+  const agreement = parity ? ` · top-1 agreement with fp32 ${(100 * parity.top1_agreement).toFixed(1)}%` : "";
+  document.getElementById("model-card").textContent =
+    `${info.num_labels} labels · ${info.image_size} px · ${info.variant} graph on ${info.runtime}${agreement}`;
+  document.getElementById("model-card").title = info.variant_reason;
+  document.getElementById("limits").textContent =
+    `Up to ${limits.max_images_per_request} images at once, each at most ` +
+    `${(limits.max_upload_bytes / 1048576).toFixed(0)} MB.`;
+}
+
+function card(file) {
+  const box = el("article", { class: "card" });
+  const image = el("img", { alt: file.name });
+  image.src = URL.createObjectURL(file);
+  box.append(image, el("p", { class: "name" }, file.name));
+  document.getElementById("results").append(box);
+  return box;
+}
+
+function showPredictions(box, predictions) {
+  for (const p of predictions) {
+    const row = el("div", { class: "row prediction" });
+    const bar = el("div", { class: "bar" });
+    const fill = el("span");
+    fill.style.width = `${(100 * p.probability).toFixed(1)}%`;
+    bar.append(fill);
+    row.append(el("span", { class: "label" }, p.label), bar, el("span", {}, `${(100 * p.probability).toFixed(1)}%`));
+    box.append(row);
+  }
+}
+
+function showError(box, message) {
+  box.append(el("p", { class: "error" }, message));
+}
+
+async function classify(files) {
+  const status = document.getElementById("status");
+  document.getElementById("results").replaceChildren();
+  if (files.length > limits.max_images_per_request) {
+    status.textContent = `Only the first ${limits.max_images_per_request} images are sent (the server's limit).`;
+    files = files.slice(0, limits.max_images_per_request);
+  } else {
+    status.textContent = "";
+  }
+  const boxes = files.map(card);
+  const form = new FormData();
+  const sent = [];
+  files.forEach((file, i) => {
+    if (file.size > limits.max_upload_bytes) {
+      showError(boxes[i], `Too large: ${file.size} bytes, the limit is ${limits.max_upload_bytes}. Not sent.`);
+    } else {
+      form.append("file", file, file.name);
+      sent.push(boxes[i]);
+    }
+  });
+  if (!sent.length) return;
+  status.textContent = "classifying…";
+  const response = await fetch(`/classify?top_k=${limits.top_k}`, { method: "POST", body: form });
+  const body = await response.json();
+  if (!response.ok) {
+    status.textContent = "";
+    sent.forEach((box) => showError(box, `Not classified: ${body.detail}`));
+    return;
+  }
+  status.textContent = `done in ${Math.round(body.timing.total_ms)} ms`;
+  body.results.forEach((result, i) => {
+    if (result.error) showError(sent[i], `Not classified: ${result.error.detail}`);
+    else showPredictions(sent[i], result.predictions);
+  });
+}
+
+function setUp() {
+  const input = document.getElementById("files");
+  const drop = document.getElementById("drop");
+  input.addEventListener("change", () => classify(Array.from(input.files)));
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    classify(Array.from(event.dataTransfer.files));
+  });
+  loadCard().catch((err) => { document.getElementById("model-card").textContent = `model card unavailable: ${err}`; });
+}
+
+document.addEventListener("DOMContentLoaded", setUp);

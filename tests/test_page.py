@@ -1,0 +1,124 @@
+"""The web page at /: browsers get it, API clients keep the JSON model card; it loads nothing from elsewhere; and,
+in a real headless Chromium against a real uvicorn, a photo uploaded through it shows the label /classify gives."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.config import Settings
+from server.main import create_app
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
+ARTIFACTS = Path(os.environ.get("PROMPTKD_TEST_ARTIFACTS", REPO / "bench" / "results"))
+
+
+@pytest.fixture(scope="module")
+def client(bundle_dir):
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        yield client
+
+
+def test_browsers_get_the_page_and_api_clients_the_model_card(client):
+    page = client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="files"' in page.text and 'href="/docs"' in page.text
+    assert page.headers["vary"] == "Accept" and client.get("/").headers["vary"] == "Accept"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    for accept in (None, "*/*", "application/json", "text/html, application/json"):
+        card = client.get("/", headers={"Accept": accept} if accept else {})
+        assert card.headers["content-type"] == "application/json", accept
+        assert card.json()["name"] == "tiny-test" and card.json()["limits"]["max_images_per_request"] == 16
+
+
+def test_the_page_loads_only_its_own_assets(client):
+    page = client.get("/", headers={"Accept": BROWSER_ACCEPT}).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+    for asset in assets:
+        if asset.startswith("/static/"):
+            body = client.get(asset)
+            assert body.status_code == 200 and not re.search(r"https?://|//[a-z]", body.text), asset
+    assert "access-control-allow-origin" not in client.get("/static/app.js").headers
+    assert client.get("/static/../main.py").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def served(bundle_dir):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port)], cwd=REPO,
+                              env=dict(os.environ, PROMPTKD_BUNDLE=str(bundle_dir)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no Chromium here (Debian's chromium and chromium-driver; scripts/test.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_a_photo_uploaded_in_a_real_browser_shows_the_served_label(served, fmnist, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = sorted((fmnist / "test").rglob("*.png"))[0]
+    expected = httpx.post(f"{served}/classify", files={"file": photo.open("rb")}).json()
+    expected_label = expected["results"][0]["predictions"][0]["label"]
+    fake = tmp_path / "page.jpg"
+    fake.write_text("<html><body>not a photo</body></html>")
+
+    started = time.time()
+    browser = _browser()
+    try:
+        browser.get(served)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "labels" in b.find_element(By.ID, "model-card").text)
+        browser.find_element(By.ID, "files").send_keys(f"{photo}\n{fake}")
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".card .prediction .label")))
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".card .error")))
+        cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+        assert len(cards) == 2
+        shown = cards[0].find_elements(By.CSS_SELECTOR, ".prediction .label")
+        assert shown[0].text == expected_label and len(shown) == 5
+        assert "Not classified" in cards[1].find_element(By.CSS_SELECTOR, ".error").text
+        assert not cards[1].find_elements(By.CSS_SELECTOR, ".prediction")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page.png"))
+        console = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+        assert not console, console
+    finally:
+        browser.quit()
+    print(f"\nbrowser test: {time.time() - started:.1f} s in headless Chromium")
