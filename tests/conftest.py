@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that cannot be reached
 
 TEACHER = "PKD-Tiny-Teacher"
 STUDENT = "PKD-Tiny-Student"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -22,6 +24,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_bundle(bundle_dir: Path, process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn on loopback serving the bundle with PROMPTKD_* settings; waits until ready (or exits)."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
+    environment.update(PROMPTKD_BUNDLE=str(bundle_dir), **{f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return proc, url
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    """Stop it and return what it printed."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode(errors="replace")
 
 
 def foolbox_jpegs() -> list[Path]:

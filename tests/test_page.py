@@ -3,8 +3,6 @@ in a real headless Chromium against a real uvicorn, a photo uploaded through it 
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.main import create_app
 
-from conftest import free_port
+from conftest import serve_bundle, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
@@ -55,23 +53,9 @@ def test_the_page_loads_only_its_own_assets(client):
 
 @pytest.fixture(scope="module")
 def served(bundle_dir):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port)], cwd=REPO,
-                              env=dict(os.environ, PROMPTKD_BUNDLE=str(bundle_dir)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    proc, url = serve_bundle(bundle_dir)
+    yield url
+    stop_server(proc)
 
 
 def _browser():

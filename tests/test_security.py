@@ -4,10 +4,7 @@ no build-host paths in the model card, and a memory budget held under a flood of
 from __future__ import annotations
 
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,43 +20,10 @@ from server.budget import memory_limit
 from server.config import Settings, _cgroup_quota
 from server.main import create_app
 
-from conftest import free_port
+from conftest import serve_bundle, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-0123456789abcdef-0123456789"
-
-
-def _serve(bundle_dir: Path, process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
-    """A real uvicorn on loopback serving the bundle with PROMPTKD_* settings; waits until ready."""
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
-    environment.update(PROMPTKD_BUNDLE=str(bundle_dir), **{f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return proc, url
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("server did not become ready")
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out.decode(errors="replace")
 
 
 def _peak_rss(pid: int) -> int:
@@ -85,25 +49,25 @@ def _swap(url: str, authorization: str | None) -> httpx.Response:
 
 def test_admin_stays_closed_with_an_empty_token(bundle_dir):
     """compose passes PROMPTKD_ADMIN_TOKEN="" when the host sets none: that must disable admin."""
-    proc, url = _serve(bundle_dir, admin_token="")
+    proc, url = serve_bundle(bundle_dir, admin_token="")
     try:
         for authorization in ("Bearer", "", None, f"Bearer {TOKEN}"):  # h11 strips "Bearer " to "Bearer"
             assert _swap(url, authorization).status_code == 404
         assert httpx.get(f"{url}/labels").json()["source"] == "bundle"
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_a_short_token_is_a_start_up_error_naming_the_variable(bundle_dir):
-    proc, _ = _serve(bundle_dir, admin_token="short-token")
+    proc, _ = serve_bundle(bundle_dir, admin_token="short-token")
     assert proc.wait(timeout=60) != 0
-    assert "PROMPTKD_ADMIN_TOKEN" in _stop(proc)
+    assert "PROMPTKD_ADMIN_TOKEN" in stop_server(proc)
 
 
 def test_wrong_or_empty_bearer_never_swaps_and_the_token_can_come_from_a_file(bundle_dir, tmp_path):
     secret = tmp_path / "admin_token"
     secret.write_text(TOKEN + "\n")
-    proc, url = _serve(bundle_dir, admin_token_file=str(secret))
+    proc, url = serve_bundle(bundle_dir, admin_token_file=str(secret))
     try:
         for authorization in ("Bearer", "", None, "Bearer wrong", f"Basic {TOKEN}", TOKEN):
             response = _swap(url, authorization)
@@ -113,12 +77,12 @@ def test_wrong_or_empty_bearer_never_swaps_and_the_token_can_come_from_a_file(bu
         assert httpx.get(f"{url}/labels").json() | {"version": None} == {"labels": ["x", "y"], "version": None,
                                                                           "source": "admin"}
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_an_unauthenticated_admin_upload_is_refused_before_its_body_is_read(bundle_dir):
     """Headers announcing 100 MB and no body at all: the 401 must come without waiting for a single byte."""
-    proc, url = _serve(bundle_dir, admin_token=TOKEN)
+    proc, url = serve_bundle(bundle_dir, admin_token=TOKEN)
     try:
         before = _peak_rss(proc.pid)
         port = int(url.rsplit(":", 1)[1])
@@ -134,7 +98,7 @@ def test_an_unauthenticated_admin_upload_is_refused_before_its_body_is_read(bund
                 pass
         assert _peak_rss(proc.pid) - before < 20 << 20
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_settings_that_could_never_serve_are_refused(bundle_dir):
@@ -232,7 +196,7 @@ def _worst_case_images(pixels: int, max_bytes: int) -> list[tuple[str, bytes]]:
 def test_a_flood_of_worst_case_images_stays_within_the_memory_budget(bundle_dir):
     budget = 160 << 20
     pixels = 4_000_000
-    proc, url = _serve(bundle_dir, {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
+    proc, url = serve_bundle(bundle_dir, {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
                        max_inflight_bytes=str(budget), max_image_pixels=str(pixels),
                        max_upload_bytes=str(8 << 20), decode_threads="4", max_images_per_request="4")
     try:
@@ -256,7 +220,7 @@ def test_a_flood_of_worst_case_images_stays_within_the_memory_budget(bundle_dir)
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert peak - base <= budget
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def _metric(url: str, name: str) -> float:
@@ -270,7 +234,7 @@ def _metric(url: str, name: str) -> float:
 def test_work_for_a_client_that_went_away_is_dropped(bundle_dir, fmnist):
     """A request waiting for its batch (3 s here) is abandoned when its client disconnects: counted, and its
     image never runs through the engine."""
-    proc, url = _serve(bundle_dir, max_wait_ms="3000", max_batch_size="8")
+    proc, url = serve_bundle(bundle_dir, max_wait_ms="3000", max_batch_size="8")
     try:
         photo = next((fmnist / "test").rglob("*.png")).read_bytes()
         batches = _metric(url, "promptkd_batch_size_count")
@@ -288,7 +252,7 @@ def test_work_for_a_client_that_went_away_is_dropped(bundle_dir, fmnist):
         response = httpx.post(f"{url}/classify", files={"file": ("a.png", photo)}, timeout=30)
         assert response.status_code == 200 and _metric(url, "promptkd_batch_size_count") == batches + 1
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_parts_are_counted_while_the_body_streams(bundle_dir, fmnist):
