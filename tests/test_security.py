@@ -22,7 +22,6 @@ from server.main import create_app
 
 from conftest import serve_bundle, stop_server
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-0123456789abcdef-0123456789"
 
 
