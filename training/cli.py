@@ -246,6 +246,9 @@ def _add_distill(sub) -> None:
                    help="student.pt keeps the last epoch, or the one with the best accuracy on --val-split (the "
                         "authors' FINAL_MODEL best_val; needs --dataset or --image-folder)")
     p.add_argument("--val-split", default="val", help="labelled split that --selection best_val evaluates each epoch")
+    p.add_argument("--track-eval", action="store_true",
+                   help="after every epoch, measure the student's accuracy and agreement with the teacher on "
+                        "--eval-split (metrics.jsonl: eval_acc, eval_agreement), for the training curves")
     p.add_argument("--max-images", type=POSITIVE, help="use at most this many training images")
     p.add_argument("--prompt-tokens", type=NATURAL, default=4, help="visual prompt tokens per layer")
     p.add_argument("--prompt-depth", type=POSITIVE, default=9, help="layers that get prompts (clamped to tower depth)")

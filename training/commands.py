@@ -131,7 +131,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
         temperature=args.temperature, kd_weight=args.kd_weight, workers=args.workers, seed=args.seed,
-        device=args.device, crop_min=args.crop_min, selection=args.selection,
+        device=args.device, crop_min=args.crop_min, selection=args.selection, track_eval=args.track_eval,
     )
     val_split = _split(args, args.val_split) if args.selection == "best_val" else None
     report = distill(cfg, images, eval_split, resume=args.resume, val_split=val_split)

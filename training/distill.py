@@ -20,12 +20,12 @@ from .checkpoint import build_student, load_checkpoint_state, save_checkpoint
 from .class_vectors import ClassVectors
 from .data.datasets import Split
 from .data.views import ViewDataset
-from .evaluate import evaluate_split
+from .evaluate import EpochTracker, evaluate_split
 from .feature_cache import TeacherCache, weights_digest
 from .loss import KDObjective
 from .runtime import (
     EpochSteps, Interrupt, Runtime, RunLog, RunState, autocast, barrier, grad_scaler, lr_at, reduce_sum,
-    seed_everything, set_lr, setup, teardown,
+    seed_everything, set_lr, setup, stage_bar, teardown,
 )
 from .teacher import TeacherImageEncoder, teacher_tower
 from .towers import Preprocess
@@ -62,6 +62,7 @@ class DistillConfig:
     kd_weight: float = 1000.0
     precision: str = "fp32"
     selection: str = "last"  # "last": the final epoch; "best_val": the epoch with the best accuracy on a val split
+    track_eval: bool = False  # measure accuracy and agreement on the eval split after every epoch (for the curves)
     cache_dir: str | None = None
     cache_views: int = 4
     cache_dtype: str = "float16"
@@ -182,12 +183,18 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
         report["before"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
                                           workers=cfg.workers)
         log.info("before distillation: %s", report["before"])
+    tracker = None
+    if cfg.track_eval and eval_split is not None and rt.is_main:
+        teacher.eval()
+        tracker = EpochTracker(teacher, eval_split, class_vectors, scale, eval_transform(pre), cfg.workers)
     barrier(rt)
 
     runlog = RunLog(out, rt)
     epoch_seconds = []
     skipped_total = 0
-    steps_per_epoch = len(sampler) // (cfg.batch_size // rt.world_size)
+    per_process = cfg.batch_size // rt.world_size
+    steps_per_epoch = len(sampler) // per_process
+    bar = stage_bar("distill", cfg.epochs, steps_per_epoch * per_process, start_epoch, start_step, per_process, rt)
     with Interrupt() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.time()
@@ -196,8 +203,8 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
             model.train()
             student.tower.visual.eval()
             total, seen = 0.0, 0
-            steps = EpochSteps(dataset, sampler, cfg.batch_size // rt.world_size, cfg.workers, True, epoch,
-                               cfg.epochs, start_step, stop, save_state, "distill")
+            steps = EpochSteps(dataset, sampler, per_process, cfg.workers, True, epoch, cfg.epochs, start_step, stop,
+                               save_state, "distill", bar)
             for batch, indices, _ in steps:
                 batch = batch.to(rt.device, non_blocking=True)
                 with autocast(rt, cfg.precision):
@@ -213,6 +220,9 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
             entry = {"loss": total / max(1, seen), "lr": lr_at(epoch, cfg), "seconds": epoch_seconds[-1],
                      "images_per_second": seen / epoch_seconds[-1], "skipped_images": int(skipped),
                      "steps": steps_per_epoch}
+            if tracker is not None:
+                student.eval()
+                entry.update(tracker(student))
             if rt.is_main:
                 keep = True
                 if cfg.selection == "best_val":
@@ -227,6 +237,7 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
             runlog.write(epoch + 1, **entry)
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
             save_state(epoch + 1, 0)
+    bar.close()
     runlog.close()
 
     report.update(epoch_seconds=[round(s, 3) for s in epoch_seconds], skipped_images=skipped_total,

@@ -57,6 +57,25 @@ def evaluate_split(
     return result
 
 
+class EpochTracker:
+    """The student's accuracy and top-1 agreement with the teacher on a labelled split, measured after every
+    epoch for the training curves; the frozen teacher's predictions are computed once."""
+
+    def __init__(self, teacher: nn.Module, split: Split, vectors: torch.Tensor, logit_scale: float, transform,
+                 workers: int = 0) -> None:
+        self.loader = DataLoader(ViewDataset(split.items, transform, seed=0), batch_size=64, num_workers=workers,
+                                 collate_fn=collate_skipping)
+        self.vectors, self.logit_scale = vectors, logit_scale
+        self.teacher_pred, self.labels = predict(teacher, self.loader, vectors, logit_scale, desc="eval teacher")
+
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        pred, _ = predict(student, self.loader, self.vectors, self.logit_scale, desc="eval student")
+        if not len(pred):
+            return {}
+        return {"eval_acc": 100.0 * (pred == self.labels).float().mean().item(),
+                "eval_agreement": 100.0 * (pred == self.teacher_pred).float().mean().item()}
+
+
 def evaluate_base_novel(
     encoders: dict[str, nn.Module], split: Split, vectors: torch.Tensor, logit_scale: float, transform, **kw
 ) -> dict:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_STATE = "run_state.pt"
 # Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"workers", "device", "output_dir"}
+RESUMABLE_CHANGES = {"workers", "device", "output_dir", "track_eval"}
 
 
 class Schedule(Protocol):
@@ -200,28 +200,37 @@ class RunState:
                                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **progress})
 
 
+def stage_bar(name: str, epochs: int, images_per_epoch: int, start_epoch: int, start_step: int,
+              batch_size: int, rt: Runtime) -> tqdm:
+    """One progress bar for a whole training stage, counted in this process's images: its rate is images/s and
+    its ETA is the stage's, a resumed run starting where it stopped. Shown by rank 0 on a terminal only."""
+    done = min(start_epoch * images_per_epoch + start_step * batch_size, epochs * images_per_epoch)
+    return tqdm(total=epochs * images_per_epoch, initial=done, desc=name, unit="img", dynamic_ncols=True,
+                disable=None if rt.is_main else True)
+
+
 class EpochSteps:
     """One epoch of a resumable loop over this process's shard: iterating yields (images, indices, labels) per
-    step. Steps done before a resume are skipped, as are batches whose every image was unreadable (counted in
-    `skipped`). After each step an interrupt is honoured: `save(epoch, next_step)`, then Interrupted."""
+    step and advances the stage's progress bar. Steps done before a resume are skipped, as are batches whose every
+    image was unreadable (counted in `skipped`). After each step an interrupt is honoured: `save(epoch,
+    next_step)`, then Interrupted."""
 
     def __init__(self, dataset, sampler, batch_size: int, workers: int, drop_last: bool, epoch: int, epochs: int,
-                 start_step: int, stop: Interrupt, save: Callable[[int, int], None], name: str) -> None:
+                 start_step: int, stop: Interrupt, save: Callable[[int, int], None], name: str, bar: tqdm) -> None:
         sampler.set_epoch(epoch)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                  collate_fn=collate_skipping, drop_last=drop_last)
         self.epoch, self.epochs, self.start_step = epoch, epochs, start_step
-        self.stop, self.save, self.name = stop, save, name
+        self.stop, self.save, self.name, self.bar = stop, save, name, bar
         self.skipped = 0
-        self._bar = None
 
     def __iter__(self):
-        self._bar = tqdm(self.loader, desc=f"{self.name} epoch {self.epoch + 1}/{self.epochs}", leave=False,
-                         disable=None)
-        for step, (images, indices, labels, skipped) in enumerate(self._bar):
+        self.bar.set_description(f"{self.name} epoch {self.epoch + 1}/{self.epochs}")
+        for step, (images, indices, labels, skipped) in enumerate(self.loader):
             if step < self.start_step:
                 continue
             self.skipped += skipped
+            self.bar.update(len(indices) + skipped)
             if not len(indices):
                 continue
             yield images, indices, labels
@@ -230,7 +239,7 @@ class EpochSteps:
                 raise Interrupted(f"stopped at epoch {self.epoch + 1}, step {step + 1}; rerun with --resume")
 
     def show(self, loss: float) -> None:
-        self._bar.set_postfix(loss=f"{loss:.4f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

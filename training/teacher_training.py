@@ -27,7 +27,7 @@ from .data.datasets import Split
 from .data.views import ViewDataset, collate_skipping
 from .runtime import (
     EpochSteps, Interrupt, Runtime, RunLog, RunState, autocast, barrier, grad_scaler, lr_at, reduce_sum,
-    seed_everything, set_lr, setup, teardown,
+    seed_everything, set_lr, setup, stage_bar, teardown,
 )
 from .teacher import Teacher, TeacherConfig, save_teacher
 from .towers import load_clip, tokenizer_for
@@ -179,6 +179,8 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     val_transform = eval_transform(pre)
     runlog = RunLog(out, rt)
+    per_process = cfg.batch_size // rt.world_size
+    bar = stage_bar("teacher", cfg.epochs, len(sampler), start_epoch, start_step, per_process, rt)
     with Interrupt() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.time()
@@ -187,8 +189,8 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
             teacher.train()
             sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
             seen = 0
-            steps = EpochSteps(dataset, sampler, cfg.batch_size // rt.world_size, cfg.workers, False, epoch,
-                               cfg.epochs, start_step, stop, save_state, "teacher")
+            steps = EpochSteps(dataset, sampler, per_process, cfg.workers, False, epoch, cfg.epochs, start_step, stop,
+                               save_state, "teacher", bar)
             for images, _, labels in steps:
                 images, labels = images.to(rt.device), labels.to(rt.device)
                 loss, parts = teacher_loss(teacher, images, labels, train.classnames, frozen_text, cfg, rt)
@@ -219,6 +221,7 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
             runlog.write(epoch + 1, **entry)
             log.info("teacher epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
             save_state(epoch + 1, 0)
+    bar.close()
     runlog.close()
 
     report: dict = {"config": asdict(cfg), "train_images": len(train), "val_images": len(val), "history": history}
