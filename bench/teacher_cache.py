@@ -2,7 +2,7 @@
 
     python bench/teacher_cache.py --workdir demo [--epochs 4] [--json out.json]
 
-Uses a demo folder made by scripts/build_demo_bundle.sh (its photos, stand-in weights and stage-1 teacher).
+Uses a demo folder made by the demo recipe (scripts/build_demo_bundle.sh) (its photos, stand-in weights and stage-1 teacher).
 The cached run's first epoch includes nothing of the cache build, which is timed on its own.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from training.distill import DistillConfig, distill
 def run(workdir: Path, epochs: int, cache: Path | None, out: Path) -> dict:
     cfg = DistillConfig(
         teacher_model="PKD-Tiny-Teacher", teacher_pretrained=str(workdir / "weights" / "teacher.pt"),
-        teacher_checkpoint=str(workdir / "teacher" / "teacher.pt"),
+        teacher_checkpoint=str(workdir / "stage1" / "teacher.pt"),
         student_model="PKD-Tiny-Student", student_pretrained=str(workdir / "weights" / "student.pt"),
-        class_vectors=str(workdir / "teacher" / "class_vectors.npz"), output_dir=str(out),
+        class_vectors=str(workdir / "class_vectors" / "class_vectors.npz"), output_dir=str(out),
         epochs=epochs, batch_size=32, lr=0.05, kd_weight=10.0, workers=2,
         cache_dir=str(cache) if cache else None, cache_views=epochs,
     )

@@ -31,5 +31,7 @@ WORKDIR /app
 COPY training /app/training
 COPY export /app/export
 COPY bundle /app/bundle
+COPY pipeline /app/pipeline
+COPY recipes /app/recipes
 COPY scripts /app/scripts
 CMD ["python", "-m", "training", "--help"]

@@ -138,7 +138,8 @@ def bundle_dir(tmp_path_factory, distilled, fmnist) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_workdir(tmp_path_factory) -> tuple[Path, float]:
-    """The demo recipe (scripts/build_demo_bundle.sh) exactly as shipped, run once; returns its folder and wall time."""
+    """The demo recipe (recipes/fashion_mnist_demo.yaml through scripts/build_demo_bundle.sh) exactly as shipped, run
+    once; returns its folder and wall time."""
     work = tmp_path_factory.mktemp("demo") / "demo"
     env = dict(os.environ, PY=sys.executable)
     started = time.time()

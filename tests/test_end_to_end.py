@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
     work, wall = demo_workdir
-    report = json.loads((work / "run" / "report.json").read_text())
+    report = json.loads((work / "stage2" / "report.json").read_text())
     before, after = report["before"], report["after"]
     with capsys.disabled():
         print(f"\ndemo recipe {wall:.0f} s | teacher accuracy {after['teacher_acc']:.1f}% | student accuracy "
@@ -37,8 +37,8 @@ def test_demo_recipe_distils_exports_and_serves(demo_workdir, capsys):
     assert after["agreement"] >= before["agreement"] + 25, "distillation must raise agreement clearly"
     assert after["student_acc"] > before["student_acc"] + 15
 
-    student, pre, cfg = load_checkpoint(work / "run" / "student.pt")
-    vectors = ClassVectors.load(work / "teacher" / "class_vectors.npz")
+    student, pre, cfg = load_checkpoint(work / "stage2" / "student.pt")
+    vectors = ClassVectors.load(work / "class_vectors" / "class_vectors.npz")
     transform = eval_transform(pre)
     test = load_image_folder(work / "data" / "test")
 
@@ -91,7 +91,7 @@ def test_int8_variants_of_the_demo_student_agree_with_fp32(demo_workdir, tmp_pat
     work, _ = demo_workdir
     variants = ["int8", *(["int8_vnni"] if cpu_flags() & set(NON_SATURATING_INT8) else [])]
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "bundle", "--checkpoint", str(work / "run" / "student.pt"), "--out",
+        [sys.executable, "-m", "export", "bundle", "--checkpoint", str(work / "stage2" / "student.pt"), "--out",
          str(tmp_path / "bundle"), "--parity-images", str(work / "data" / "test"), "--parity-count", "500",
          "--variants", *variants, "--calibration-images", str(work / "data" / "train"), "--force-variants"],
         cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -1,0 +1,90 @@
+"""Run a recipe's steps in order: skip those up to date, resume an interrupted training stage where it stopped,
+and end with a summary table and the training curves."""
+from __future__ import annotations
+
+import time
+
+import yaml
+
+from training.runtime import Interrupted
+
+from .recipe import Recipe
+from .report import Row, plot_curves, table
+from .state import PipelineState, step_key
+from .steps import Plan, Step, clean
+
+
+class Stopped(RuntimeError):
+    """The run was interrupted; finished steps are kept and a rerun continues."""
+
+
+def statuses(recipe: Recipe, from_step: str | None = None) -> list[tuple[Step, str, str]]:
+    """(step, key, what a run would do: "up to date", "resume" or "run") for every step, without running any."""
+    state = PipelineState(recipe.run.workdir)
+    steps = Plan(recipe).steps(overwrite_bundle="export" in state.records)
+    names = [s.name for s in steps]
+    if from_step is not None and from_step not in names:
+        raise ValueError(f"--from {from_step!r}: this recipe's steps are {', '.join(names)}")
+    keys: dict[str, str] = {}
+    rerun: set[str] = set()
+    result = []
+    for step in steps:
+        keys[step.name] = key = step_key(step.name, step.settings, [keys[n] for n in step.needs])
+        forced = from_step is not None and names.index(step.name) >= names.index(from_step)
+        if not forced and not rerun.intersection(step.needs) and state.up_to_date(step.name, key):
+            result.append((step, key, "up to date"))
+            continue
+        rerun.add(step.name)
+        resume = step.resumable and not forced and state.started_with(step.name, key)
+        result.append((step, key, "resume" if resume else "run"))
+    return result
+
+
+def run(recipe: Recipe, from_step: str | None = None, echo=print) -> list[Row]:
+    """Do the work a recipe describes, as little of it as its run folder still needs. Raises Stopped on an
+    interrupt after recording where to continue."""
+    work = recipe.run.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    plan = statuses(recipe, from_step)
+    state = PipelineState(work)
+    rows = []
+    for number, (step, key, todo) in enumerate(plan, 1):
+        header = f"[{number}/{len(plan)}] {step.title}"
+        record = state.records.get(step.name)
+        if todo == "up to date":
+            echo(f"{header}: up to date")
+            rows.append(Row(step.name, "up to date", record.seconds, record.summary.get("result", "")))
+            state.log(step.name, "up to date")
+            continue
+        echo(f"{header}: {'resuming where it stopped' if todo == 'resume' else 'running'}")
+        if todo == "run":
+            clean(step)
+        state.start(step.name, key)
+        state.log(step.name, "started", resume=todo == "resume")
+        started = time.time()
+        try:
+            summary = step.action(todo == "resume")
+        except (Interrupted, KeyboardInterrupt):
+            state.log(step.name, "interrupted", seconds=round(time.time() - started, 1))
+            how = ("rerun the same command to resume it where it stopped" if step.resumable
+                   else "rerun the same command to redo it")
+            raise Stopped(f"interrupted in {step.name}; finished steps are kept: {how}") from None
+        seconds = time.time() - started
+        state.finish(step.name, key, step.outputs, seconds, summary)
+        state.log(step.name, "done", seconds=round(seconds, 1), **summary)
+        rows.append(Row(step.name, "resumed" if todo == "resume" else "ran", seconds, summary.get("result", "")))
+        echo(f"    {summary.get('result', 'done')} ({seconds:.0f} s)")
+    plot_curves(work, work / "curves.png")
+    return rows
+
+
+def describe_run(recipe: Recipe, rows: list[Row]) -> str:
+    """The closing text: the summary table, or that there was nothing to do, and where the bundle is."""
+    lines = []
+    if all(r.status == "up to date" for r in rows):
+        lines.append(f"Nothing to do: every step of {recipe.name!r} is up to date in {recipe.run.workdir}.")
+    lines += ["", table(rows), "",
+              f"run folder {recipe.run.workdir}: recipe.yaml, metrics.jsonl, curves.png, stage1/, stage2/",
+              f"bundle {recipe.bundle_dir}; serve it: PROMPTKD_BUNDLE={recipe.bundle_dir} uvicorn server.main:app"]
+    return "\n".join(lines)

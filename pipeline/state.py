@@ -1,0 +1,80 @@
+"""What a recipe run remembers between invocations: per step, the key of the settings it ran with, whether it
+finished, and the sha256 of what it wrote. A step is up to date when it finished with the same key and its
+outputs are unchanged; a key covers the step's own settings and its inputs' keys, so a changed setting reruns
+that step and everything downstream of it, and nothing else."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bundle import sha256_file, write_atomic
+
+STATE_FILE = "pipeline_state.json"
+EVENTS_FILE = "metrics.jsonl"
+
+
+def step_key(name: str, settings: dict, upstream: list[str]) -> str:
+    """A digest of a step's settings and its inputs' keys."""
+    text = json.dumps({"step": name, "settings": settings, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    key: str
+    status: str  # "running" until the step finishes, then "done"
+    outputs: dict[str, str] = field(default_factory=dict)  # path -> sha256
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+class PipelineState:
+    """pipeline_state.json in the run folder (rewritten atomically) and metrics.jsonl, the run's event log."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.path, self.events = workdir / STATE_FILE, workdir / EVENTS_FILE
+        self.records: dict[str, Record] = {}
+        if self.path.is_file():
+            try:
+                raw = json.loads(self.path.read_text())
+                self.records = {name: Record(**entry) for name, entry in raw["steps"].items()}
+            except (ValueError, KeyError, TypeError):
+                self.records = {}  # unreadable: every step counts as not done, which is always safe
+
+    def up_to_date(self, name: str, key: str) -> bool:
+        record = self.records.get(name)
+        if record is None or record.status != "done" or record.key != key:
+            return False
+        paths = {self.workdir / p: digest for p, digest in record.outputs.items()}  # absolute paths stay absolute
+        return all(p.is_file() and sha256_file(p) == digest for p, digest in paths.items())
+
+    def started_with(self, name: str, key: str) -> bool:
+        """Whether an unfinished run of this step with these very settings can be resumed."""
+        record = self.records.get(name)
+        return record is not None and record.status == "running" and record.key == key
+
+    def start(self, name: str, key: str) -> None:
+        self.records[name] = Record(key, "running")
+        self._save()
+
+    def finish(self, name: str, key: str, outputs: list[Path], seconds: float, summary: dict) -> None:
+        outputs_sha = {self._name(p): sha256_file(p) for p in outputs}
+        self.records[name] = Record(key, "done", outputs_sha, round(seconds, 1), summary)
+        self._save()
+
+    def log(self, step: str, event: str, **figures) -> None:
+        self.events.parent.mkdir(parents=True, exist_ok=True)
+        with self.events.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "step": step, "event": event, **figures}) + "\n")
+
+    def _name(self, path: Path) -> str:
+        """Paths inside the run folder are stored relative to it, so a copied or moved run folder stays valid."""
+        return str(path.relative_to(self.workdir)) if path.is_relative_to(self.workdir) else str(path.absolute())
+
+    def _save(self) -> None:
+        payload = {"steps": {name: vars(record) for name, record in self.records.items()}}
+        write_atomic(self.path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
