@@ -2,8 +2,9 @@
 
 Routes are thin: each hands its request to the Service (service.py), where the request path reads top to
 bottom. Middleware (middleware.py) checks the admin token and the body size as the body streams, and counts
-requests; admin routes live in admin.py. `GET /` answers browsers with the web page in static/ (plain HTML,
-CSS and JS, served from this origin) and every other client with the model card as JSON.
+requests; admin routes live in admin.py, the Open Inference Protocol's (/v2, for Triton and KServe clients) in
+v2.py. `GET /` answers browsers with the web page in static/ (plain HTML, CSS and JS, served from this origin)
+and every other client with the model card as JSON.
 """
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, File, Query, Request, Response, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
-from . import admin
+from . import admin, v2
 from .config import Settings
 from .metrics import Metrics
-from .middleware import AdminGate, BodyLimit, RequestMetrics
+from .middleware import AdminGate, BodyLimit, RequestMetrics, error_body
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, Labels, ModelInfo, Ready
 from .service import RequestError, Service
 
@@ -74,14 +77,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.include_router(routes)
     app.include_router(admin.router)
+    app.include_router(v2.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
+    return JSONResponse(error_body(request.url.path, err.detail), status_code=err.status, headers=err.headers)
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    """FastAPI's own answer (unknown route, wrong method, body over the limit mid-stream), but in the protocol's
+    {"error": ...} under /v2."""
+    body = error_body(request.url.path, err.detail)
+    if "detail" in body:
+        return await http_exception_handler(request, err)
+    return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
 
 def _service(request: Request) -> Service:

@@ -11,10 +11,17 @@ from .budget import OverBudget
 from .metrics import Metrics
 
 ADMIN_PREFIX = "/admin"
+V2_PREFIX = "/v2"
 
 
-async def _answer(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
+def error_body(path: str, message: str) -> dict[str, str]:
+    """The Open Inference Protocol's error object under /v2 ({"error": ...}: what its clients read), FastAPI's
+    ({"detail": ...}) everywhere else."""
+    return {"error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail": message}
+
+
+async def _answer(scope, send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(error_body(scope.get("path", ""), detail)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
@@ -40,10 +47,10 @@ class AdminGate:
             return await self.app(scope, receive, send)
         token = scope["app"].state.service.settings.admin_token
         if token is None:
-            return await _answer(send, 404, "Not Found")
+            return await _answer(scope, send, 404, "Not Found")
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if not token_matches(authorization, token.get_secret_value()):
-            return await _answer(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+            return await _answer(scope, send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
         await self.app(scope, receive, send)
 
 
@@ -91,7 +98,7 @@ class BodyLimit:
         limit = scope["app"].state.service.settings.max_request_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _answer(send, 413, f"request body over the {limit}-byte limit")
+            return await _answer(scope, send, 413, f"request body over the {limit}-byte limit")
         budget = scope["app"].state.service.budget
         reserved = 2 * int(length) if length is not None else 0
         try:
@@ -99,7 +106,7 @@ class BodyLimit:
         except OverBudget as err:
             metrics = scope["app"].state.metrics
             metrics.rejected.labels("memory").inc()
-            return await _answer(send, 503, f"server busy: {err}", [(b"retry-after", b"2")])
+            return await _answer(scope, send, 503, f"server busy: {err}", [(b"retry-after", b"2")])
         received = 0
         parts = PartCounter(dict(scope["headers"]).get(b"content-type", b""),
                             max(scope["app"].state.service.settings.max_images_per_request, ADMIN_PARTS))

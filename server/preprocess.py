@@ -13,7 +13,10 @@ Two deliberate differences from a plain `Image.open(...).convert("RGB")`, both f
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
 import warnings
 from contextlib import nullcontext
 
@@ -183,3 +186,11 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int, formats: tuple[str, .
     image = open_header(data, max_pixels, spec.image_size, formats)
     with budget.hold(decode_cost(image), "decoding this image") if budget else nullcontext():
         return to_tensor(load(image), spec)
+
+
+def yield_to_the_engine() -> None:
+    """A thread initializer for decoders: they run at a lower priority (nice 10, this thread only, on Linux) than
+    the inference threads, whose parallel kernels wait for their slowest thread, so a decode preempting one of them
+    costs the whole batch, while a decode delayed by a few milliseconds costs nothing while work is queued."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)

@@ -98,3 +98,83 @@ class SwapResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+# The Open Inference Protocol (KServe v2 / Triton HTTP), served under /v2 by v2.py.
+Parameters = dict[str, str | int | float | bool]
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(description="protocol extensions this server supports")
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of variable size")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters = Field(default_factory=dict, description="`binary_data_size` when the elements follow "
+                                   "the JSON as binary data; `content_type: base64` for base64 strings in `data`")
+    data: list | None = Field(None, description="the elements in row-major order (flat, or one list per row)")
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: Parameters = Field(default_factory=dict, description="`binary_data` (bool); `classification` (int, "
+                                                                     "PROBABILITIES only)")
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: Parameters = Field(default_factory=dict, description="`top_k` (int), `binary_data_output` (bool), "
+                                                                     "`content_type: base64` for every input")
+    inputs: list[InferInput]
+    outputs: list[InferRequestedOutput] | None = Field(None, description="default: LABELS and PROBABILITIES")
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = Field(None, description="`binary_data_size` when the data follows the JSON")
+    data: list | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: Parameters = Field(description="`labels_version`: which labels and class vectors answered")
+    outputs: list[InferOutput]

@@ -3,20 +3,20 @@
 Request path, top to bottom: `classify` / `embed` -> `_features` (abandoned when the client goes away) ->
 `_prepare` (each upload size-checked, then decoded and preprocessed on the decode pool, within the memory
 budget) -> `_submit` (the micro-batcher's queue, with a timeout) -> per-upload results with errors in place.
-The HTTP layer (main.py) only maps these to routes; a `RequestError` becomes the response's status.
+`infer` (the Open Inference Protocol, open_inference.py) turns each image element into such an upload and takes
+the same path, except that one bad image fails the request: a tensor has no room for per-element errors.
+The HTTP layer (main.py, v2.py) only maps these to routes; a `RequestError` becomes the response's status.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
-import os
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -25,21 +25,23 @@ from fastapi import UploadFile
 
 from bundle import BundleError, load_npy
 
-from . import preprocess
+from . import open_inference, preprocess
 from .batcher import EngineStopped, MicroBatcher, Overloaded
 from .budget import MemoryBudget, OverBudget
 from .classifier import Classifier, Vocabulary
 from .config import Settings
 from .metrics import Metrics
+from .open_inference import INPUT, ProtocolError
 from .schemas import (
-    ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, ModelInfo, Prediction, SwapResponse,
-    Timing,
+    ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, ModelInfo, ModelMetadata, Prediction,
+    SwapResponse, Timing,
 )
 
 log = logging.getLogger("promptkd.server")
 MAX_FILENAME = 255  # characters of an upload's name echoed back
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody receives it
 DISCONNECT_POLL_S = 0.25
+INFER_ROUTE = "/v2/models/{name}/infer"
 
 
 class RequestError(Exception):
@@ -68,7 +70,7 @@ class Service:
         self.batcher = MicroBatcher(classifier.features, max_batch, settings.max_wait_ms, settings.max_queue_images,
                                     metrics)
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
-                                           initializer=_yield_to_the_engine)
+                                           initializer=preprocess.yield_to_the_engine)
         self.ready, self.failure = False, None
         self._warm_up: asyncio.Task | None = None
         metrics.record_choice(classifier.choice)
@@ -136,6 +138,50 @@ class Service:
         return EmbedResponse(model=self.classifier.name, variant=self.classifier.variant,
                              dim=self.classifier.bundle.manifest.feature_dim, results=results, timing=got.timing)
 
+    def check_model(self, name: str, version: str | None) -> None:
+        """404 unless `name` (and `version`, when given) is the model served."""
+        if name != self.classifier.name:
+            raise RequestError(404, f"unknown model {name!r}; this server serves {self.classifier.name!r}")
+        if version not in (None, open_inference.MODEL_VERSION):
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it has "
+                                    f"{open_inference.MODEL_VERSION!r}")
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        self.check_model(name, version)
+        return open_inference.model_metadata(self.classifier.name, self.classifier.bundle.manifest.feature_dim)
+
+    async def infer(self, name: str, version: str | None, body: bytes, headers: Mapping[str, str],
+                    disconnected: Callable[[], Awaitable[bool]]) -> tuple[bytes, int | None]:
+        """An Open Inference Protocol request: the response body, and its JSON header's length when binary data
+        follows. The images take /classify's path (limits, decoding, batching, errors) as uploads named IMAGE[i]."""
+        self.check_model(name, version)
+        config = self.settings
+        # Base64 images exist three times while their JSON is parsed (body, strings, bytes); the body limit
+        # middleware reserved two: reserve the third (binary data is only ever split out once).
+        parsing = 0 if open_inference.HEADER_LENGTH in headers else len(body)
+        try:
+            with self.budget.hold(parsing, "parsing this request's JSON"):
+                request = await asyncio.to_thread(open_inference.parse_request, body, headers,
+                                                  config.max_images_per_request)
+        except ProtocolError as err:
+            raise RequestError(err.status, str(err)) from None
+        except OverBudget as err:
+            self.metrics.rejected.labels("memory").inc()
+            raise RequestError(503, f"server busy, retry later: {err}", {"Retry-After": "2"}) from None
+        top_k = request.top_k or config.top_k
+        k = max([top_k, *(output.classification for output in request.outputs)])
+        if k > config.max_top_k:
+            raise RequestError(400, f"top_k and classification must be at most {config.max_top_k}")
+        classifier, vocabulary = self.classifier, self.classifier.vocabulary  # the set this request started with
+        uploads = [UploadFile(io.BytesIO(data), filename=f"{INPUT}[{i}]") for i, data in enumerate(request.images)]
+        got = await self._features(uploads, INFER_ROUTE, disconnected, partial=False)
+        ranked = classifier.top_k(classifier.probabilities(got.features, vocabulary), k)
+        tensors = open_inference.output_tensors(
+            request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
+            np.array([r.indices for r in ranked]), vocabulary.labels, got.features)
+        return open_inference.encode_response(classifier.name, request.id, {"labels_version": vocabulary.version},
+                                              tensors)
+
     def info(self) -> ModelInfo:
         classifier = self.classifier
         manifest = classifier.bundle.manifest
@@ -181,11 +227,11 @@ class Service:
         return SwapResponse(labels=len(vocabulary.labels), version=vocabulary.version,
                             previous_version=previous.version)
 
-    async def _features(self, uploads: list[UploadFile], route: str,
-                        disconnected: Callable[[], Awaitable[bool]]) -> Features:
+    async def _features(self, uploads: list[UploadFile], route: str, disconnected: Callable[[], Awaitable[bool]],
+                        partial: bool = True) -> Features:
         """`_work`, abandoned as soon as the client disconnects: its queued images are dropped from their batch
         and its remaining images are not decoded."""
-        work = asyncio.ensure_future(self._work(uploads, route))
+        work = asyncio.ensure_future(self._work(uploads, route, partial))
         watcher = asyncio.ensure_future(_until(disconnected))
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -197,8 +243,9 @@ class Service:
             raise RequestError(CLIENT_CLOSED, "the client closed the connection")
         return work.result()
 
-    async def _work(self, uploads: list[UploadFile], route: str) -> Features:
-        """Decode every upload, run the good ones through the batcher; per-image errors for the rest."""
+    async def _work(self, uploads: list[UploadFile], route: str, partial: bool) -> Features:
+        """Decode every upload, run the good ones through the batcher; per-image errors for the rest. Not
+        `partial`: the first bad upload fails the request, before the engine runs."""
         if len(uploads) > self.settings.max_images_per_request:
             raise RequestError(413, f"{len(uploads)} images in one request; the limit is "
                                     f"{self.settings.max_images_per_request}")
@@ -208,11 +255,16 @@ class Service:
         for error in filter(None, errors):
             self.metrics.image_errors.labels(str(error.status)).inc()
         good = [p for p in prepared if not isinstance(p, ImageError)]
+        bad = [(upload, error) for upload, error in zip(uploads, errors) if error is not None]
+        if bad and not partial:
+            upload, first = bad[0]
+            more = f" ({len(bad)} of the {len(uploads)} images were refused)" if len(bad) > 1 else ""
+            raise RequestError(first.status, f"{upload.filename}: {first.detail}{more}", _retry(first))
         if not good:
-            first = next(filter(None, errors))
+            first = bad[0][1]
             raise RequestError(first.status, first.detail if len(uploads) == 1 else
                                f"none of the {len(uploads)} images could be classified; first: {first.detail}",
-                               {"Retry-After": "2"} if first.status == 503 else None)
+                               _retry(first))
         decoded = time.perf_counter()
         features = await self._submit(np.stack(good))
         self.metrics.images.labels(route).inc(len(good))
@@ -253,17 +305,13 @@ class Service:
             raise RequestError(503, f"no result within {timeout} s; the server is overloaded", retry) from None
 
 
+def _retry(error: ImageError) -> dict[str, str] | None:
+    return {"Retry-After": "2"} if error.status == 503 else None
+
+
 async def _until(disconnected: Callable[[], Awaitable[bool]]) -> None:
     while not await disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-def _yield_to_the_engine() -> None:
-    """Decoding threads run at a lower priority (nice 10, this thread only on Linux) than the inference threads:
-    the engine's parallel kernels wait for their slowest thread, so a decode preempting one of them costs the
-    whole batch, while a decode delayed by a few milliseconds costs nothing as long as the queue is not empty."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _without_paths(value):

@@ -1,0 +1,241 @@
+"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) on the wire: inference requests in, responses out.
+
+The model takes one BYTES input, IMAGE (shape [N] or [N, 1]): each element is an encoded image file, as an upload
+to POST /classify is. Elements arrive one of two ways:
+- as binary data (the binary tensor data extension, tritonclient's default): the JSON header, its length in the
+  `Inference-Header-Content-Length` header, then each element as a 4-byte little-endian length and its bytes;
+- in the JSON `data`, as base64 strings marked `"content_type": "base64"` (MLServer's convention), on the input
+  or the request. The protocol's JSON BYTES elements are plain strings, which cannot carry an image file, so
+  strings without that mark are refused rather than guessed at.
+Outputs: LABELS (BYTES) and PROBABILITIES (FP32), [N, top_k], most probable first; EMBEDDING (FP32, [N, D]) on
+request. Each is returned as JSON or binary data per its `binary_data` parameter, else the request's
+`binary_data_output`. `classification: c` on PROBABILITIES gives Triton's "probability:index:label" strings.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from .schemas import InferenceRequest, ModelMetadata, Parameters, TensorMetadata
+
+INPUT = "IMAGE"
+MODEL_VERSION = "1"  # one version is served; requests may name it or not
+PLATFORM = "promptkd"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+OUTPUTS = ("LABELS", "PROBABILITIES", "EMBEDDING")
+DEFAULT_OUTPUTS = ("LABELS", "PROBABILITIES")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_LENGTH = struct.Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """A request the protocol or this model cannot take; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Requested:
+    name: str
+    binary: bool
+    classification: int  # 0: the output itself, else Triton's top-c classification strings
+
+
+@dataclass
+class Inference:
+    id: str | None
+    images: list[bytes]
+    outputs: list[Requested]
+    top_k: int | None
+
+
+def model_metadata(name: str, feature_dim: int) -> ModelMetadata:
+    """The per-request top_k sizes the label dimension, hence -1."""
+    return ModelMetadata(
+        name=name, versions=[MODEL_VERSION], platform=PLATFORM,
+        inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
+        outputs=[TensorMetadata(name="LABELS", datatype="BYTES", shape=[-1, -1]),
+                 TensorMetadata(name="PROBABILITIES", datatype="FP32", shape=[-1, -1]),
+                 TensorMetadata(name="EMBEDDING", datatype="FP32", shape=[-1, feature_dim])],
+    )
+
+
+def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> Inference:
+    """The images and what to answer with; ProtocolError says what is wrong. The image count is checked against
+    `max_images` before any element is split out."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ProtocolError(415, f"request bodies compressed with {encoding!r} are not accepted; send it plain")
+    header, binary = _split_body(body, headers.get(HEADER_LENGTH))
+    try:
+        request = InferenceRequest.model_validate_json(header)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "".join(f".{part}" if isinstance(part, str) else f"[{part}]" for part in first["loc"]).lstrip(".")
+        raise ProtocolError(400, f"not an inference request: {where + ': ' if where else ''}{first['msg']}") from None
+    if [tensor.name for tensor in request.inputs] != [INPUT]:
+        raise ProtocolError(400, f"this model takes one input, {INPUT} (BYTES, shape [-1]); got "
+                                 f"{[tensor.name for tensor in request.inputs]}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise ProtocolError(400, f"input {INPUT} must be BYTES (encoded image files), not {tensor.datatype}")
+    if "shared_memory_region" in tensor.parameters:
+        raise ProtocolError(400, "shared memory is not supported; send the images in the request")
+    count = _batch_size(tensor.shape)
+    if count > max_images:
+        raise ProtocolError(413, f"{count} images in one request; the limit is {max_images}")
+    if "binary_data_size" in tensor.parameters:
+        if tensor.data is not None:
+            raise ProtocolError(400, f"input {INPUT} has both data and binary_data_size")
+        size = tensor.parameters["binary_data_size"]
+        if not _is_int(size) or size != len(binary):
+            raise ProtocolError(400, f"input {INPUT} declares binary_data_size {size!r}; {len(binary)} bytes follow "
+                                     f"the JSON")
+        images = _split_elements(binary, count)
+    elif binary:
+        raise ProtocolError(400, f"{len(binary)} bytes follow the JSON but no input declares binary_data_size")
+    else:
+        content_type = tensor.parameters.get("content_type", request.parameters.get("content_type"))
+        images = _from_json(tensor.data, count, content_type)
+    top_k = request.parameters.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ProtocolError(400, f"parameter top_k must be a positive integer, not {top_k!r}")
+    return Inference(request.id, images, _requested(request), top_k)
+
+
+def encode_response(model_name: str, request_id: str | None, parameters: Parameters,
+                    tensors: list[tuple[Requested, str, np.ndarray]]) -> tuple[bytes, int | None]:
+    """The response body, and the length of its JSON header when binary output data follows it (else None)."""
+    outputs, blobs = [], []
+    for requested, datatype, array in tensors:
+        output = {"name": requested.name, "datatype": datatype, "shape": list(array.shape)}
+        if requested.binary:
+            blob = _join_elements(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
+            output["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            output["data"] = array.ravel().tolist()
+        outputs.append(output)
+    response = {"model_name": model_name, "model_version": MODEL_VERSION, "parameters": parameters,
+                "outputs": outputs}
+    if request_id is not None:
+        response["id"] = request_id
+    header = json.dumps(response).encode()
+    return (b"".join([header, *blobs]), len(header)) if blobs else (header, None)
+
+
+def output_tensors(outputs: list[Requested], top_k: int, probabilities: np.ndarray, indices: np.ndarray,
+                   labels: list[str], embeddings: np.ndarray) -> list[tuple[Requested, str, np.ndarray]]:
+    """The requested outputs from the ranking (probabilities and label indices, [N, >= any k asked]) and the
+    embeddings; `classification: c` turns PROBABILITIES into Triton's "probability:index:label" strings."""
+    tensors = []
+    for output in outputs:
+        if output.name == "EMBEDDING":
+            tensors.append((output, "FP32", embeddings))
+        elif output.classification:
+            count = output.classification
+            tensors.append((output, "BYTES", np.array(
+                [[f"{p:f}:{i}:{labels[i]}" for p, i in zip(row_p, row_i)]
+                 for row_p, row_i in zip(probabilities[:, :count], indices[:, :count])], dtype=object)))
+        elif output.name == "PROBABILITIES":
+            tensors.append((output, "FP32", probabilities[:, :top_k]))
+        else:
+            tensors.append((output, "BYTES", np.array(labels, dtype=object)[indices[:, :top_k]]))
+    return tensors
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.strip().isdigit() or int(header_length) > len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the "
+                                 f"body's {len(body)}; got {header_length!r}")
+    return body[: int(header_length)], body[int(header_length) :]
+
+
+def _batch_size(shape: list[int]) -> int:
+    if len(shape) in (1, 2) and shape[0] >= 1 and shape[1:] in ([], [1]):
+        return shape[0]
+    raise ProtocolError(400, f"input {INPUT} has shape {shape}; expected [N] or [N, 1] with N >= 1, one image file "
+                             f"per element")
+
+
+def _split_elements(binary: bytes, count: int) -> list[bytes]:
+    """BYTES binary data: each element a 4-byte little-endian length, then that many bytes."""
+    elements, offset = [], 0
+    for index in range(count):
+        if offset + _LENGTH.size > len(binary):
+            raise ProtocolError(400, f"binary data of {INPUT} ends before element {index} of {count}")
+        (size,) = _LENGTH.unpack_from(binary, offset)
+        offset += _LENGTH.size
+        if offset + size > len(binary):
+            raise ProtocolError(400, f"{INPUT}[{index}] claims {size} bytes; the binary data ends before")
+        elements.append(binary[offset : offset + size])
+        offset += size
+    if offset != len(binary):
+        raise ProtocolError(400, f"binary data of {INPUT} goes on after its {count} elements")
+    return elements
+
+
+def _join_elements(array: np.ndarray) -> bytes:
+    parts = []
+    for element in array.ravel():
+        data = element.encode()
+        parts += [_LENGTH.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def _from_json(data: list | None, count: int, content_type) -> list[bytes]:
+    if data is None:
+        raise ProtocolError(400, f"input {INPUT} has neither data nor binary_data_size")
+    elements = [x[0] if isinstance(x, list) and len(x) == 1 else x for x in data]
+    if len(elements) != count or not all(isinstance(x, str) for x in elements):
+        raise ProtocolError(400, f"data of {INPUT} must hold {count} strings, as its shape says")
+    if content_type != "base64":
+        raise ProtocolError(400, f"{INPUT} elements in JSON must be base64 strings, marked with parameters "
+                                 f"{{\"content_type\": \"base64\"}} on the input or the request: JSON strings "
+                                 f"cannot carry image files. Or send binary data (tritonclient's default)")
+    try:
+        return [base64.b64decode(element, validate=True) for element in elements]
+    except (binascii.Error, ValueError) as err:
+        raise ProtocolError(400, f"data of {INPUT} is not valid base64: {err}") from None
+
+
+def _requested(request: InferenceRequest) -> list[Requested]:
+    binary = _flag(request.parameters, "binary_data_output", False)
+    if not request.outputs:
+        return [Requested(name, binary, 0) for name in DEFAULT_OUTPUTS]
+    names = [output.name for output in request.outputs]
+    unknown = [name for name in names if name not in OUTPUTS]
+    if unknown or len(set(names)) != len(names):
+        raise ProtocolError(400, f"outputs must be distinct names among {list(OUTPUTS)}; got {names}")
+    requested = []
+    for output in request.outputs:
+        if "shared_memory_region" in output.parameters:
+            raise ProtocolError(400, "shared memory is not supported; outputs come back in the response")
+        count = output.parameters.get("classification", 0)
+        if not _is_int(count) or count < 0 or (count and output.name != "PROBABILITIES"):
+            raise ProtocolError(400, f"classification must be a positive integer, on PROBABILITIES only; got "
+                                     f"{count!r} on {output.name}")
+        requested.append(Requested(output.name, _flag(output.parameters, "binary_data", binary), count))
+    return requested
+
+
+def _flag(parameters: Parameters, name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"parameter {name} must be true or false, not {value!r}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

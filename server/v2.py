@@ -1,0 +1,133 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP) beside the native API, for clients such as tritonclient.
+
+Health answers as /healthz and /readyz do; the model is the bundle's, under its manifest name, with one version
+("1") that paths may name or leave out. Errors are {"error": message} (main.py and middleware.py switch the body
+under /v2). The wire format (binary data, base64 JSON, outputs) is open_inference.py's; the work is the Service's.
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from .open_inference import EXTENSIONS, HEADER_LENGTH
+from .schemas import (
+    InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata, ServerReady, V2Error,
+)
+from .service import Service
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+SERVER_NAME = "promptkd"
+UNKNOWN = {404: {"model": V2Error, "description": "no such model (or version) here"}}
+INFER_ERRORS = {
+    **UNKNOWN,
+    400: {"model": V2Error, "description": "malformed request, or an image is empty, truncated or corrupt (the "
+                                           "error names the element, IMAGE[i])"},
+    413: {"model": V2Error, "description": "request body, image file, pixel count or image count over a limit"},
+    415: {"model": V2Error, "description": "an image is not in a format the server decodes, or the body is "
+                                           "compressed"},
+    503: {"model": V2Error, "description": "overloaded (queue full) or timed out; see Retry-After"},
+}
+
+
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its $defs substituted in, to stand alone inside the OpenAPI document."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
+    "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary",
+        "description": f"binary tensor data: the JSON request ({HEADER_LENGTH} header: its length), then IMAGE's "
+                       f"elements, each a 4-byte little-endian length and the image file"}},
+}}}
+INFER_RESPONSE = {200: {"content": {"application/octet-stream": {}}, "description": "the JSON response, followed "
+                        f"by binary data when outputs ask for it ({HEADER_LENGTH} header: the JSON's length)"}}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("", response_model=ServerMetadata)
+def server_metadata(request: Request) -> ServerMetadata:
+    """Server name, version and the protocol extensions it supports."""
+    return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=ServerLive,
+            responses={503: {"model": ServerLive, "description": "the engine failed: restart the process"}})
+def server_live(request: Request) -> JSONResponse:
+    """Liveness, as GET /healthz."""
+    live = _service(request).health_failure() is None
+    return JSONResponse(ServerLive(live=live).model_dump(), status_code=200 if live else 503)
+
+
+@router.get("/health/ready", response_model=ServerReady,
+            responses={503: {"model": ServerReady, "description": "still warming up"}})
+def server_ready(request: Request) -> JSONResponse:
+    """Readiness, as GET /readyz."""
+    ready = _service(request).ready
+    return JSONResponse(ServerReady(ready=ready).model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=UNKNOWN)
+def model_metadata(request: Request, name: str) -> ModelMetadata:
+    """Inputs and outputs: IMAGE (BYTES: encoded image files) in; LABELS, PROBABILITIES and EMBEDDING out."""
+    return _service(request).model_metadata(name, None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=UNKNOWN)
+def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
+    return _service(request).model_metadata(name, version)
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady,
+            responses={**UNKNOWN, 503: {"model": ModelReady, "description": "still warming up"}})
+def model_ready(request: Request, name: str) -> JSONResponse:
+    """Readiness of the model: the server's."""
+    return _model_ready(_service(request), name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady,
+            responses={**UNKNOWN, 503: {"model": ModelReady, "description": "still warming up"}})
+def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
+    return _model_ready(_service(request), name, version)
+
+
+@router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
+             responses={**INFER_RESPONSE, **INFER_ERRORS})
+async def infer(request: Request, name: str) -> Response:
+    """Classify IMAGE's elements (encoded image files, as binary data or base64 JSON strings) into top-k LABELS and
+    PROBABILITIES, top_k from the request's parameters (default PROMPTKD_TOP_K); EMBEDDING on request. The same
+    limits, decoding and batching as POST /classify; one bad image fails the request, naming the element."""
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
+             responses={**INFER_RESPONSE, **INFER_ERRORS})
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+def _model_ready(service: Service, name: str, version: str | None) -> JSONResponse:
+    service.check_model(name, version)
+    return JSONResponse(ModelReady(name=name, ready=service.ready).model_dump(),
+                        status_code=200 if service.ready else 503)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    body, header_length = await _service(request).infer(name, version, await request.body(), request.headers,
+                                                        request.is_disconnected)
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
