@@ -2,7 +2,7 @@
 
     python bench/teacher_cache.py --workdir demo [--epochs 4] [--json out.json]
 
-Uses a demo folder made by the demo recipe (scripts/build_demo_bundle.sh) (its photos, stand-in weights and stage-1 teacher).
+Uses a folder made by the demo recipe (its photos, stand-in weights and stage-1 teacher).
 The cached run's first epoch includes nothing of the cache build, which is timed on its own.
 """
 from __future__ import annotations
