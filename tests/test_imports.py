@@ -22,3 +22,10 @@ def test_results_tables_import_without_torch():
     blocked = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import training.evaluate"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert "blocked in this test" in blocked.stderr, "the blocker must actually block torch"
+
+
+def test_the_bulk_command_and_its_ray_job_import_without_torch():
+    """Bulk classification runs where the server runs: the bundle and the server's sessions, no model stack."""
+    code = BLOCK_TORCH + "import bulk.cli, bulk.job, bulk.ray_job, bulk.writers; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
