@@ -12,6 +12,6 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
            chromium-driver >/dev/null; }; } \
       || echo "could not install chromium: the browser test will be skipped"
 fi
-.venv/bin/ruff check training export server bundle bench tests
+.venv/bin/ruff check training export server bundle pipeline bulk bench tests
 .venv/bin/python -m pytest "$@"
 bash scripts/docker_test.sh
