@@ -116,7 +116,7 @@ def _add_protocol(sub, name: str, help_text: str, depth: int, datasets: tuple[st
     p.add_argument("--student-batch-size", type=POSITIVE, default=8, help="stage 2 batch (global)")
     p.add_argument("--kd-weight", type=float,
                    help="stage 2 KD weight for every dataset (default: published, 1000; 200 for fgvc_aircraft, "
-                        "oxford_flowers and dtd)")
+                        "oxford_flowers and dtd in base-to-novel)")
     p.add_argument("--prompt-depth", type=POSITIVE, help=f"student prompt depth (default: published, {depth})")
     p.add_argument("--student-selection", choices=["best_val", "last"], default="best_val",
                    help="stage 2: 'best_val' (published) keeps the epoch with the best accuracy on held-out labelled "
