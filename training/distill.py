@@ -151,7 +151,7 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
     cache = None
     if cfg.cache_dir:
         identity = {"teacher": teacher_digest, "images": images, "seed": cfg.seed, "preprocess": asdict(pre),
-                    "crop_min": cfg.crop_min}
+                    "crop_min": cfg.crop_min, "precision": cfg.precision}  # bf16/fp16 features differ from fp32
         cache = TeacherCache.open_or_build(
             Path(cfg.cache_dir), identity, dataset, teacher, cfg.cache_views, cfg.teacher_dim, rt,
             batch_size=max(cfg.batch_size, 64), workers=cfg.workers, precision=cfg.precision, dtype=cfg.cache_dtype,
