@@ -1,7 +1,9 @@
 """The recipe: one YAML file that says everything a run needs, from data to bundle, checked whole before any work.
 
 Every mistake is reported at once with its field path (pydantic). Relative paths are relative to the folder the
-command runs in, as on a command line. Defaults are the published PromptKD settings.
+command runs in, as on a command line. Defaults are the training commands' (tests/test_pipeline.py keeps them
+equal): the published PromptKD settings, except that stage 2 keeps its last epoch unless `selection: best_val`
+(published; the paper recipes set it).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from training.data.names import DATASETS
 
 STAND_IN = "stand-in"  # a tower's `pretrained` value: weights made here by pretrain-tiny (demos, tests)
 VARIANTS = ("optimized", "int8", "int8_vnni", "fp16")
+# The run folder's own subfolders (steps.py writes them); a bundle may not go there.
+STEP_FOLDERS = ("data", "weights", "stage1", "class_vectors", "teacher_cache", "stage2", "evaluate")
 
 
 class RecipeError(ValueError):
@@ -148,7 +152,7 @@ class Stage2(Section):
     prompt_depth: PositiveInt = 9
     projector_hidden: PositiveInt | None = None
     epochs: PositiveInt = 20
-    batch_size: PositiveInt = 8
+    batch_size: int = Field(8, ge=2, description="global; at least 2 images per process (BatchNorm)")
     lr: PositiveFloat = 0.005
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -161,10 +165,12 @@ class Stage2(Section):
     teacher_cache_views: NonNegativeInt = Field(
         0, description="0 (published): the teacher runs on every batch; K: its features are cached for K views")
     max_images: PositiveInt | None = None
+    track_eval: bool = Field(True, description="accuracy and agreement on the evaluation split after every epoch "
+                                               "(the curves); one student pass over it per epoch")
 
 
 class Evaluation(Section):
-    split: str = "test"
+    split: Literal["test", "val"] = "test"
     protocol: Literal["all", "base2novel"] = "all"
 
 
@@ -208,6 +214,11 @@ class Recipe(Section):
             raise ValueError("stage1.data cannot be fashion_mnist: give it at data, which stage 1 then uses")
         if self.stage1.gpa_mean is not None and not 0 < self.stage1.gpa_mean <= self.stage1.epochs:
             raise ValueError(f"stage1.gpa_mean must be within the {self.stage1.epochs} epochs")
+        workdir, out = self.run.workdir.absolute(), self.bundle_dir.absolute()
+        owned = [workdir / name for name in STEP_FOLDERS]
+        if out == workdir or out in workdir.parents or any(out == f or f in out.parents for f in owned):
+            raise ValueError(f"export.out {self.bundle_dir} would replace the run folder or one of its steps' "
+                             "folders: choose a folder outside run.workdir, or leave it unset (<workdir>/bundle)")
         if self.stage2.warmup_epochs >= self.stage2.epochs:
             raise ValueError("stage2.warmup_epochs must be fewer than stage2.epochs")
         return self
@@ -249,6 +260,8 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
         raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

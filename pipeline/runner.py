@@ -6,11 +6,13 @@ import time
 
 import yaml
 
+from bundle import BundleError
+
 from training.runtime import Interrupted
 
 from .recipe import Recipe
 from .report import Row, plot_curves, table
-from .state import PipelineState, step_key
+from .state import STATE_FILE, PipelineState, step_key
 from .steps import Plan, Step, clean
 
 
@@ -21,7 +23,7 @@ class Stopped(RuntimeError):
 def statuses(recipe: Recipe, from_step: str | None = None) -> list[tuple[Step, str, str]]:
     """(step, key, what a run would do: "up to date", "resume" or "run") for every step, without running any."""
     state = PipelineState(recipe.run.workdir)
-    steps = Plan(recipe).steps(overwrite_bundle="export" in state.records)
+    steps = Plan(recipe).steps(overwrite_bundle=owns_bundle(state, recipe))
     names = [s.name for s in steps]
     if from_step is not None and from_step not in names:
         raise ValueError(f"--from {from_step!r}: this recipe's steps are {', '.join(names)}")
@@ -40,14 +42,35 @@ def statuses(recipe: Recipe, from_step: str | None = None) -> list[tuple[Step, s
     return result
 
 
+def owns_bundle(state: PipelineState, recipe: Recipe) -> bool:
+    """Whether the folder at export.out is the bundle this run folder wrote: only that one may be replaced."""
+    return state.wrote("export", recipe.bundle_dir / "manifest.json")
+
+
+def dependents(name: str, steps: list[Step]) -> list[str]:
+    """Every step that uses `name`'s output, directly or through other steps."""
+    found: list[str] = []
+    for step in steps:
+        if any(n == name or n in found for n in step.needs):
+            found.append(step.name)
+    return found
+
+
 def run(recipe: Recipe, from_step: str | None = None, echo=print) -> list[Row]:
     """Do the work a recipe describes, as little of it as its run folder still needs. Raises Stopped on an
     interrupt after recording where to continue."""
     work = recipe.run.workdir
+    if work.is_dir() and any(work.iterdir()) and not (work / STATE_FILE).is_file():
+        raise ValueError(f"run.workdir {work} holds files but is not a run folder (no {STATE_FILE}): steps "
+                         "empty their folders there, so choose a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     plan = statuses(recipe, from_step)
     state = PipelineState(work)
+    exporting = any(step.name == "export" and todo != "up to date" for step, _, todo in plan)
+    if exporting and recipe.bundle_dir.exists() and not owns_bundle(state, recipe):
+        raise BundleError(f"{recipe.bundle_dir} exists and was not written by this run folder's recipe: remove it "
+                          "or choose another export.out (nothing was run)")
     rows = []
     for number, (step, key, todo) in enumerate(plan, 1):
         header = f"[{number}/{len(plan)}] {step.title}"
@@ -60,15 +83,17 @@ def run(recipe: Recipe, from_step: str | None = None, echo=print) -> list[Row]:
         echo(f"{header}: {'resuming where it stopped' if todo == 'resume' else 'running'}")
         if todo == "run":
             clean(step)
-        state.start(step.name, key)
+        # What was built on this step's earlier output is stale from now on, even if this run stops before it.
+        state.start(step.name, key, dependents(step.name, [s for s, _, _ in plan]))
         state.log(step.name, "started", resume=todo == "resume")
         started = time.time()
         try:
             summary = step.action(todo == "resume")
         except (Interrupted, KeyboardInterrupt):
             state.log(step.name, "interrupted", seconds=round(time.time() - started, 1))
-            how = ("rerun the same command to resume it where it stopped" if step.resumable
-                   else "rerun the same command to redo it")
+            how = ("rerun the same command to redo it" if not step.resumable
+                   else "rerun it without --from to resume it where it stopped" if from_step
+                   else "rerun the same command to resume it where it stopped")
             raise Stopped(f"interrupted in {step.name}; finished steps are kept: {how}") from None
         seconds = time.time() - started
         state.finish(step.name, key, step.outputs, seconds, summary)

@@ -25,8 +25,8 @@ def step_key(name: str, settings: dict, upstream: list[str]) -> str:
 @dataclass
 class Record:
     key: str
-    status: str  # "running" until the step finishes, then "done"
-    outputs: dict[str, str] = field(default_factory=dict)  # path -> sha256
+    status: str  # "running" until the step finishes, then "done"; "stale" once an input of it is redone
+    outputs: dict[str, str] = field(default_factory=dict)  # path -> sha256, of the last finished run
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
 
@@ -57,9 +57,19 @@ class PipelineState:
         record = self.records.get(name)
         return record is not None and record.status == "running" and record.key == key
 
-    def start(self, name: str, key: str) -> None:
-        self.records[name] = Record(key, "running")
+    def start(self, name: str, key: str, dependents: list[str] = ()) -> None:
+        """Mark `name` running and its dependents stale (their summaries kept), in one save."""
+        for dependent in dependents:
+            if dependent in self.records:
+                self.records[dependent].status = "stale"
+        previous = self.records.get(name)
+        self.records[name] = Record(key, "running", previous.outputs if previous else {})  # what it last wrote
         self._save()
+
+    def wrote(self, name: str, path: Path) -> bool:
+        """Whether step `name` wrote `path` in a finished run (it may have started again since)."""
+        record = self.records.get(name)
+        return record is not None and self._name(path) in record.outputs
 
     def finish(self, name: str, key: str, outputs: list[Path], seconds: float, summary: dict) -> None:
         outputs_sha = {self._name(p): sha256_file(p) for p in outputs}

@@ -44,6 +44,15 @@ def _dump(section) -> dict:
     return section.model_dump(mode="json") if section is not None else {}
 
 
+def _identity(value: str | Path | None) -> list | str | None:
+    """A tag as itself; a local file as its path, size and modification time (hashing weights on every run would
+    cost more than the check is worth)."""
+    if value is None or not Path(value).is_file():
+        return str(value) if value is not None else None
+    stat = Path(value).stat()
+    return [str(value), stat.st_size, stat.st_mtime_ns]
+
+
 class Plan:
     """A recipe's steps, and the few things several of them share (where files go, how data is read)."""
 
@@ -67,7 +76,7 @@ class Plan:
                 steps.append(self._stand_in_step(role))
         steps += [self._stage1_step(), self._class_vectors_step(), self._stage2_step()]
         if r.evaluation.protocol == "base2novel":
-            steps.append(Step("evaluate", "base/novel/HM evaluation", _dump(r.evaluation), ["stage2"],
+            steps.append(Step("evaluate", "base/novel/HM evaluation", _dump(r.evaluation), ["stage2", "class_vectors"],
                               [self.work / "evaluate" / "report.json"], self._evaluate, folder=self.work / "evaluate"))
         steps.append(Step("export", "ONNX export, parity, variants, bundle",
                           {**_dump(r.export), "name": self._bundle_name, "parity_split": r.evaluation.split},
@@ -84,16 +93,20 @@ class Plan:
     def _bundle_name(self) -> str:
         return self.recipe.export.name or self.recipe.name
 
-    def _source(self, data: Data) -> dict:
-        """What identifies a labelled source: its settings (paths, not file contents); the demo photos are the
-        data step's, whose key its dependents include."""
-        return {k: v for k, v in _dump(data).items() if k != "fashion_mnist"} | {
-            "fashion_mnist": data.fashion_mnist is not None}
+    @staticmethod
+    def _source(data: Data) -> dict:
+        """What identifies a labelled source: where it is (file contents are not hashed: a dataset is too large);
+        the demo photos are the data step's, whose key its dependents include."""
+        return {"coop": _dump(data.coop) if data.coop else None,
+                "image_folder": str(data.image_folder) if data.image_folder else None,
+                "fashion_mnist": data.fashion_mnist is not None}
 
     def _tower_settings(self, role: str) -> list:
-        """What identifies a tower; stand-in weights are the weights step's, whose key its dependents include."""
+        """What identifies a tower: its model and weights (a local file by path, size and time, so that a
+        replaced file counts as changed); stand-in weights are the weights step's, whose key its dependents
+        include."""
         tower: Tower = getattr(self.recipe, role)
-        return [tower.model, tower.pretrained, str(tower.weights) if tower.weights else None]
+        return [tower.model, _identity(tower.pretrained), _identity(tower.weights)]
 
     def _tower(self, role: str) -> tuple[str, str, str | None]:
         tower: Tower = getattr(self.recipe, role)
@@ -137,15 +150,20 @@ class Plan:
                                  lr=s.lr)
             return {"result": f"{model} stand-in weights, final loss {loss:.3f}", "final_loss": loss}
 
-        settings = {"model": model, "stand_in": _dump(self.recipe.stand_in), "data": self._source(self.recipe.data)}
+        settings = {"model": model, "stand_in": _dump(self.recipe.stand_in),
+                    "data": self._source(self.recipe.stage1.data or self.recipe.data)}
         return Step(f"{role}_weights", f"stand-in CLIP weights for the {role} ({model})", settings,
                     ["data"], [out], action, cleanup=[out])
 
     def _stage1_step(self) -> Step:
         r = self.recipe
-        settings = {"stage1": {k: v for k, v in _dump(r.stage1).items() if k != "data"},
-                    "data": self._source(r.stage1.data or r.data), "teacher": self._tower_settings("teacher"),
-                    **self._run_settings()}
+        if r.stage1.authors_checkpoint is not None:
+            settings = {"authors_checkpoint": _identity(r.stage1.authors_checkpoint),
+                        "teacher": self._tower_settings("teacher")}
+        else:
+            settings = {"stage1": {k: v for k, v in _dump(r.stage1).items() if k not in ("data", "authors_checkpoint")},
+                        "data": self._source(r.stage1.data or r.data), "teacher": self._tower_settings("teacher"),
+                        **self._run_settings()}
         title = ("stage 1: import the authors' teacher" if r.stage1.authors_checkpoint
                  else "stage 1: PromptSRC teacher on few-shot labelled images")
         return Step("stage1", title, settings, ["data", "teacher_weights"], [self.teacher_file], self._stage1,
@@ -180,7 +198,7 @@ class Plan:
 
     def _class_vectors_step(self) -> Step:
         names = self.recipe.data.classnames
-        settings = {"classnames": str(names) if names else self._source(self.recipe.data)}
+        settings = {"classnames": self.classnames() if names else self._source(self.recipe.data)}
         return Step("class_vectors", "class vectors: the teacher's text tower, once, over the class names", settings,
                     ["stage1", "data"], [self.vectors_file], self._class_vectors, folder=self.vectors_file.parent)
 
@@ -196,8 +214,10 @@ class Plan:
 
     def _stage2_step(self) -> Step:
         r = self.recipe
-        settings = {"stage2": _dump(r.stage2), "student": self._tower_settings("student"),
-                    "data": self._source(r.data), "eval_split": r.evaluation.split, **self._run_settings()}
+        settings = {"stage2": {k: v for k, v in _dump(r.stage2).items() if k != "track_eval"},
+                    "student": self._tower_settings("student"), "data": self._source(r.data),
+                    "unlabelled": str(r.data.unlabelled) if r.data.unlabelled else None,
+                    "selection_split": [r.stage1.shots, r.stage1.val_shots], **self._run_settings()}
         return Step("stage2", "stage 2: distil the student on unlabelled images", settings,
                     ["class_vectors", "stage1", "student_weights", "data"], [self.student_file], self._stage2,
                     folder=self.student_file.parent, resumable=True)
@@ -215,12 +235,16 @@ class Plan:
             epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, temperature=s.temperature, kd_weight=s.kd_weight,
             crop_min=s.crop_min, selection=s.selection, precision=r.run.precision, workers=r.run.workers,
-            seed=r.run.seed, device=r.run.device, track_eval=True,
+            seed=r.run.seed, device=r.run.device, track_eval=s.track_eval,
             cache_dir=str(self.work / "teacher_cache") if s.teacher_cache_views else None,
             cache_views=max(1, s.teacher_cache_views),
         )
         eval_split = self.data(r.evaluation.split)
-        val_split = self.data("val") if s.selection == "best_val" else None
+        # Labelled held-out images of every class choose the epoch (the val split, else training images the
+        # few-shot draw left out), never the test split; as the protocol runners do.
+        val_split = None
+        if s.selection == "best_val":
+            _, val_split = few_shot_splits(self.data, r.stage1.shots, r.stage1.val_shots, r.run.seed, "all")
         report = distill(cfg, self.student_images(), eval_split, resume=resume, val_split=val_split)
         figures = {"images": report["train_images"], **{f"{k}_after": v for k, v in report["after"].items()
                                                          if k.endswith(("_acc", "agreement"))}}
@@ -234,12 +258,14 @@ class Plan:
         return {"result": text, **figures}
 
     def _evaluate(self, resume: bool) -> dict:
+        from training.class_vectors import ClassVectors
         from training.evaluate import evaluate_checkpoint
         from training.runtime import setup
 
         r = self.recipe
         device = setup(r.run.device).device
-        report = evaluate_checkpoint(self.student_file, self.data(r.evaluation.split), device, True, r.run.workers)
+        report = evaluate_checkpoint(self.student_file, self.data(r.evaluation.split), device, True, r.run.workers,
+                                     ClassVectors.load(self.vectors_file))
         out = self.work / "evaluate" / "report.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -91,6 +91,23 @@ def test_cross_field_rules(tmp_path):
         Recipe.model_validate(base | {"student": {"model": "ViT-B-16", "pretrained": "laion9000"}})
 
 
+def test_a_bundle_may_not_replace_the_run_folder_or_its_steps(tmp_path):
+    base = yaml.safe_load(DEMO.read_text()) | {"run": {"workdir": str(tmp_path / "run")}}
+    for out in (tmp_path / "run", tmp_path, tmp_path / "run" / "stage2", tmp_path / "run" / "data" / "b"):
+        with pytest.raises(Exception, match="would replace the run folder or one of its steps' folders"):
+            Recipe.model_validate(base | {"export": {"out": str(out)}})
+    Recipe.model_validate(base | {"export": {"out": str(tmp_path / "bundles" / "demo")}})
+
+
+def test_a_folder_that_is_not_a_run_folder_is_never_emptied(tmp_path):
+    work = tmp_path / "mine"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "precious.txt").write_text("keep me")
+    proc = pipeline("run", str(DEMO), *sets(work))
+    assert proc.returncode == 2 and "holds files but is not a run folder" in proc.stderr
+    assert (work / "data" / "precious.txt").read_text() == "keep me"
+
+
 def test_overrides_reach_nested_settings_as_yaml_values():
     raw = {"stage2": {"epochs": 20}}
     apply_override(raw, "stage2.epochs=3")
@@ -110,7 +127,7 @@ def test_recipe_defaults_are_the_training_code_s_published_defaults():
     for section, config in ((Stage2, DistillConfig), (Stage1, Stage1Config)):
         defaults = {f.name: f.default for f in dataclasses.fields(config)}
         for name, field in section.model_fields.items():
-            if name in defaults and name != "gpa_mean":
+            if name in defaults and name not in ("gpa_mean", "track_eval"):  # track_eval: reporting only
                 assert field.default == defaults[name], f"{section.__name__}.{name}"
     assert Stage1().gpa_mean is None and Stage1Config.__dataclass_fields__["gpa_mean"].default == 20 * 3 / 4
 
@@ -182,9 +199,25 @@ def test_a_changed_setting_reruns_what_depends_on_it_and_nothing_else(small_run)
     todo = {step.name: what for step, _, what in statuses(recipe)}
     assert todo == {"data": "up to date", "teacher_weights": "up to date", "student_weights": "up to date",
                     "stage1": "up to date", "class_vectors": "up to date", "stage2": "run", "export": "run"}
+    recipe = load_recipe(DEMO, [*SMALL, f"run.workdir={small_run}", f"data.unlabelled={small_run / 'data' / 'train'}"])
+    todo = {step.name: what for step, _, what in statuses(recipe)}
+    assert todo["stage1"] == "up to date" and todo["stage2"] == "run", "stage 2's images are not stage 1's"
     recipe = load_recipe(DEMO, [*SMALL, f"run.workdir={small_run}"])
     todo = {step.name: what for step, _, what in statuses(recipe, from_step="class_vectors")}
     assert [todo[n] for n in ("stage1", "class_vectors", "stage2", "export")] == ["up to date", "run", "run", "run"]
+
+
+@pytest.mark.slow
+def test_a_bundle_folder_this_run_did_not_write_is_refused_not_replaced(small_run, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text("{}")
+    state = (small_run / "pipeline_state.json").read_text()
+    proc = pipeline("run", str(DEMO), *sets(small_run, f"export.out={theirs}"))
+    assert proc.returncode == 2 and "was not written by this run folder's recipe" in proc.stderr, proc.stderr[-2000:]
+    assert "nothing was run" in proc.stderr
+    assert (theirs / "manifest.json").read_text() == "{}"
+    assert (small_run / "pipeline_state.json").read_text() == state, "a refused run changes nothing"
 
 
 @pytest.mark.slow
