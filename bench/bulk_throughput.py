@@ -38,6 +38,8 @@ def photos(count: int, folder: Path) -> list[str]:
         found += sorted(str(p) for p in (Path(spec.origin).parent / "data").glob("*.jpg"))
     fashion_mnist.export(folder, {"test": 10}, seed=0)
     found += sorted(str(p) for p in (folder / "test").rglob("*.png"))
+    if not found:
+        raise SystemExit("no photos: install dataset-fashion-mnist (Debian) or foolbox (pip --no-deps)")
     return (found * (count // len(found) + 1))[:count]
 
 
@@ -54,7 +56,8 @@ def main() -> int:
     spec = classifier.bundle.manifest.input
     with tempfile.TemporaryDirectory() as tmp:
         inputs = photos(args.images, Path(tmp) / "photos")
-        arrays = np.stack([prepare(Path(p).read_bytes(), spec, settings.max_image_pixels) for p in inputs])
+        arrays = np.stack([prepare(Path(p).read_bytes(), spec, settings.max_image_pixels, settings.formats())
+                           for p in inputs])
         bare, bulk = [], []
         for round_ in range(args.rounds):
             started = time.perf_counter()

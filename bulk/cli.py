@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # docker stop, kill: stop like Ctrl-C, keeping the rows written
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bundle import BundleError
     from server.config import Settings
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),
                        "out": str(args.out)}
     except (BulkError, BundleError, ValidationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output cannot be written: a folder in the way, permissions, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

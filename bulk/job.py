@@ -13,6 +13,7 @@ import numpy as np
 
 from server.classifier import Classifier
 from server.config import Settings
+from bundle import InputSpec
 from server.preprocess import ImageError, prepare, yield_to_the_engine
 
 from .sources import read_input
@@ -33,15 +34,22 @@ def open_classifier(settings: Settings) -> Classifier:
     return Classifier.from_settings(settings)
 
 
-def load(uri: str, classifier: Classifier, settings: Settings) -> np.ndarray | str:
-    """One input as the model's input array, or its error as text."""
+def load(uri: str, spec: InputSpec, settings: Settings) -> np.ndarray | str:
+    """One input as the model's input array, or its error as text: whatever goes wrong with one input (a bad URL,
+    a broken connection, a corrupt file) is that input's row, never the job's end."""
     try:
-        data = read_input(uri, settings.max_upload_bytes)
-        return prepare(data, classifier.bundle.manifest.input, settings.max_image_pixels, settings.formats())
+        return prepare(read_input(uri, settings.max_upload_bytes), spec, settings.max_image_pixels, settings.formats())
     except ImageError as err:
         return f"{err.status}: {err}"
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
+    except Exception as err:  # noqa: BLE001 (per-input isolation is the point)
+        return f"unreadable: {type(err).__name__}: {err}"
+
+
+def batch_size(classifier: Classifier, wanted: int) -> int:
+    """At most what the engine takes (a TensorRT engine's profile has a maximum batch)."""
+    return min(wanted, classifier.session.max_batch or wanted)
 
 
 def classify(classifier: Classifier, uris: list[str], loaded: list[np.ndarray | str], options: Options) -> list[dict]:
@@ -83,26 +91,29 @@ def run_local(inputs: list[str], settings: Settings, writer: Writer, options: Op
     """Classify every input not yet written, in order, writing each batch's rows as it finishes."""
     classifier = classifier or open_classifier(settings)
     todo = [uri for uri in inputs if uri not in writer.done]
+    size, spec = batch_size(classifier, options.batch_size), classifier.bundle.manifest.input
     errors = 0
     started = time.perf_counter()
-    with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
-                            initializer=yield_to_the_engine) as pool:
-        for uris, futures in _ahead(batches(todo, options.batch_size), pool, classifier, settings):
-            rows = classify(classifier, uris, [f.result() for f in futures], options)
-            writer.write(rows)
-            errors += sum(row["error"] is not None for row in rows)
-            if progress is not None:
-                progress.update(len(rows))
-    writer.close()
+    try:
+        with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
+                                initializer=yield_to_the_engine) as pool:
+            for uris, futures in _ahead(batches(todo, size), pool, spec, settings):
+                rows = classify(classifier, uris, [f.result() for f in futures], options)
+                writer.write(rows)
+                errors += sum(row["error"] is not None for row in rows)
+                if progress is not None:
+                    progress.update(len(rows))
+    finally:
+        writer.close()  # what was classified is kept, also on an interrupt
     return Outcome(len(todo), errors, len(inputs) - len(todo), time.perf_counter() - started)
 
 
-def _ahead(chunks: Iterable[list[str]], pool: ThreadPoolExecutor, classifier: Classifier,
+def _ahead(chunks: Iterable[list[str]], pool: ThreadPoolExecutor, spec: InputSpec,
            settings: Settings) -> Iterator[tuple[list[str], list[Future]]]:
     """Batches with their decoding submitted up to PREFETCH_BATCHES ahead, so memory stays bounded."""
     queue: deque[tuple[list[str], list[Future]]] = deque()
     for uris in chunks:
-        queue.append((uris, [pool.submit(load, uri, classifier, settings) for uri in uris]))
+        queue.append((uris, [pool.submit(load, uri, spec, settings) for uri in uris]))
         if len(queue) > PREFETCH_BATCHES:
             yield queue.popleft()
     while queue:

@@ -2,7 +2,9 @@
 actor pool holding one session per actor, Parquet written by the workers. Same rows as the local job.
 
 Ray retries what a lost worker was doing: decode tasks are retried, and the actors are restarted (max_restarts)
-with their batches retried (max_task_retries), so a node that dies mid-job does not fail it.
+with their batches retried (max_task_retries), a few times each, so a node that dies mid-job does not fail it
+while a batch that kills every worker it lands on does. Every node reads the bundle and the inputs at the same
+paths and writes its Parquet parts under the same folder: a shared filesystem (NFS, a PVC mounted on every pod).
 """
 from __future__ import annotations
 
@@ -12,31 +14,29 @@ import numpy as np
 
 from bundle import InputSpec, read_bundle
 from server.config import Settings
-from server.preprocess import ImageError, prepare
 
-from .job import Options, classify, open_classifier
-from .sources import read_input
+from .job import Options, batch_size, classify, load, open_classifier
 from .writers import parquet_schema
 
 # What an actor needs to open the same session as the server would (the rest of Settings is the HTTP server's).
 SESSION_FIELDS = ("bundle", "backend", "variant", "providers", "startup_check", "intra_op_threads")
+RETRIES = 4
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: dict, max_bytes: int, max_pixels: int,
-                 formats: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """A Ray task: inputs -> model arrays (zeros where the input failed) and the error texts ('' when none)."""
+def decode_batch(batch: dict[str, np.ndarray], spec: dict, limits: Settings) -> dict[str, np.ndarray]:
+    """A Ray task: inputs -> model arrays (zeros where the input failed) and the error texts ('' when none), as
+    the local job decodes them."""
     input_spec = InputSpec(**spec)
     size = input_spec.image_size
     pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
     errors = []
     for i, uri in enumerate(batch["path"]):
-        try:
-            pixels[i] = prepare(read_input(str(uri), max_bytes), input_spec, max_pixels, formats)
+        loaded = load(str(uri), input_spec, limits)
+        if isinstance(loaded, str):
+            errors.append(loaded)
+        else:
+            pixels[i] = loaded
             errors.append("")
-        except ImageError as err:
-            errors.append(f"{err.status}: {err}")
-        except OSError as err:
-            errors.append(f"unreadable: {err.strerror or err}")
     return {"path": batch["path"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
@@ -51,7 +51,11 @@ class ClassifyActor:
         import pyarrow as pa
 
         loaded = [str(err) if err else pixels for pixels, err in zip(batch["pixels"], batch["error"])]
-        rows = classify(self.classifier, [str(p) for p in batch["path"]], loaded, self.options)
+        paths = [str(p) for p in batch["path"]]
+        step = batch_size(self.classifier, len(paths))
+        rows = [row for start in range(0, len(paths), step)
+                for row in classify(self.classifier, paths[start:start + step], loaded[start:start + step],
+                                    self.options)]
         return pa.Table.from_pylist(rows, schema=parquet_schema())
 
 
@@ -63,21 +67,21 @@ def run_ray(todo: list[str], settings: Settings, out: Path, options: Options, ad
 
     ray.init(address=address, log_to_driver=False, include_dashboard=False)
     try:
-        manifest = read_bundle(settings.bundle).manifest  # verified once here; each actor verifies its own
-        session = {name: getattr(settings, name) for name in SESSION_FIELDS} | {"bundle": str(settings.bundle)}
+        bundle = read_bundle(settings.bundle.resolve())  # verified once here; each actor verifies its own
+        session = {name: getattr(settings, name) for name in SESSION_FIELDS} | {"bundle": str(bundle.folder)}
+        if settings.intra_op_threads == 0:  # one thread per reserved CPU, not one per core of the node
+            session["intra_op_threads"] = max(1, int(cpus_per_actor))
+        limits = Settings(bundle=bundle.folder, max_upload_bytes=settings.max_upload_bytes,
+                          max_image_pixels=settings.max_image_pixels, image_formats=settings.image_formats)
         dataset = ray.data.from_items([{"path": uri} for uri in todo])
-        decoded = dataset.map_batches(
-            decode_batch, batch_size=options.batch_size,
-            fn_kwargs={"spec": manifest.input.model_dump(), "max_bytes": settings.max_upload_bytes,
-                       "max_pixels": settings.max_image_pixels, "formats": settings.formats()},
-            max_retries=-1,
-        )
+        decoded = dataset.map_batches(decode_batch, batch_size=options.batch_size, max_retries=RETRIES,
+                                      fn_kwargs={"spec": bundle.manifest.input.model_dump(), "limits": limits})
         classified = decoded.map_batches(
             ClassifyActor, batch_size=options.batch_size, fn_constructor_kwargs={"session": session,
                                                                                  "options": options},
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-            max_restarts=-1, max_task_retries=-1,
+            max_restarts=RETRIES, max_task_retries=RETRIES,
         )
-        classified.write_parquet(str(out))
+        classified.write_parquet(str(out.resolve()))
     finally:
         ray.shutdown()

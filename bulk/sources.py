@@ -21,7 +21,7 @@ def list_inputs(source: Path) -> list[str]:
         return sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if source.is_file():
         try:
-            lines = source.read_text().splitlines()
+            lines = source.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise BulkError(f"cannot read the list {source}: {err}") from None
         return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -29,16 +29,21 @@ def list_inputs(source: Path) -> list[str]:
 
 
 def read_input(uri: str, max_bytes: int) -> bytes:
-    """The bytes of one input; OSError (missing, unreachable, too large) for the job to record as that input's
-    error."""
+    """The bytes of one input; OSError (missing, unreachable, too large, not a file) for the job to record as that
+    input's error."""
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme in ("http", "https"):
         with urllib.request.urlopen(uri, timeout=URL_TIMEOUT_S) as response:
             data = response.read(max_bytes + 1)
-    else:
+    elif scheme in ("", "file") or len(scheme) == 1:  # one letter: a Windows drive
         path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)) if scheme == "file" else Path(uri)
+        if not path.is_file():  # missing, a folder, or a FIFO or device that would block a thread for ever
+            raise OSError(f"not a regular file: {path}")
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
+    else:
+        raise OSError(f"{scheme}:// is not read here: list local paths, file:// or http(s):// URLs (mount object "
+                      "storage, or list its objects' HTTPS URLs)")
     if len(data) > max_bytes:
         raise OSError(f"over the {max_bytes}-byte file limit")
     return data

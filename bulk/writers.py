@@ -8,8 +8,8 @@ folder of part files, each written whole and renamed into place, as Ray Data and
 from __future__ import annotations
 
 import csv
-import io
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Protocol
 
 from .sources import BulkError
 
+log = logging.getLogger(__name__)
 COLUMNS = ("path", "labels", "probabilities", "embedding", "error")
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -53,29 +54,31 @@ class LineWriter:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_file() and out.stat().st_size:
             self._recover(out)
-        self.file = out.open("a", newline="")
+        self.file = out.open("a", newline="", encoding="utf-8", errors="surrogateescape")
         if self.fmt == "csv" and self.file.tell() == 0:
             csv.writer(self.file).writerow(COLUMNS)
 
     def _recover(self, out: Path) -> None:
-        data = out.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) != len(data):
-            with out.open("r+b") as f:
-                f.truncate(len(complete))
-        text = complete.decode("utf-8", errors="replace")
-        if self.fmt == "csv":
-            rows = list(csv.reader(io.StringIO(text)))
-            if rows and tuple(rows[0]) != COLUMNS:
-                raise BulkError(f"{out} is not a bulk result (its header is {rows[0][:5]}); choose another --out")
-            self.done = {row[0] for row in rows[1:] if row}
-        else:
-            for line in text.splitlines():
-                try:
-                    self.done.add(json.loads(line)["path"])
-                except (ValueError, KeyError, TypeError):
-                    raise BulkError(f"{out} is not a bulk result (a line reads {line[:80]!r}); choose another "
-                                    "--out") from None
+        """Read what an earlier run wrote; a file that is not a bulk result is refused before anything is changed,
+        and only then is a last line cut short by a crash removed."""
+        with out.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+            first = f.readline()
+            if self.fmt == "csv":
+                header = next(csv.reader([first]), [])
+                if tuple(header) != COLUMNS:
+                    raise BulkError(f"{out} is not a bulk result (its header is {header[:5]}); choose another --out")
+                lines = csv.reader(f)
+                self.done = {row[0] for row in lines if row}
+            else:
+                for number, line in enumerate([first, *f]):
+                    try:
+                        self.done.add(json.loads(line)["path"])
+                    except (ValueError, KeyError, TypeError):
+                        if number and not line.endswith("\n"):
+                            break  # the last line, cut short
+                        raise BulkError(f"{out} is not a bulk result (a line reads {line[:80]!r}); choose another "
+                                        "--out") from None
+        _drop_partial_last_line(out)
 
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "csv":
@@ -94,10 +97,28 @@ class LineWriter:
         self.file.close()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut the file after its last newline (a crash can leave half a row), reading only its tail."""
+    with path.open("r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(0, position - 65536)
+            f.seek(start)
+            chunk = f.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                if start + newline + 1 != end:
+                    f.truncate(start + newline + 1)
+                return
+            position = start
+        f.truncate(0)
+
+
 class ParquetWriter:
     """A folder of Parquet part files; rows are gathered and written a part at a time."""
 
-    PART_ROWS = 4096
+    PART_ROWS = 1024
 
     def __init__(self, out: Path) -> None:
         self.out, self.rows = out, []
@@ -138,10 +159,16 @@ def parquet_schema():
 
 
 def read_done_parquet(folder: Path) -> set[str]:
-    """Inputs already written to a Parquet folder (its complete part files; hidden temporary files ignored)."""
+    """Inputs already written to a Parquet folder. A part that cannot be read (cut short by a killed job) is
+    renamed *.broken and its rows are redone."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     done: set[str] = set()
     for part in sorted(folder.glob("*.parquet")):
-        done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        try:
+            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        except (pa.ArrowException, OSError) as err:
+            log.warning("%s cannot be read (%s): renamed %s.broken, its rows will be redone", part, err, part.name)
+            part.rename(part.with_name(part.name + ".broken"))
     return done

@@ -130,12 +130,32 @@ def test_bad_arguments_are_refused_with_one_line(bundle_dir, inputs, tmp_path, a
     assert proc.returncode == 2 and "no images in" in proc.stderr
 
 
-def test_a_results_file_of_something_else_is_never_appended_to(bundle_dir, inputs, tmp_path):
-    out = tmp_path / "notes.csv"
-    out.write_text("name,age\nada,36\n")
+@pytest.mark.parametrize("name, text", [("notes.csv", "name,age\nada,36"), ("notes.jsonl", "hello"),
+                                        ("log.jsonl", '{"path": "x"}\nnot json\n{"a": 1}')])
+def test_a_results_file_of_something_else_is_never_changed(bundle_dir, inputs, tmp_path, name, text):
+    out = tmp_path / name
+    out.write_text(text)
     proc = bulk(str(inputs), "--bundle", str(bundle_dir), "--out", str(out))
     assert proc.returncode == 2 and "is not a bulk result" in proc.stderr
-    assert out.read_text() == "name,age\nada,36\n"
+    assert out.read_text() == text
+
+
+def test_odd_list_lines_are_rows_with_errors_not_the_end_of_the_job(bundle_dir, fmnist, tmp_path):
+    photo = next((fmnist / "test").rglob("*.png"))
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    listing = tmp_path / "odd.txt"
+    lines = [str(photo), "http://exa mple.invalid/a b.jpg", "s3://bucket/key.jpg", str(tmp_path), str(fifo),
+             f"file://{photo}"]
+    listing.write_text("\ufeff" + "\n".join(lines), encoding="utf-8")  # a byte-order mark, as editors write it
+    out = tmp_path / "rows.jsonl"
+    proc = bulk(str(listing), "--bundle", str(bundle_dir), "--out", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(out)
+    assert list(rows) == lines
+    assert rows[lines[0]]["error"] is None and rows[lines[5]]["labels"] == rows[lines[0]]["labels"]
+    assert "s3:// is not read here" in rows[lines[2]]["error"]
+    assert all(rows[line]["error"].startswith("unreadable") for line in lines[1:5])
 
 
 RAY_CLUSTER = """\
@@ -191,6 +211,11 @@ def test_the_ray_job_on_a_two_node_cluster_equals_the_local_job_and_survives_a_k
     log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
     assert "job exit 0" in proc.stdout, proc.stdout + proc.stderr[-3000:] + log[-3000:]
     assert "killed an actor while the job ran" in proc.stdout, proc.stdout
+    import pyarrow.parquet as pq
+
+    written = pq.read_table(out).column("path").to_pylist()
+    assert len(written) == 6 * len(listed) and all(written.count(p) == 6 for p in listed), \
+        "no row lost or doubled by the retries"
     ray_rows, local_rows = read_rows(out), read_rows(local)
     assert ray_rows.keys() == local_rows.keys()
     for path, row in local_rows.items():
