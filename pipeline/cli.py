@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
-    except (DatasetError, TowerLoadError, BundleError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, TowerLoadError, BundleError, ValueError, OSError) as err:  # OSError: disk full, permissions
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe_run(recipe, rows))
