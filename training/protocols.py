@@ -240,7 +240,8 @@ def _cross_cell(cfg: ProtocolConfig, dataset: str, seed: int, teacher_dir: Path,
 
 def _settings(cfg: ProtocolConfig, protocol: str, dataset: str) -> dict:
     settings = asdict(cfg)
-    settings.update(kd_weight=cfg.kd_weight_for(dataset, protocol), prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol])
+    settings.update(kd_weight=cfg.kd_weight_for(dataset, protocol),
+                    prompt_depth=cfg.prompt_depth or PROMPT_DEPTH[protocol])
     for key in ("datasets", "seeds", "workers", "device", "out"):
         settings.pop(key)
     return settings
