@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bundle import InputSpec
 from server.classifier import Classifier
 from server.config import Settings
-from bundle import InputSpec
 from server.preprocess import ImageError, prepare, yield_to_the_engine
 
 from .sources import read_input
@@ -43,7 +43,7 @@ def load(uri: str, spec: InputSpec, settings: Settings) -> np.ndarray | str:
         return f"{err.status}: {err}"
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
-    except Exception as err:  # noqa: BLE001 (per-input isolation is the point)
+    except Exception as err:  # anything else about one input (http.client's errors, bad URLs) is still its own
         return f"unreadable: {type(err).__name__}: {err}"
 
 
