@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training.data.datasets import find_images
+from training.data.datasets import find_images, load_image_folder
 from training.distill import DistillConfig, distill
 
 from conftest import STUDENT, TEACHER
@@ -117,7 +117,23 @@ def test_teacher_cache_is_keyed_on_the_teacher_weights_not_their_path(tmp_path, 
     state["visual.proj"] = state["visual.proj"] * 1.5
     torch.save(state, weights)
     distill(_config(name="retrained", **kw, **cached), images)
-    assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns != built, "stale teacher features were reused"
+    rebuilt = (tmp_path / "cache" / "features.npy").stat().st_mtime_ns
+    assert rebuilt != built, "stale teacher features were reused"
+    distill(_config(name="bf16", **kw, **cached, precision="bf16"), images)
+    assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns != rebuilt, "fp32 features reused under bf16"
+
+
+def test_tracked_epochs_report_what_an_untracked_run_measures(tmp_path, tiny_weights, class_vectors, fmnist):
+    """track_eval reuses the teacher's predictions for before, every epoch and after: the figures must be those
+    that evaluating teacher and student afresh gives."""
+    images, split = find_images(fmnist / "train")[:32], load_image_folder(fmnist / "test")
+    kw = dict(tmp_path=tmp_path, tiny_weights=tiny_weights, class_vectors=class_vectors)
+    tracked = distill(_config(name="tracked", **kw, track_eval=True), images, split)
+    plain = distill(_config(name="plain", **kw), images, split)
+    assert tracked["before"] == plain["before"] and tracked["after"] == plain["after"]
+    last = json.loads((tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_acc"] == plain["after"]["student_acc"] and last["eval_agreement"] == plain["after"]["agreement"]
+    assert "eval_acc" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_weights, class_vectors, fmnist):

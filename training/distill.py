@@ -176,17 +176,23 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
     def save_state(epoch: int, step: int) -> None:
         run_state.save(epoch, step, optimizer, scaler, student=student.trainable_state(), best=best)
 
-    encoders = {"teacher": teacher, "student": student}
-    report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
-    if eval_split is not None and rt.is_main and start_epoch == 0 and start_step == 0:
-        student.eval()
-        report["before"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
-                                          workers=cfg.workers)
-        log.info("before distillation: %s", report["before"])
     tracker = None
     if cfg.track_eval and eval_split is not None and rt.is_main:
         teacher.eval()
         tracker = EpochTracker(teacher, eval_split, class_vectors, scale, eval_transform(pre), cfg.workers)
+
+    def evaluate_eval_split() -> dict:
+        """Teacher and student on the eval split (the tracker's teacher predictions when it tracks)."""
+        student.eval()
+        if tracker is not None:
+            return tracker.report(student)
+        return evaluate_split({"teacher": teacher, "student": student}, eval_split, class_vectors, scale,
+                              eval_transform(pre), workers=cfg.workers)
+
+    report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
+    if eval_split is not None and rt.is_main and start_epoch == 0 and start_step == 0:
+        report["before"] = evaluate_eval_split()
+        log.info("before distillation: %s", report["before"])
     barrier(rt)
 
     runlog = RunLog(out, rt)
@@ -248,8 +254,7 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
             report.update(selected_epoch=best["epoch"], val_acc=best["val_acc"])
         student.eval()
         if eval_split is not None:
-            report["after"] = evaluate_split(encoders, eval_split, class_vectors, scale, eval_transform(pre),
-                                             workers=cfg.workers)
+            report["after"] = evaluate_eval_split()
             log.info("after distillation: %s", report["after"])
         (out / "report.json").write_text(json.dumps(report, indent=2))
     barrier(rt)

@@ -33,6 +33,21 @@ def predict(
     return torch.cat(preds), torch.cat(labels)
 
 
+def _loader(split: Split, transform, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(ViewDataset(split.items, transform, seed=0), batch_size=batch_size, num_workers=workers,
+                      collate_fn=collate_skipping)
+
+
+def _scores(split: Split, preds: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
+    """Accuracy (%) of each encoder's predictions, and the student's top-1 agreement with the teacher."""
+    result: dict = {"images": len(split), "classes": len(split.classnames), "skipped_images": len(split) - len(labels)}
+    for name, pred in preds.items():
+        result[f"{name}_acc"] = 100.0 * (pred == labels).float().mean().item() if len(labels) else 0.0
+    if "student" in preds and "teacher" in preds:
+        result["agreement"] = 100.0 * (preds["student"] == preds["teacher"]).float().mean().item()
+    return result
+
+
 def evaluate_split(
     encoders: dict[str, nn.Module],
     split: Split,
@@ -43,37 +58,34 @@ def evaluate_split(
     workers: int = 0,
 ) -> dict:
     """Accuracy (%) of each encoder on a labelled split, and the student's top-1 agreement with the teacher."""
-    loader = DataLoader(ViewDataset(split.items, transform, seed=0), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_skipping)
-    preds = {}
-    result: dict = {"images": len(split), "classes": len(split.classnames)}
+    loader = _loader(split, transform, batch_size, workers)
+    preds, labels = {}, torch.empty(0, dtype=torch.long)
     for name, encoder in encoders.items():
-        pred, labels = predict(encoder, loader, vectors, logit_scale, desc=f"eval {name}")
-        preds[name] = pred
-        result[f"{name}_acc"] = 100.0 * (pred == labels).float().mean().item() if len(labels) else 0.0
-        result["skipped_images"] = len(split) - len(labels)
-    if "student" in preds and "teacher" in preds:
-        result["agreement"] = 100.0 * (preds["student"] == preds["teacher"]).float().mean().item()
-    return result
+        preds[name], labels = predict(encoder, loader, vectors, logit_scale, desc=f"eval {name}")
+    return _scores(split, preds, labels)
 
 
 class EpochTracker:
-    """The student's accuracy and top-1 agreement with the teacher on a labelled split, measured after every
-    epoch for the training curves; the frozen teacher's predictions are computed once."""
+    """evaluate_split of the student and its frozen teacher on one labelled split, again and again (before, after
+    every epoch, after training): the teacher's predictions are computed once."""
 
     def __init__(self, teacher: nn.Module, split: Split, vectors: torch.Tensor, logit_scale: float, transform,
                  workers: int = 0) -> None:
-        self.loader = DataLoader(ViewDataset(split.items, transform, seed=0), batch_size=64, num_workers=workers,
-                                 collate_fn=collate_skipping)
+        self.split, self.loader = split, _loader(split, transform, 64, workers)
         self.vectors, self.logit_scale = vectors, logit_scale
         self.teacher_pred, self.labels = predict(teacher, self.loader, vectors, logit_scale, desc="eval teacher")
 
-    def __call__(self, student: nn.Module) -> dict[str, float]:
+    def report(self, student: nn.Module) -> dict:
+        """What evaluate_split({"teacher": ..., "student": student}, ...) reports."""
         pred, _ = predict(student, self.loader, self.vectors, self.logit_scale, desc="eval student")
-        if not len(pred):
+        return _scores(self.split, {"teacher": self.teacher_pred, "student": pred}, self.labels)
+
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        """The per-epoch figures for metrics.jsonl."""
+        if not len(self.labels):
             return {}
-        return {"eval_acc": 100.0 * (pred == self.labels).float().mean().item(),
-                "eval_agreement": 100.0 * (pred == self.teacher_pred).float().mean().item()}
+        report = self.report(student)
+        return {"eval_acc": report["student_acc"], "eval_agreement": report["agreement"]}
 
 
 def evaluate_base_novel(
