@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             from tqdm import tqdm
 
             writer = open_writer(args.out, fmt)
-            with tqdm(total=len(inputs), initial=len(inputs) - len([u for u in inputs if u not in writer.done]),
-                      unit="img", desc="classify", disable=None) as bar:
+            with tqdm(total=len(inputs), initial=sum(uri in writer.done for uri in inputs), unit="img",
+                      desc="classify", disable=None) as bar:
                 outcome = run_local(inputs, settings, writer, options, bar)
             summary = {"images": outcome.images, "errors": outcome.errors, "skipped": outcome.skipped,
                        "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),

@@ -23,15 +23,14 @@ SESSION_FIELDS = ("bundle", "backend", "variant", "providers", "startup_check", 
 RETRIES = 4
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: dict, limits: Settings) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec, settings: Settings) -> dict[str, np.ndarray]:
     """A Ray task: inputs -> model arrays (zeros where the input failed) and the error texts ('' when none), as
     the local job decodes them."""
-    input_spec = InputSpec(**spec)
-    size = input_spec.image_size
+    size = spec.image_size
     pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
     errors = []
     for i, uri in enumerate(batch["path"]):
-        loaded = load(str(uri), input_spec, limits)
+        loaded = load(str(uri), spec, settings)
         if isinstance(loaded, str):
             errors.append(loaded)
         else:
@@ -71,11 +70,9 @@ def run_ray(todo: list[str], settings: Settings, out: Path, options: Options, ad
         session = {name: getattr(settings, name) for name in SESSION_FIELDS} | {"bundle": str(bundle.folder)}
         if settings.intra_op_threads == 0:  # one thread per reserved CPU, not one per core of the node
             session["intra_op_threads"] = max(1, int(cpus_per_actor))
-        limits = Settings(bundle=bundle.folder, max_upload_bytes=settings.max_upload_bytes,
-                          max_image_pixels=settings.max_image_pixels, image_formats=settings.image_formats)
         dataset = ray.data.from_items([{"path": uri} for uri in todo])
         decoded = dataset.map_batches(decode_batch, batch_size=options.batch_size, max_retries=RETRIES,
-                                      fn_kwargs={"spec": bundle.manifest.input.model_dump(), "limits": limits})
+                                      fn_kwargs={"spec": bundle.manifest.input, "settings": settings})
         classified = decoded.map_batches(
             ClassifyActor, batch_size=options.batch_size, fn_constructor_kwargs={"session": session,
                                                                                  "options": options},

@@ -274,13 +274,9 @@ class Plan:
                 "novel": novel, "hm": hm}
 
     def _export(self, overwrite: bool) -> dict:
-        from bundle import BundleError
         from export.build import build_bundle, spread
 
         r, e = self.recipe, self.recipe.export
-        if r.bundle_dir.exists() and not overwrite:
-            raise BundleError(f"{r.bundle_dir} exists and was not written by this run folder's recipe: remove it "
-                              "or choose another export.out")
         parity = spread(sorted(p for p, _ in self.data(r.evaluation.split).items), e.parity_count)
         calibration = spread(sorted(self.student_images()), e.calibration_count) if e.variants else None
         manifest = build_bundle(self.student_file, r.bundle_dir, parity, self.vectors_file, self._bundle_name,
