@@ -31,7 +31,7 @@ class Options:
 
 def open_classifier(settings: Settings) -> Classifier:
     """The server's choice of graph and runtime for this machine, start-up check included."""
-    return Classifier.from_settings(settings)
+    return Classifier.open(settings.bundle, settings)
 
 
 def load(uri: str, spec: InputSpec, settings: Settings) -> np.ndarray | str:

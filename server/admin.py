@@ -2,7 +2,7 @@
 every /admin path before the body is read; these handlers only ever run for an authorised caller."""
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Header, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 
 from .schemas import ErrorResponse, SwapResponse
 
@@ -23,9 +23,11 @@ async def swap_class_vectors(
     class_vectors_sha256: str = Form(..., description="sha256 of the class vectors file"),
     authorization: str | None = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked by AdminGate "
                                                          "before the body is read (documented here)"),
+    model: str | None = Query(None, description="whose default version gets them (default: the only model)"),
 ) -> SwapResponse:
     """Replace the labels and class vectors without downtime (e.g. vectors for new class names from the
     stage-1 `class-vectors` command). Everything is validated first; the switch is one atomic reference
-    swap, so requests in flight finish on the old set. Not persisted: a restart serves the bundle's set."""
-    return request.app.state.service.swap_vocabulary(await labels.read(), labels_sha256, await class_vectors.read(),
-                                                     class_vectors_sha256)
+    swap, so requests in flight finish on the old set. Not persisted: a restart (or a reload of the version)
+    serves the bundle's set."""
+    return request.app.state.service.swap_vocabulary(model, await labels.read(), labels_sha256,
+                                                     await class_vectors.read(), class_vectors_sha256)

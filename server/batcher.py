@@ -1,7 +1,9 @@
 """Dynamic micro-batching: concurrent requests' images run through the engine together.
 
-One worker task takes the first waiting request, then keeps taking more until the batch holds `max_batch`
-images or `max_wait_ms` has passed, runs the batch on a single inference thread (off the event loop), and
+One worker task per served model version takes the first waiting request, then keeps taking more until the batch
+holds `max_batch` images or `max_wait_ms` has passed, waits for one of the process's engine slots (EngineGate: the
+models of one process share one thread budget, so several busy models never oversubscribe the cores), takes
+whatever else arrived meanwhile and still fits, runs the batch on its inference thread (off the event loop), and
 hands each request its rows. A request whose images would overflow the batch waits for the next one. The
 queue is bounded in images: past `max_queue` the submit fails at once (the route answers 503) instead of
 letting latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
@@ -34,14 +36,30 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+class EngineGate:
+    """The process's engine slots: at most `slots` batches run at once, whichever models they belong to. Each
+    session is given cores / slots threads, so the engines never ask for more threads than there are cores."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __call__(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # made on first use, inside the running event loop
+            self._semaphore = asyncio.Semaphore(self.slots)
+        return self._semaphore
+
+
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float, max_queue: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, gate: EngineGate, labels: dict[str, str]) -> None:
         self.run = run
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.metrics = metrics
+        self.gate = gate
+        self.labels = labels  # model and version, on every metric this batcher records
         self.queued_images = 0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._carry: _Job | None = None
@@ -78,60 +96,67 @@ class MicroBatcher:
 
     def _add_queued(self, count: int) -> None:
         self.queued_images += count
-        self.metrics.queue_depth.set(self.queued_images)
+        self.metrics.queue_depth.labels(**self.labels).set(self.queued_images)
 
     async def _next_job(self, timeout: float | None) -> _Job | None:
+        """The carried-over job, else the next queued one within `timeout` seconds (None: wait for one)."""
         if self._carry is not None:
             job, self._carry = self._carry, None
             return job
         if timeout is None:
             return await self._queue.get()
-        if timeout <= 0 and self._queue.empty():
-            return None
+        if timeout <= 0:
+            return None if self._queue.empty() else self._queue.get_nowait()
         try:
-            return await asyncio.wait_for(self._queue.get(), max(timeout, 0))
+            return await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
 
-    async def _collect(self) -> list[_Job]:
-        first = await self._next_job(None)
-        jobs, count = [first], len(first.images)
-        deadline = time.perf_counter() + self.max_wait
+    async def _collect(self, jobs: list[_Job], wait: float | None) -> list[_Job]:
+        """Add waiting jobs to `jobs` while they fit in a batch, waiting at most `wait` seconds for more."""
+        count = sum(len(job.images) for job in jobs)
+        deadline = None if wait is None else time.perf_counter() + wait
         while count < self.max_batch:
-            job = await self._next_job(deadline - time.perf_counter())
+            job = await self._next_job(None if deadline is None else deadline - time.perf_counter())
             if job is None:
                 break
-            if count + len(job.images) > self.max_batch:
+            if jobs and count + len(job.images) > self.max_batch:
                 self._carry = job
                 break
             jobs.append(job)
             count += len(job.images)
+            deadline = deadline if deadline is not None else time.perf_counter() + self.max_wait
         return jobs
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect()
-            live = [job for job in jobs if not job.future.done()]
-            try:
-                if live:
-                    batch = np.concatenate([job.images for job in live])
-                    started = time.perf_counter()
-                    features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch)
-                    self.metrics.batch_size.observe(len(batch))
-                    self.metrics.inference_seconds.observe(time.perf_counter() - started)
-                    offset = 0
-                    for job in live:
-                        rows = features[offset : offset + len(job.images)]
-                        offset += len(job.images)
-                        if not job.future.done():
-                            job.future.set_result(rows)
-            except Exception as err:  # the engine failed: every request of this batch learns why
+            jobs = await self._collect([], None)
+            async with self.gate():
+                jobs = await self._collect(jobs, 0)  # what arrived while another model's batch held the engine
+                await self._run(loop, jobs)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        live = [job for job in jobs if not job.future.done()]
+        try:
+            if live:
+                batch = np.concatenate([job.images for job in live])
+                started = time.perf_counter()
+                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch)
+                self.metrics.batch_size.labels(**self.labels).observe(len(batch))
+                self.metrics.inference_seconds.labels(**self.labels).observe(time.perf_counter() - started)
+                offset = 0
                 for job in live:
+                    rows = features[offset : offset + len(job.images)]
+                    offset += len(job.images)
                     if not job.future.done():
-                        job.future.set_exception(err)
-            finally:
-                self._add_queued(-sum(len(job.images) for job in jobs))
+                        job.future.set_result(rows)
+        except Exception as err:  # the engine failed: every request of this batch learns why
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        finally:
+            self._add_queued(-sum(len(job.images) for job in jobs))
 
     def _run_in_pieces(self, batch: np.ndarray) -> np.ndarray:
         """A single request may hold more images than the batch limit; run it in limit-sized pieces."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -58,8 +59,9 @@ class Classifier:
         self._check_graph()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Classifier":
-        bundle = read_bundle(settings.bundle)
+    def open(cls, folder: Path, settings: Settings) -> "Classifier":
+        """Read and verify the bundle, pick and check its graph on this machine: slow, run it off the event loop."""
+        bundle = read_bundle(folder)
         return cls(bundle, open_session(bundle, settings))
 
     def _check_graph(self) -> None:

@@ -43,7 +43,13 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROMPTKD_", protected_namespaces=())
 
-    bundle: Path = Field(description="model bundle folder (manifest.json, graph, labels, class vectors)")
+    bundle: Path | None = Field(None, description="one model bundle folder (manifest.json, graph, labels, class "
+                                                  "vectors), served as version 1 of the model its manifest names")
+    model_repository: Path | None = Field(None, description="a model repository, Triton's layout: DIR/<model>/"
+                                                            "<version>/ bundles, DIR/<model>/model.yaml policies")
+    repository_poll_s: float = Field(0, ge=0, description="how often the repository is scanned for new, changed "
+                                                          "and removed versions (seconds); 0: only at start-up "
+                                                          "and on load calls")
 
     # What runs the model.
     backend: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
@@ -56,8 +62,11 @@ class Settings(BaseSettings):
                                                "separated; 'auto': TensorRT, CUDA, CPU, whichever are installed")
     startup_check: bool = Field(True, description="run the graph picked on the bundle's parity set at start-up and "
                                                   "skip (auto) or refuse (explicit) it under its manifest floors")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per inference; 0: one per available "
-                                                       "core (affinity and cgroup CPU quota)")
+    intra_op_threads: int = Field(0, ge=0, description="runtime threads per inference; 0: the available cores "
+                                                       "(affinity and cgroup CPU quota) over PROMPTKD_ENGINE_SLOTS")
+    engine_slots: int = Field(1, ge=1, description="batches that may run at once in the whole process, whichever "
+                                                   "models they belong to: several busy models share the cores "
+                                                   "instead of oversubscribing them")
     decode_threads: int = Field(default_factory=available_cpus, ge=1,
                                 description="threads decoding and preprocessing uploads (default: available cores)")
 
@@ -92,6 +101,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         """Refuse settings that could never serve, and an admin token that is weak or ambiguous."""
+        if (self.bundle is None) == (self.model_repository is None):
+            raise ValueError("set one of PROMPTKD_BUNDLE (one bundle) or PROMPTKD_MODEL_REPOSITORY (a folder of "
+                             "models and versions)")
         if self.admin_token_file is not None:
             if self.admin_token is not None and self.admin_token.get_secret_value():
                 raise ValueError("set PROMPTKD_ADMIN_TOKEN or PROMPTKD_ADMIN_TOKEN_FILE, not both")
@@ -121,6 +133,10 @@ class Settings(BaseSettings):
         if not self.formats():
             raise ValueError("PROMPTKD_IMAGE_FORMATS names no image format")
         return self
+
+    def engine_threads(self) -> int:
+        """Threads each session runs a batch with: all cores shared among the engine slots unless configured."""
+        return self.intra_op_threads or max(1, available_cpus() // self.engine_slots)
 
     def formats(self) -> tuple[str, ...]:
         return tuple(f.strip().upper() for f in self.image_formats.split(",") if f.strip())

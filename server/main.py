@@ -1,4 +1,5 @@
-"""The HTTP layer: `PROMPTKD_BUNDLE=path/to/bundle uvicorn server.main:app`.
+"""The HTTP layer: `PROMPTKD_BUNDLE=path/to/bundle uvicorn server.main:app` (one bundle), or
+`PROMPTKD_MODEL_REPOSITORY=DIR` (models and versions, Triton's layout: repository.py, models.py).
 
 Routes are thin: each hands its request to the Service (service.py), where the request path reads top to
 bottom. Middleware (middleware.py) checks the admin token and the body size as the body streams, and counts
@@ -25,7 +26,8 @@ from .config import Settings
 from .metrics import Metrics
 from .middleware import AdminGate, BodyLimit, RequestMetrics, error_body
 from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, Labels, ModelInfo, Ready
-from .service import RequestError, Service
+from .errors import RequestError
+from .service import Service
 
 log = logging.getLogger("promptkd.server")
 VERSION = "0.2.0"
@@ -62,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             app.state.service = await Service.start(config, app.state.metrics)
         except Exception as err:
-            log.error("cannot serve bundle %s: %s", config.bundle, err)
+            log.error("cannot serve %s: %s", config.bundle or config.model_repository, err)
             raise
         yield
         await app.state.service.stop()
@@ -102,43 +104,62 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-@routes.post("/classify", response_model=ClassifyResponse, responses=IMAGE_ERRORS)
-async def classify(
-    request: Request,
-    file: list[UploadFile] = File(..., description="one or more images: repeat the `file` field"),
-    top_k: int | None = Query(None, ge=1, description="labels per image (default PROMPTKD_TOP_K, at most "
-                                                      "PROMPTKD_MAX_TOP_K)"),
-) -> ClassifyResponse:
+MODEL = Query(None, description="the model to use (default: the only one; required when there are several)")
+VERSION_Q = Query(None, description="the model version (default: the model's default version)")
+FILES = File(..., description="one or more images: repeat the `file` field")
+TOP_K = Query(None, ge=1, description="labels per image (default PROMPTKD_TOP_K, at most PROMPTKD_MAX_TOP_K)")
+MODEL_ERRORS = {404: {"model": ErrorResponse, "description": "no such model, or no such version ready"},
+                400: {"model": ErrorResponse, "description": "several models and none named, or no image could "
+                                                             "be classified"}}
+
+
+@routes.post("/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
+async def classify(request: Request, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
+                   model: str | None = MODEL, version: str | None = VERSION_Q) -> ClassifyResponse:
     """Top-k labels with probabilities for each uploaded image. With several images, a bad one gets its own
     `error` and the others are still classified; the request fails only if none can be."""
-    return await _service(request).classify(file, top_k, request.is_disconnected)
+    return await _service(request).classify(file, top_k, model, version, request.is_disconnected)
 
 
-@routes.post("/embed", response_model=EmbedResponse, responses=IMAGE_ERRORS)
-async def embed(
-    request: Request, file: list[UploadFile] = File(..., description="one or more images: repeat `file`"),
-) -> EmbedResponse:
+@routes.post("/models/{name}/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
+async def classify_model(request: Request, name: str, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
+                         version: str | None = VERSION_Q) -> ClassifyResponse:
+    """POST /classify?model={name}, with the model in the path."""
+    return await _service(request).classify(file, top_k, name, version, request.is_disconnected)
+
+
+@routes.post("/embed", response_model=EmbedResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
+async def embed(request: Request, file: list[UploadFile] = FILES, model: str | None = MODEL,
+                version: str | None = VERSION_Q) -> EmbedResponse:
     """The projected, L2-normalised student features of each image: the space the class vectors live in, for
     building your own index."""
-    return await _service(request).embed(file, request.is_disconnected)
+    return await _service(request).embed(file, model, version, request.is_disconnected)
 
 
-@routes.get("/labels", response_model=Labels)
-def labels(request: Request) -> Labels:
+@routes.post("/models/{name}/embed", response_model=EmbedResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
+async def embed_model(request: Request, name: str, file: list[UploadFile] = FILES,
+                      version: str | None = VERSION_Q) -> EmbedResponse:
+    """POST /embed?model={name}, with the model in the path."""
+    return await _service(request).embed(file, name, version, request.is_disconnected)
+
+
+@routes.get("/labels", response_model=Labels, responses=MODEL_ERRORS)
+def labels(request: Request, model: str | None = MODEL, version: str | None = VERSION_Q) -> Labels:
     """The labels in index order, and the version of the vocabulary answering now."""
-    vocabulary = _service(request).classifier.vocabulary
-    return Labels(labels=vocabulary.labels, version=vocabulary.version, source=vocabulary.source)
+    return _service(request).labels(model, version)
 
 
 @routes.get("/", response_model=ModelInfo, responses={200: {"content": {"text/html": {}}, "description": "the model "
                                                           "card as JSON, or the web page for browsers"}})
-def info(request: Request) -> Response:
-    """What is being served: the manifest's model description, the graph, the runtime running it and why. A
-    browser (Accept: text/html without application/json) gets the web page instead, which reads this as JSON."""
+def info(request: Request, model: str | None = Query(None, description="whose card (default: the only model, "
+                                                                           "else the first ready one)")) -> Response:
+    """What is being served: the manifest's model description, the graph, the runtime running it and why, and
+    every model held. A browser (Accept: text/html without application/json) gets the web page instead, which
+    reads this as JSON."""
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "application/json" not in accept:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
-    return JSONResponse(_service(request).info().model_dump(), headers={"Vary": "Accept"})
+    return JSONResponse(_service(request).info(model).model_dump(), headers={"Vary": "Accept"})
 
 
 @routes.get("/healthz", response_model=Health,
@@ -154,10 +175,11 @@ def healthz(request: Request) -> Response:
 
 @routes.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "still warming up"}})
 def readyz(request: Request) -> Response:
-    """Readiness: the bundle is loaded and the engine has run a full batch."""
+    """Readiness: at least one model version is loaded, checked and warmed up (POST /v2/repository/index tells
+    which, and why the others are not)."""
     if _service(request).ready:
-        return JSONResponse(Ready(ready=True, detail="bundle loaded, engine warmed up").model_dump())
-    return JSONResponse(Ready(ready=False, detail="warming up").model_dump(), status_code=503)
+        return JSONResponse(Ready(ready=True, detail="a model is loaded and warmed up").model_dump())
+    return JSONResponse(Ready(ready=False, detail="no model version ready").model_dump(), status_code=503)
 
 
 @routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}},

@@ -1,7 +1,8 @@
 """Prometheus metrics, in a registry per app so that several apps (tests, workers) never share counters.
 
 Images per second is `rate(promptkd_images_total[1m])`; the queue depth and batch sizes show whether
-batching works (batches near PROMPTKD_MAX_BATCH_SIZE under load) and whether the server is saturated.
+batching works (batches near PROMPTKD_MAX_BATCH_SIZE under load) and whether the server is saturated. Everything
+that belongs to one served model carries `model` and `version` labels; sum over them for the process.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MODEL = ("model", "version")
+STATES = ("LOADING", "READY", "UNAVAILABLE", "UNLOADING")
 
 
 class Metrics:
@@ -18,27 +21,46 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("promptkd_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.images = Counter("promptkd_images", "images run through the model, by route", ["route"],
+        self.images = Counter("promptkd_images", "images run through the model, by route", ["route", *MODEL],
                               registry=self.registry)
-        self.image_errors = Counter("promptkd_image_errors", "uploaded images refused, by status", ["status"],
+        self.image_errors = Counter("promptkd_image_errors", "uploaded images refused, by status",
+                                    ["status", *MODEL], registry=self.registry)
+        self.batch_size = Histogram("promptkd_batch_size", "images per engine run", MODEL, buckets=BATCH_BUCKETS,
                                     registry=self.registry)
-        self.batch_size = Histogram("promptkd_batch_size", "images per engine run", buckets=BATCH_BUCKETS,
-                                    registry=self.registry)
-        self.inference_seconds = Histogram("promptkd_inference_seconds", "engine time per batch",
+        self.inference_seconds = Histogram("promptkd_inference_seconds", "engine time per batch", MODEL,
                                            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.serving = Gauge("promptkd_serving", "1 for the graph being served and the runtime running it",
-                             ["variant", "runtime"], registry=self.registry)
+        self.serving = Gauge("promptkd_serving", "1 for each model version serving, with its graph and runtime",
+                             [*MODEL, "variant", "runtime"], registry=self.registry)
         self.startup_check = Gauge("promptkd_startup_check", "start-up check of each graph tried on the bundle's "
                                    "parity set: min cosine, top-1 agreement and passed (1/0)",
-                                   ["variant", "figure"], registry=self.registry)
-        self.queue_depth = Gauge("promptkd_queue_depth", "images waiting for the engine", registry=self.registry)
+                                   [*MODEL, "variant", "figure"], registry=self.registry)
+        self.queue_depth = Gauge("promptkd_queue_depth", "images waiting for the engine", MODEL,
+                                 registry=self.registry)
+        self.model_state = Gauge("promptkd_model_state", "1 for each model version's state in the repository",
+                                 [*MODEL, "state"], registry=self.registry)
         self.rejected = Counter("promptkd_rejected", "requests refused for overload or timeout", ["reason"],
                                 registry=self.registry)
+        self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads
 
-    def record_choice(self, choice) -> None:
+    def record_choice(self, model: str, version: str, choice) -> None:
         """What serves and which graphs were checked (and possibly rejected) on the way, for dashboards/alerts."""
-        self.serving.labels(choice.variant, choice.session.description).set(1)
+        series = self._series.setdefault((model, version), [])
+        series.append((self.serving, (model, version, choice.variant, choice.session.description)))
         for check in choice.checks:
-            self.startup_check.labels(check.variant, "min_cosine").set(check.parity.min_cosine)
-            self.startup_check.labels(check.variant, "top1_agreement").set(check.parity.top1_agreement)
-            self.startup_check.labels(check.variant, "passed").set(int(check.passed))
+            for figure, value in (("min_cosine", check.parity.min_cosine),
+                                  ("top1_agreement", check.parity.top1_agreement), ("passed", int(check.passed))):
+                series.append((self.startup_check, (model, version, check.variant, figure)))
+                self.startup_check.labels(model, version, check.variant, figure).set(value)
+        self.serving.labels(model, version, choice.variant, choice.session.description).set(1)
+
+    def record_state(self, model: str, version: str, state: str) -> None:
+        for name in STATES:
+            self.model_state.labels(model, version, name).set(int(name == state))
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop an unloaded version's serving and queue series (its counters and state stay: history)."""
+        for gauge, labels in self._series.pop((model, version), []) + [(self.queue_depth, (model, version))]:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 
@@ -12,6 +13,11 @@ from .metrics import Metrics
 
 ADMIN_PREFIX = "/admin"
 V2_PREFIX = "/v2"
+REPOSITORY_CONTROL = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)/?$")  # Triton's load and unload
+
+
+def is_admin(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or bool(REPOSITORY_CONTROL.match(path))
 
 
 def error_body(path: str, message: str) -> dict[str, str]:
@@ -35,15 +41,16 @@ def token_matches(authorization: str | None, token: str) -> bool:
 
 
 class AdminGate:
-    """/admin routes answer 404 when admin is disabled and 401 without the right bearer token, from the headers
-    alone: an unauthenticated caller never gets a byte of its body read, spooled or parsed."""
+    """/admin routes and the repository's load and unload answer 404 when admin is disabled and 401 without the
+    right bearer token, from the headers alone: an unauthenticated caller never gets a byte of its body read,
+    spooled or parsed."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+        if scope["type"] != "http" or not is_admin(path):
             return await self.app(scope, receive, send)
         token = scope["app"].state.service.settings.admin_token
         if token is None:

@@ -26,9 +26,8 @@ from pydantic import ValidationError
 from .schemas import InferenceRequest, ModelMetadata, Parameters, TensorMetadata
 
 INPUT = "IMAGE"
-MODEL_VERSION = "1"  # one version is served; requests may name it or not
 PLATFORM = "promptkd"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 OUTPUTS = ("LABELS", "PROBABILITIES", "EMBEDDING")
 DEFAULT_OUTPUTS = ("LABELS", "PROBABILITIES")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -58,10 +57,10 @@ class Inference:
     top_k: int | None
 
 
-def model_metadata(name: str, feature_dim: int) -> ModelMetadata:
+def model_metadata(name: str, versions: list[str], feature_dim: int) -> ModelMetadata:
     """The per-request top_k sizes the label dimension, hence -1."""
     return ModelMetadata(
-        name=name, versions=[MODEL_VERSION], platform=PLATFORM,
+        name=name, versions=versions, platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[TensorMetadata(name="LABELS", datatype="BYTES", shape=[-1, -1]),
                  TensorMetadata(name="PROBABILITIES", datatype="FP32", shape=[-1, -1]),
@@ -112,7 +111,7 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
     return Inference(request.id, images, _requested(request), top_k)
 
 
-def encode_response(model_name: str, request_id: str | None, parameters: Parameters,
+def encode_response(model_name: str, model_version: str, request_id: str | None, parameters: Parameters,
                     tensors: list[tuple[Requested, str, np.ndarray]]) -> tuple[bytes, int | None]:
     """The response body, and the length of its JSON header when binary output data follows it (else None)."""
     outputs, blobs = [], []
@@ -125,7 +124,7 @@ def encode_response(model_name: str, request_id: str | None, parameters: Paramet
         else:
             output["data"] = array.ravel().tolist()
         outputs.append(output)
-    response = {"model_name": model_name, "model_version": MODEL_VERSION, "parameters": parameters,
+    response = {"model_name": model_name, "model_version": model_version, "parameters": parameters,
                 "outputs": outputs}
     if request_id is not None:
         response["id"] = request_id

@@ -29,6 +29,7 @@ class ClassifiedImage(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
+    version: str = Field(description="the model version that answered")
     variant: str = Field(description="the graph that ran")
     labels_version: str = Field(description="which labels and class vectors answered (changes on a swap)")
     results: list[ClassifiedImage] = Field(description="one per uploaded image, in upload order")
@@ -43,6 +44,7 @@ class EmbeddedImage(BaseModel):
 
 class EmbedResponse(BaseModel):
     model: str
+    version: str
     variant: str
     dim: int
     results: list[EmbeddedImage]
@@ -55,8 +57,16 @@ class Labels(BaseModel):
     source: str = Field(description="'bundle', or 'admin' after a swap")
 
 
+class ModelSummary(BaseModel):
+    name: str
+    versions: list[str] = Field(description="versions serving now")
+    default_version: str | None = Field(description="the version requests that name none get; null: none ready")
+
+
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field(description="the version this card describes: the model's default")
+    bundle_name: str = Field(description="the name in the bundle's manifest")
     schema_version: int
     image_size: int
     mean: tuple[float, float, float]
@@ -78,6 +88,7 @@ class ModelInfo(BaseModel):
     parity: dict = Field(description="each graph's parity figures, from the manifest")
     limits: dict[str, int] = Field(description="upload limits a client should respect before sending: "
                                                "max_upload_bytes, max_images_per_request, max_top_k, top_k")
+    models: list[ModelSummary] = Field(description="every model this server holds; ?model= picks the card")
 
 
 class Health(BaseModel):
@@ -162,6 +173,24 @@ class InferenceRequest(BaseModel):
                                                                      "`content_type: base64` for every input")
     inputs: list[InferInput]
     outputs: list[InferRequestedOutput] | None = Field(None, description="default: LABELS and PROBABILITIES")
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = Field(False, description="only versions that are ready")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str | None = Field(None, description="absent for a model-level problem (e.g. a bad model.yaml)")
+    state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE")
+    reason: str
+
+
+class RepositoryRequest(BaseModel):
+    parameters: dict[str, str | int] = Field(default_factory=dict, description="`version`: the one version to "
+                                             "load (and serve by default until the next load: a rollback) or "
+                                             "unload; without it, load follows the model's policy and unload "
+                                             "takes every version")
 
 
 class InferOutput(BaseModel):

@@ -1,6 +1,7 @@
 """The classification service: everything a request needs, built once at start-up, behind a few methods.
 
-Request path, top to bottom: `classify` / `embed` -> `_features` (abandoned when the client goes away) ->
+Request path, top to bottom: `classify` / `embed` -> the model version it runs on (models.py: the named one or
+the model's default, leased until the answer is built) -> `_features` (abandoned when the client goes away) ->
 `_prepare` (each upload size-checked, then decoded and preprocessed on the decode pool, within the memory
 budget) -> `_submit` (the micro-batcher's queue, with a timeout) -> per-upload results with errors in place.
 `infer` (the Open Inference Protocol, open_inference.py) turns each image element into such an upload and takes
@@ -23,18 +24,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from fastapi import UploadFile
 
-from bundle import BundleError, load_npy
+from bundle import BundleError, InputSpec, load_npy
 
 from . import open_inference, preprocess
-from .batcher import EngineStopped, MicroBatcher, Overloaded
+from .batcher import EngineGate, EngineStopped, Overloaded
 from .budget import MemoryBudget, OverBudget
-from .classifier import Classifier, Vocabulary
+from .classifier import Vocabulary
 from .config import Settings
+from .errors import RequestError
 from .metrics import Metrics
+from .models import Models, Served
 from .open_inference import INPUT, ProtocolError
 from .schemas import (
-    ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, ModelInfo, ModelMetadata, Prediction,
-    SwapResponse, Timing,
+    ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
+    ModelSummary, Prediction, SwapResponse, Timing,
 )
 
 log = logging.getLogger("promptkd.server")
@@ -42,14 +45,6 @@ MAX_FILENAME = 255  # characters of an upload's name echoed back
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody receives it
 DISCONNECT_POLL_S = 0.25
 INFER_ROUTE = "/v2/models/{name}/infer"
-
-
-class RequestError(Exception):
-    """A request that cannot be answered normally: its HTTP status, a message, and headers (Retry-After)."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
 
 
 @dataclass
@@ -63,57 +58,46 @@ class Features:
 
 
 class Service:
-    def __init__(self, settings: Settings, classifier: Classifier, metrics: Metrics) -> None:
-        self.settings, self.classifier, self.metrics = settings, classifier, metrics
-        self.budget = MemoryBudget(settings.max_inflight_bytes)
-        max_batch = min(settings.max_batch_size, classifier.session.max_batch or settings.max_batch_size)
-        self.batcher = MicroBatcher(classifier.features, max_batch, settings.max_wait_ms, settings.max_queue_images,
-                                    metrics)
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.budget = MemoryBudget(settings.max_inflight_bytes)  # one budget for every model's requests
+        self.models = Models(settings, metrics, EngineGate(settings.engine_slots))
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
                                            initializer=preprocess.yield_to_the_engine)
-        self.ready, self.failure = False, None
-        self._warm_up: asyncio.Task | None = None
-        metrics.record_choice(classifier.choice)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> "Service":
-        """Load and verify the bundle (off the event loop), start the batcher and warm up in the background."""
-        service = cls(settings, await asyncio.to_thread(Classifier.from_settings, settings), metrics)
-        service.batcher.start()
-        service._warm_up = asyncio.create_task(service.warm_up())
-        log.info("serving %s (%d labels, %s graph, batches of up to %d)", service.classifier.name,
-                 len(service.classifier.vocabulary.labels), service.classifier.variant, service.batcher.max_batch)
+        """Load, verify, check and warm up every model version to serve before the first request."""
+        service = cls(settings, metrics)
+        try:
+            await service.models.start()
+        except BaseException:
+            await service.stop()
+            raise
+        for entry in service.models.index():
+            log.info("model %s version %s: %s (%s)", entry["name"], entry.get("version", "-"), entry["state"],
+                     entry["reason"])
         return service
 
     async def stop(self) -> None:
-        if self._warm_up is not None:
-            self._warm_up.cancel()
-        await self.batcher.stop()
+        await self.models.stop()
         self.decoders.shutdown(wait=False)
 
-    async def warm_up(self) -> None:
-        """Run the engine once at batch 1 and once at the full batch, then report ready."""
-        size = self.classifier.bundle.manifest.input.image_size
-        try:
-            for count in sorted({1, self.batcher.max_batch}):
-                await self.batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
-        except Exception as err:
-            log.exception("warm-up failed: the engine cannot run a batch; /readyz and /healthz answer 503")
-            self.failure = f"warm-up failed: {err}"
-            return
-        self.ready = True
-        log.info("warmed up: ready")
+    @property
+    def ready(self) -> bool:
+        return self.models.ready
 
     def health_failure(self) -> str | None:
         """Why the process needs a restart, or None."""
-        return self.failure or (None if self.batcher.alive else "the inference worker has stopped")
+        return self.models.health_failure()
 
-    async def classify(self, uploads: list[UploadFile], top_k: int | None,
+    async def classify(self, uploads: list[UploadFile], top_k: int | None, model: str | None, version: str | None,
                        disconnected: Callable[[], Awaitable[bool]]) -> ClassifyResponse:
         if top_k is not None and top_k > self.settings.max_top_k:
             raise RequestError(422, f"top_k must be at most {self.settings.max_top_k}")
-        classifier, vocabulary = self.classifier, self.classifier.vocabulary  # the set this request started with
-        got = await self._features(uploads, "/classify", disconnected)
+        with self.models.resolve(model, version).lease() as served:
+            classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
+            got = await self._features(served, uploads, "/classify", disconnected)
         ranked = iter(classifier.top_k(classifier.probabilities(got.features, vocabulary),
                                        top_k or self.settings.top_k) if len(got.features) else [])
         results = []
@@ -126,35 +110,43 @@ class Service:
                 Prediction(label=vocabulary.labels[i], index=int(i), probability=float(p))
                 for i, p in zip(best.indices, best.probabilities)
             ]))
-        return ClassifyResponse(model=classifier.name, variant=classifier.variant,
+        return ClassifyResponse(model=served.model, version=str(served.version), variant=classifier.variant,
                                 labels_version=vocabulary.version, results=results, timing=got.timing)
 
-    async def embed(self, uploads: list[UploadFile], disconnected: Callable[[], Awaitable[bool]]) -> EmbedResponse:
-        got = await self._features(uploads, "/embed", disconnected)
+    async def embed(self, uploads: list[UploadFile], model: str | None, version: str | None,
+                    disconnected: Callable[[], Awaitable[bool]]) -> EmbedResponse:
+        with self.models.resolve(model, version).lease() as served:
+            got = await self._features(served, uploads, "/embed", disconnected)
         rows = iter(got.features)
         results = [EmbeddedImage(filename=name, error=error) if error is not None else
                    EmbeddedImage(filename=name, embedding=next(rows).astype(float).tolist())
                    for name, error in zip(got.names, got.errors)]
-        return EmbedResponse(model=self.classifier.name, variant=self.classifier.variant,
-                             dim=self.classifier.bundle.manifest.feature_dim, results=results, timing=got.timing)
+        return EmbedResponse(model=served.model, version=str(served.version), variant=served.classifier.variant,
+                             dim=served.classifier.bundle.manifest.feature_dim, results=results, timing=got.timing)
 
-    def check_model(self, name: str, version: str | None) -> None:
-        """404 unless `name` (and `version`, when given) is the model served."""
-        if name != self.classifier.name:
-            raise RequestError(404, f"unknown model {name!r}; this server serves {self.classifier.name!r}")
-        if version not in (None, open_inference.MODEL_VERSION):
-            raise RequestError(404, f"model {name!r} has no version {version!r}; it has "
-                                    f"{open_inference.MODEL_VERSION!r}")
+    def labels(self, model: str | None, version: str | None) -> Labels:
+        vocabulary = self.models.resolve(model, version).classifier.vocabulary
+        return Labels(labels=vocabulary.labels, version=vocabulary.version, source=vocabulary.source)
 
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        self.check_model(name, version)
-        return open_inference.model_metadata(self.classifier.name, self.classifier.bundle.manifest.feature_dim)
+        served = self.models.resolve(name, version)
+        ready = [str(v) for v in sorted(self.models.model(name).served)]
+        return open_inference.model_metadata(name, ready, served.classifier.bundle.manifest.feature_dim)
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        """Whether the model (or that version) can take requests now; 404 for a model or version never known."""
+        model = self.models.model(name)
+        if version is None:
+            return model.default is not None
+        if not version.isdigit() or int(version) not in set(model.folder.versions) | set(model.served):
+            raise RequestError(404, f"model {name!r} has no version {version!r}")
+        return int(version) in model.served
 
     async def infer(self, name: str, version: str | None, body: bytes, headers: Mapping[str, str],
                     disconnected: Callable[[], Awaitable[bool]]) -> tuple[bytes, int | None]:
         """An Open Inference Protocol request: the response body, and its JSON header's length when binary data
         follows. The images take /classify's path (limits, decoding, batching, errors) as uploads named IMAGE[i]."""
-        self.check_model(name, version)
+        self.models.resolve(name, version)  # an unknown model or version is refused before the body is parsed
         config = self.settings
         # Base64 images exist three times while their JSON is parsed (body, strings, bytes); the body limit
         # middleware reserved two: reserve the third (binary data is only ever split out once).
@@ -172,23 +164,30 @@ class Service:
         k = max([top_k, *(output.classification for output in request.outputs)])
         if k > config.max_top_k:
             raise RequestError(400, f"top_k and classification must be at most {config.max_top_k}")
-        classifier, vocabulary = self.classifier, self.classifier.vocabulary  # the set this request started with
         uploads = [UploadFile(io.BytesIO(data), filename=f"{INPUT}[{i}]") for i, data in enumerate(request.images)]
-        got = await self._features(uploads, INFER_ROUTE, disconnected, partial=False)
+        with self.models.resolve(name, version).lease() as served:
+            classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
+            got = await self._features(served, uploads, INFER_ROUTE, disconnected, partial=False)
         ranked = classifier.top_k(classifier.probabilities(got.features, vocabulary), k)
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
             np.array([r.indices for r in ranked]), vocabulary.labels, got.features)
-        return open_inference.encode_response(classifier.name, request.id, {"labels_version": vocabulary.version},
-                                              tensors)
+        return open_inference.encode_response(name, str(served.version), request.id,
+                                              {"labels_version": vocabulary.version}, tensors)
 
-    def info(self) -> ModelInfo:
-        classifier = self.classifier
+    def info(self, model: str | None) -> ModelInfo:
+        """The model card of `model` (default: the only model, else the first ready one), with every model listed."""
+        if model is None and len(self.models.models) > 1:
+            model = next((m.name for m in self.models.models.values() if m.default is not None),
+                         next(iter(self.models.models)))
+        served = self.models.resolve(model, None)
+        classifier = served.classifier
         manifest = classifier.bundle.manifest
         parity = {"fp32": manifest.parity.model_dump()}
         parity.update({name: v.parity.model_dump() if v.parity else None for name, v in manifest.variants.items()})
         return ModelInfo(
-            name=manifest.name, schema_version=manifest.schema_version, image_size=manifest.input.image_size,
+            name=served.model, version=str(served.version), bundle_name=manifest.name,
+            schema_version=manifest.schema_version, image_size=manifest.input.image_size,
             mean=manifest.input.mean, std=manifest.input.std, resize_mode=manifest.input.resize_mode,
             interpolation=manifest.input.interpolation, feature_dim=manifest.feature_dim,
             logit_scale=manifest.logit_scale, num_labels=len(classifier.vocabulary.labels),
@@ -196,16 +195,21 @@ class Service:
             variants=["fp32", *manifest.variants], runtime=classifier.session.description,
             variant_reason=classifier.choice.reason,
             startup_checks=[{**asdict(c), "parity": c.parity.model_dump()} for c in classifier.choice.checks],
-            max_batch_size=self.batcher.max_batch, provenance=_without_paths(manifest.provenance.model_dump()),
+            max_batch_size=served.batcher.max_batch, provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,
             limits={"max_upload_bytes": self.settings.max_upload_bytes, "top_k": self.settings.top_k,
                     "max_images_per_request": self.settings.max_images_per_request,
                     "max_top_k": self.settings.max_top_k},
+            models=[ModelSummary(name=m.name, versions=[str(v) for v in sorted(m.served)],
+                                 default_version=str(m.default.version) if m.default else None)
+                    for m in self.models.models.values()],
         )
 
-    def swap_vocabulary(self, labels_bytes: bytes, labels_sha256: str, vectors_bytes: bytes,
+    def swap_vocabulary(self, model: str | None, labels_bytes: bytes, labels_sha256: str, vectors_bytes: bytes,
                         vectors_sha256: str) -> SwapResponse:
-        """Validate new labels and class vectors completely, then switch with one reference assignment."""
+        """Validate new labels and class vectors completely, then switch the model's default version to them with
+        one reference assignment."""
+        classifier = self.models.resolve(model, None).classifier
         for what, data, claimed in (("labels", labels_bytes, labels_sha256),
                                     ("class vectors", vectors_bytes, vectors_sha256)):
             if hashlib.sha256(data).hexdigest() != claimed.strip().lower():
@@ -214,24 +218,24 @@ class Service:
             new_labels = json.loads(labels_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RequestError(422, f"labels file is not JSON: {err}") from None
-        width = self.classifier.bundle.manifest.feature_dim
+        width = classifier.bundle.manifest.feature_dim
         try:
             count = len(new_labels) if isinstance(new_labels, list) else -1
             vocabulary = Vocabulary.build(new_labels, load_npy(vectors_bytes, "class vectors", (count, width)),
                                           width, "admin")
         except BundleError as err:
             raise RequestError(422, str(err)) from None
-        previous, self.classifier.vocabulary = self.classifier.vocabulary, vocabulary
+        previous, classifier.vocabulary = classifier.vocabulary, vocabulary
         log.info("class vectors swapped: %s -> %s (%d labels)", previous.version, vocabulary.version,
                  len(vocabulary.labels))
         return SwapResponse(labels=len(vocabulary.labels), version=vocabulary.version,
                             previous_version=previous.version)
 
-    async def _features(self, uploads: list[UploadFile], route: str, disconnected: Callable[[], Awaitable[bool]],
-                        partial: bool = True) -> Features:
+    async def _features(self, served: Served, uploads: list[UploadFile], route: str,
+                        disconnected: Callable[[], Awaitable[bool]], partial: bool = True) -> Features:
         """`_work`, abandoned as soon as the client disconnects: its queued images are dropped from their batch
         and its remaining images are not decoded."""
-        work = asyncio.ensure_future(self._work(uploads, route, partial))
+        work = asyncio.ensure_future(self._work(served, uploads, route, partial))
         watcher = asyncio.ensure_future(_until(disconnected))
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -243,17 +247,18 @@ class Service:
             raise RequestError(CLIENT_CLOSED, "the client closed the connection")
         return work.result()
 
-    async def _work(self, uploads: list[UploadFile], route: str, partial: bool) -> Features:
+    async def _work(self, served: Served, uploads: list[UploadFile], route: str, partial: bool) -> Features:
         """Decode every upload, run the good ones through the batcher; per-image errors for the rest. Not
         `partial`: the first bad upload fails the request, before the engine runs."""
         if len(uploads) > self.settings.max_images_per_request:
             raise RequestError(413, f"{len(uploads)} images in one request; the limit is "
                                     f"{self.settings.max_images_per_request}")
         started = time.perf_counter()
-        prepared = await asyncio.gather(*(self._prepare(upload) for upload in uploads))
+        spec = served.classifier.bundle.manifest.input
+        prepared = await asyncio.gather(*(self._prepare(upload, spec) for upload in uploads))
         errors = [p if isinstance(p, ImageError) else None for p in prepared]
         for error in filter(None, errors):
-            self.metrics.image_errors.labels(str(error.status)).inc()
+            self.metrics.image_errors.labels(str(error.status), *served.batcher.labels.values()).inc()
         good = [p for p in prepared if not isinstance(p, ImageError)]
         bad = [(upload, error) for upload, error in zip(uploads, errors) if error is not None]
         if bad and not partial:
@@ -266,34 +271,33 @@ class Service:
                                f"none of the {len(uploads)} images could be classified; first: {first.detail}",
                                _retry(first))
         decoded = time.perf_counter()
-        features = await self._submit(np.stack(good))
-        self.metrics.images.labels(route).inc(len(good))
+        features = await self._submit(served, np.stack(good))
+        self.metrics.images.labels(route, *served.batcher.labels.values()).inc(len(good))
         done = time.perf_counter()
         timing = Timing(decode_ms=1000 * (decoded - started), inference_ms=1000 * (done - decoded),
                         total_ms=1000 * (done - started))
         names = [u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads]
         return Features(names, features, errors, timing)
 
-    async def _prepare(self, upload: UploadFile) -> np.ndarray | ImageError:
+    async def _prepare(self, upload: UploadFile, spec: InputSpec) -> np.ndarray | ImageError:
         config = self.settings
         data = await upload.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             return ImageError(status=413, detail=f"image file larger than {config.max_upload_bytes} bytes")
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self.decoders, preprocess.prepare, data, self.classifier.bundle.manifest.input,
-                config.max_image_pixels, config.formats(), self.budget)
+                self.decoders, preprocess.prepare, data, spec, config.max_image_pixels, config.formats(), self.budget)
         except preprocess.ImageError as err:
             return ImageError(status=err.status, detail=str(err))
         except OverBudget as err:
             self.metrics.rejected.labels("memory").inc()
             return ImageError(status=503, detail=f"server busy, retry later: {err}")
 
-    async def _submit(self, batch: np.ndarray) -> np.ndarray:
+    async def _submit(self, served: Served, batch: np.ndarray) -> np.ndarray:
         timeout = self.settings.request_timeout_s
         retry = {"Retry-After": str(max(1, math.ceil(timeout / 4)))}
         try:
-            return await asyncio.wait_for(self.batcher.submit(batch), timeout)
+            return await asyncio.wait_for(served.batcher.submit(batch), timeout)
         except Overloaded as err:
             self.metrics.rejected.labels("queue_full").inc()
             raise RequestError(503, f"server overloaded: {err}", retry) from None

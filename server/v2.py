@@ -1,18 +1,23 @@
 """The Open Inference Protocol (KServe v2 / Triton HTTP) beside the native API, for clients such as tritonclient.
 
-Health answers as /healthz and /readyz do; the model is the bundle's, under its manifest name, with one version
-("1") that paths may name or leave out. Errors are {"error": message} (main.py and middleware.py switch the body
-under /v2). The wire format (binary data, base64 JSON, outputs) is open_inference.py's; the work is the Service's.
+Health answers as /healthz and /readyz do; models are the repository's (a single bundle: its manifest name,
+version "1"), and paths may name a version or leave it out (the model's default). Triton's model repository
+extension lists every model and version with its state (`POST /v2/repository/index`) and loads or unloads them
+(`.../load`, `.../unload`: admin routes, 404 without PROMPTKD_ADMIN_TOKEN, checked by AdminGate). Errors are
+{"error": message} (main.py and middleware.py switch the body under /v2). The wire format (binary data, base64
+JSON, outputs) is open_inference.py's; the work is the Service's and the models' (models.py).
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from .open_inference import EXTENSIONS, HEADER_LENGTH
 from .schemas import (
-    InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, ServerLive, ServerMetadata, ServerReady, V2Error,
+    InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, RepositoryIndexRequest, RepositoryModel,
+    RepositoryRequest, ServerLive, ServerMetadata, ServerReady, V2Error,
 )
+from .errors import RequestError
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
@@ -94,7 +99,7 @@ def model_version_metadata(request: Request, name: str, version: str) -> ModelMe
 @router.get("/models/{name}/ready", response_model=ModelReady,
             responses={**UNKNOWN, 503: {"model": ModelReady, "description": "still warming up"}})
 def model_ready(request: Request, name: str) -> JSONResponse:
-    """Readiness of the model: the server's."""
+    """Readiness of the model: whether it has a version ready (its default)."""
     return _model_ready(_service(request), name, None)
 
 
@@ -120,9 +125,8 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 
 
 def _model_ready(service: Service, name: str, version: str | None) -> JSONResponse:
-    service.check_model(name, version)
-    return JSONResponse(ModelReady(name=name, ready=service.ready).model_dump(),
-                        status_code=200 if service.ready else 503)
+    ready = service.model_ready(name, version)
+    return JSONResponse(ModelReady(name=name, ready=ready).model_dump(), status_code=200 if ready else 503)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
@@ -131,3 +135,48 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+ADMIN = {401: {"model": V2Error, "description": "missing or wrong bearer token"},
+         404: {"model": V2Error, "description": "admin routes are disabled (no PROMPTKD_ADMIN_TOKEN), or no such "
+                                                "model or version"}}
+AUTHORIZATION = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked by AdminGate before the body is read")
+
+
+@router.post("/repository/index", response_model=list[RepositoryModel])
+def repository_index(request: Request, body: RepositoryIndexRequest | None = Body(None)) -> list[RepositoryModel]:
+    """Every model and version the server knows, with its state (READY, LOADING, UNLOADING, UNAVAILABLE) and
+    why: a version that failed its checks says what failed."""
+    entries = [RepositoryModel(**entry) for entry in _service(request).models.index()]
+    return [e for e in entries if e.state == "READY"] if body is not None and body.ready else entries
+
+
+@router.post("/repository/models/{name}/load", responses={
+    **ADMIN, 400: {"model": V2Error, "description": "the model (or version) failed to load: the reason"}})
+async def repository_load(request: Request, name: str, body: RepositoryRequest | None = Body(None),
+                          authorization: str | None = AUTHORIZATION) -> JSONResponse:
+    """Load the model as its folder is now (new versions per its policy, calls' unloads forgotten). With
+    parameters.version: load that version whatever the policy and make it the default until the next load
+    call: a rollback when it is an older one. The old versions serve until the new one passed its checks."""
+    await _service(request).models.load(name, _version(body))
+    return JSONResponse({})
+
+
+@router.post("/repository/models/{name}/unload", responses={
+    **ADMIN, 409: {"model": V2Error, "description": "the version is pinned by the model's version policy"}})
+async def repository_unload(request: Request, name: str, body: RepositoryRequest | None = Body(None),
+                            authorization: str | None = AUTHORIZATION) -> JSONResponse:
+    """Stop serving the model (or parameters.version alone) until a load call; requests in flight finish on it.
+    With latest-N policies the next passing older version takes over."""
+    await _service(request).models.unload(name, _version(body))
+    return JSONResponse({})
+
+
+def _version(body: RepositoryRequest | None) -> int | None:
+    value = None if body is None else body.parameters.get("version")
+    if value is None:
+        return None
+    text = str(value)
+    if not text.isdigit() or int(text) < 1:
+        raise RequestError(400, f"parameters.version must be a positive integer, not {value!r}")
+    return int(text)

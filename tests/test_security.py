@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
+from bundle import BundleError
 from server.budget import memory_limit
 from server.config import Settings, _cgroup_quota
 from server.main import create_app
@@ -122,20 +123,25 @@ def test_cpu_quota_and_memory_limit_come_from_the_cgroup(tmp_path):
     assert memory_limit(tmp_path) is None
 
 
-def test_liveness_fails_when_the_engine_cannot_run(bundle_dir, monkeypatch):
+def test_an_engine_that_cannot_run_never_serves(bundle_dir, monkeypatch, tmp_path):
+    """Warm-up is part of loading: a single bundle whose engine fails stops the start-up with the reason; in a
+    repository that version is reported UNAVAILABLE and the server stays up, not ready."""
     from server.classifier import Classifier
 
     def broken(self, batch):
         raise RuntimeError("engine exploded")
 
     monkeypatch.setattr(Classifier, "features", broken)
-    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
-        deadline = time.time() + 30
-        while client.get("/healthz").status_code == 200 and time.time() < deadline:
-            time.sleep(0.05)
-        health = client.get("/healthz")
-        assert health.status_code == 503 and "warm-up failed" in health.json()["detail"]
-        assert client.get("/readyz").status_code == 503
+    with pytest.raises(BundleError, match="warm-up failed.*engine exploded"):
+        with TestClient(create_app(Settings(bundle=bundle_dir))):
+            pass
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "1").symlink_to(bundle_dir)
+    with TestClient(create_app(Settings(model_repository=tmp_path))) as client:
+        assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
+        [entry] = client.post("/v2/repository/index").json()
+        assert entry["state"] == "UNAVAILABLE" and "engine exploded" in entry["reason"]
+        assert client.post("/classify", files={"file": ("a.png", b"x")}).status_code == 503
 
 
 def test_liveness_fails_when_the_batch_worker_dies(bundle_dir, fmnist):
@@ -145,7 +151,7 @@ def test_liveness_fails_when_the_batch_worker_dies(bundle_dir, fmnist):
         while client.get("/readyz").status_code != 200 and time.time() < deadline:
             time.sleep(0.05)
         assert client.get("/healthz").status_code == 200
-        client.app.state.service.batcher._worker.cancel()
+        client.app.state.service.models.resolve(None, None).batcher._worker.cancel()
         time.sleep(0.2)
         health = client.get("/healthz")
         assert health.status_code == 503 and "worker" in health.json()["detail"]
@@ -223,11 +229,13 @@ def test_a_flood_of_worst_case_images_stays_within_the_memory_budget(bundle_dir)
 
 
 def _metric(url: str, name: str) -> float:
-    """The value of one Prometheus sample (0 when it does not exist yet)."""
+    """The value of one Prometheus sample, summed over the labels not named (0 when it does not exist yet)."""
+    total = 0.0
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+        series = line.rsplit(" ", 1)[0]
+        if series == name or ("{" not in name and series.startswith(name + "{")):
+            total += float(line.split()[-1])
+    return total
 
 
 def test_work_for_a_client_that_went_away_is_dropped(bundle_dir, fmnist):

@@ -77,8 +77,10 @@ def test_metrics_count_requests_images_and_batches(client, photos):
     text = client.get("/metrics").text
     assert 'promptkd_requests_total{route="/classify",status="200"}' in text
     assert 'promptkd_requests_total{route="/classify",status="415"}' in text
-    assert 'promptkd_images_total{route="/classify"}' in text
-    assert "promptkd_batch_size_bucket" in text and "promptkd_queue_depth 0.0" in text
+    assert 'promptkd_images_total{model="tiny-test",route="/classify",version="1"}' in text
+    assert "promptkd_batch_size_bucket" in text
+    assert 'promptkd_queue_depth{model="tiny-test",version="1"} 0.0' in text
+    assert 'promptkd_model_state{model="tiny-test",state="READY",version="1"} 1.0' in text
     assert 'promptkd_request_seconds_bucket{le="0.005",route="/classify"}' in text
 
 
@@ -148,8 +150,9 @@ def _gated_client(bundle_dir, **settings):
     deadline = time.time() + 30
     while not client.get("/readyz").json()["ready"] and time.time() < deadline:
         time.sleep(0.05)
-    gate = _Gate(app.state.service.batcher.run)
-    app.state.service.batcher.run = gate
+    batcher = app.state.service.models.resolve(None, None).batcher
+    gate = _Gate(batcher.run)
+    batcher.run = gate
     return client, gate
 
 

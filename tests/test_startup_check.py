@@ -53,8 +53,10 @@ def test_auto_serves_the_fastest_variant_that_passes_here(int8_bundle, tmp_path)
         check = info["startup_checks"][0]
         assert check["passed"] and check["parity"]["min_cosine"] >= check["min_cosine"] == 0.99
         metrics = client.get("/metrics").text
-        assert f'promptkd_startup_check{{figure="passed",variant="{expected}"}} 1.0' in metrics
-        assert f'promptkd_serving{{runtime="{info["runtime"]}",variant="{expected}"}} 1.0' in metrics
+        labels = f'model="{info["name"]}",'
+        assert f'promptkd_startup_check{{figure="passed",{labels}variant="{expected}",version="1"}} 1.0' in metrics
+        assert (f'promptkd_serving{{{labels}runtime="{info["runtime"]}",variant="{expected}",version="1"}} 1.0'
+                in metrics)
 
 
 def test_a_variant_failing_its_check_here_is_skipped_in_auto_and_refused_when_named(int8_bundle, tmp_path, caplog):
@@ -69,7 +71,8 @@ def test_a_variant_failing_its_check_here_is_skipped_in_auto_and_refused_when_na
             tried = {c["variant"]: c for c in info["startup_checks"]}
             assert not any(tried[name]["passed"] for name in tried if name.startswith("int8"))
             assert tried["int8"]["parity"]["min_cosine"] < 0.999999 and tried["optimized"]["passed"]
-            assert 'promptkd_startup_check{figure="passed",variant="int8"} 0.0' in client.get("/metrics").text
+            assert (f'promptkd_startup_check{{figure="passed",model="{info["name"]}",variant="int8",version="1"}} 0.0'
+                    in client.get("/metrics").text)
             response = client.post("/classify", files={"file": foolbox_jpegs()[0].open("rb")})
             assert response.status_code == 200 and response.json()["variant"] == "optimized"
     assert "int8 failed the start-up check" in caplog.text

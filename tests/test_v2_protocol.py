@@ -176,7 +176,7 @@ def test_a_bad_image_fails_the_request_naming_it(client, url, model, photos):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'promptkd_requests_total{route="/v2/models/{name}/infer",status="400"}' in metrics
     assert 'promptkd_requests_total{route="/v2/models/{name}/infer",status="200"}' in metrics
-    assert 'promptkd_images_total{route="/v2/models/{name}/infer"}' in metrics
+    assert 'promptkd_images_total{model="tiny-test",route="/v2/models/{name}/infer",version="1"}' in metrics
 
 
 def test_limits_are_those_of_classify(client, url, model, photos):

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from bundle import Bundle, BundleError, Parity, Variant, cpu_flags
 from bundle.parity import compare, meets
 
-from ..config import Settings, available_cpus
+from ..config import Settings
 from .openvino import OpenVinoSession
 from .ort import OrtSession
 from .trt import TensorRTUnavailable, TrtSession
@@ -139,7 +139,8 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
 def _runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
     """What opens the ONNX graphs, and whether it runs them on a GPU: onnxruntime on a GPU provider when one is
     configured and installed, else OpenVINO on CPU when installed (or asked for), else onnxruntime on CPU."""
-    threads = settings.intra_op_threads or available_cpus()
+    threads = settings.engine_threads()
+    spin = settings.model_repository is None
     if settings.backend == "openvino":
         if not OpenVinoSession.installed():
             raise BundleError("PROMPTKD_BACKEND=openvino needs the openvino package "
@@ -149,7 +150,7 @@ def _runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
     on_gpu = providers[0] in GPU_PROVIDERS
     if settings.backend == "auto" and not on_gpu and OpenVinoSession.installed():
         return (lambda path: OpenVinoSession(path, threads)), False
-    return (lambda path: OrtSession(path, providers, threads)), on_gpu
+    return (lambda path: OrtSession(path, providers, threads, spin)), on_gpu
 
 
 def _verify(session: Session, bundle: Bundle, name: str, variant: Variant, settings: Settings, explicit: bool,

@@ -27,10 +27,12 @@ def load_gpu_libraries(providers: list[str]) -> None:
 class OrtSession:
     max_batch: int | None = None  # onnxruntime graphs take any batch
 
-    def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
+    def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0, spin: bool = True) -> None:
         load_gpu_libraries(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if not spin:  # several models' sessions: an idle one's spinning threads would take cores from the busy one
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs

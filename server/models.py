@@ -1,0 +1,376 @@
+"""The models being served: every loaded version, how a request finds one, and how versions come and go.
+
+A version is loaded beside the ones serving (bundle checks, graph choice and start-up check off the event loop,
+then a warm-up through its own batcher) and takes traffic only once all of that passed; then the model's default
+switches to it in one assignment. A request takes its version once, when it starts, and holds a lease on it, so a
+version that is replaced or unloaded leaves the routing at once but finishes its requests before its batcher
+stops. A version that fails is reported (UNAVAILABLE, with the reason) and never takes traffic; it is tried again
+only when its folder changes or a load call names it.
+
+Which versions serve follows the model's policy (repository.py) and the operator's calls: a load call naming a
+version loads it whatever the policy and makes it the default until the next load call (rollback); an unload call
+takes versions out until a load call brings them back (a version the policy pins cannot be unloaded).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bundle import BundleError
+
+from .batcher import EngineGate, MicroBatcher
+from .classifier import Classifier
+from .config import Settings
+from .errors import RequestError
+from .metrics import Metrics
+from .repository import ModelFolder, VersionFolder, read_model, scan, single_bundle
+
+log = logging.getLogger("promptkd.server")
+LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
+
+
+@dataclass
+class Served:
+    """One loaded model version: its classifier and batcher, and the requests using it now."""
+
+    model: str
+    version: int
+    fingerprint: str
+    classifier: Classifier
+    batcher: MicroBatcher
+    leases: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextmanager
+    def lease(self):
+        """Held by a request from the moment it picks this version until its answer is built."""
+        self.leases += 1
+        self.idle.clear()
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+            if self.leases == 0:
+                self.idle.set()
+
+
+@dataclass
+class Status:
+    state: str
+    reason: str = ""
+    fingerprint: str | None = None
+
+
+@dataclass
+class Model:
+    """One model: its folder as last scanned, loaded versions, every version's status and the operator's calls."""
+
+    folder: ModelFolder
+    served: dict[int, Served] = field(default_factory=dict)
+    status: dict[int, Status] = field(default_factory=dict)
+    held: set[int] = field(default_factory=set)  # unloaded by a call: not loaded again until a load call
+    forced: set[int] = field(default_factory=set)  # loaded by a call naming them, whatever the policy
+    pinned_default: int | None = None  # the version a load call named: the default until the next load call
+    default: Served | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+class Models:
+    """Every model of the repository (or the one bundle), loaded, polled and routed to."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, gate: EngineGate) -> None:
+        self.settings, self.metrics, self.gate = settings, metrics, gate
+        self.root = settings.model_repository
+        self.models: dict[str, Model] = {}
+        self._poll: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Load what the repository (or the bundle) holds. A single bundle that cannot serve stops the server, as
+        before; in a repository each model stands alone, and only an unreadable repository folder stops it."""
+        if self.root is None:
+            await self._sync(single_bundle(self.settings.bundle))
+            model = next(iter(self.models.values()))
+            if model.default is None:
+                raise BundleError(model.status[1].reason)
+            return
+        if not self.root.is_dir():
+            raise BundleError(f"PROMPTKD_MODEL_REPOSITORY {self.root} is not a folder")
+        await self.refresh()
+        if self.settings.repository_poll_s > 0:
+            self._poll = asyncio.create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+        for task in list(self._retiring):
+            task.cancel()
+        for model in self.models.values():
+            for served in model.served.values():
+                await served.batcher.stop()
+
+    async def refresh(self) -> None:
+        """Scan the repository and bring every model in line with it."""
+        await self._sync(await asyncio.to_thread(scan, self.root))
+
+    async def _sync(self, folders: dict[str, ModelFolder]) -> None:
+        for name in [name for name in self.models if name not in folders]:
+            model = self.models.pop(name)
+            async with model.lock:
+                model.default = None
+                for version in list(model.served):
+                    self._retire(model, version, "its model folder was removed")
+            log.info("model %s: folder removed, unloaded", name)
+        for name, folder in folders.items():
+            model = self.models.setdefault(name, Model(folder))
+            async with model.lock:
+                model.folder = folder
+                await self._reconcile(model)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.refresh()
+            except OSError as err:
+                log.warning("cannot scan the model repository %s: %s; serving what is loaded", self.root, err)
+
+    # -- what serves -------------------------------------------------------------------------------------------
+
+    async def _reconcile(self, model: Model) -> None:
+        """Load what the policy and the calls want (newest first), then switch the default, then retire the rest."""
+        folder = model.folder
+        for version in [v for v in model.status if v not in folder.versions and v not in model.served]:
+            del model.status[version]
+        model.held &= set(folder.versions)
+        model.forced &= set(folder.versions)
+        if folder.error:
+            log.warning("model %s: %s", model.name, folder.error)
+            return  # what is loaded keeps serving; nothing new is loaded until the folder is fixed
+        policy = folder.config.version_policy
+        keep: set[int] = set()
+        for version in sorted(folder.versions, reverse=True):
+            if version in model.held or (policy.specific is not None and version not in policy.specific):
+                continue
+            if policy.keep is not None and len(keep - model.forced) >= policy.keep:
+                break
+            if await self._ensure(model, folder.versions[version]):
+                keep.add(version)
+        for version in sorted(model.forced - keep):
+            if await self._ensure(model, folder.versions[version]):
+                keep.add(version)
+        ready = {v for v in keep if v in model.served}
+        model.default = model.served[model.pinned_default] if model.pinned_default in ready else (
+            model.served[max(ready)] if ready else None)
+        for version in [v for v in model.served if v not in keep]:
+            self._retire(model, version, "unloaded by request" if version in model.held else
+                         "its folder was removed" if version not in folder.versions else
+                         f"not served: the version policy ({policy.describe()}) serves others")
+
+    async def _ensure(self, model: Model, folder: VersionFolder) -> bool:
+        """Whether this version serves, loading it when it is new or changed; a failure is recorded, not raised."""
+        version = folder.version
+        served, status = model.served.get(version), model.status.get(version)
+        if served is not None and served.fingerprint == folder.fingerprint:
+            return True
+        if status is not None and status.state == UNAVAILABLE and status.fingerprint == folder.fingerprint:
+            return False  # failed as it is now: tried again when the folder changes or a load call names it
+        self._set_status(model, version, Status(LOADING, "loading", folder.fingerprint))
+        try:
+            loaded = await self._load(model.name, folder)
+        except Exception as err:  # whatever the bundle or runtime raised, this version alone fails
+            reason = self._public(str(err) or type(err).__name__)
+            log.warning("model %s version %d cannot serve: %s", model.name, version, reason)
+            self._set_status(model, version, Status(UNAVAILABLE, reason, folder.fingerprint))
+            return False
+        model.served[version] = loaded
+        if served is not None:  # the folder was rewritten in place: the new files replace the loaded ones
+            if model.default is served:
+                model.default = loaded
+            self._retire(model, version, "replaced by its folder's new contents", served)
+        self._set_status(model, version, Status(READY, loaded.classifier.choice.reason, folder.fingerprint))
+        log.info("model %s version %d ready: %s graph, %s", model.name, version, loaded.classifier.variant,
+                 loaded.classifier.session.description)
+        return True
+
+    async def _load(self, name: str, folder: VersionFolder) -> Served:
+        """Open and check the bundle off the event loop, then warm its batcher up at batch 1 and at full batch."""
+        classifier = await asyncio.to_thread(Classifier.open, folder.path, self.settings)
+        max_batch = min(self.settings.max_batch_size, classifier.session.max_batch or self.settings.max_batch_size)
+        labels = {"model": name, "version": str(folder.version)}
+        batcher = MicroBatcher(classifier.features, max_batch, self.settings.max_wait_ms,
+                               self.settings.max_queue_images, self.metrics, self.gate, labels)
+        batcher.start()
+        size = classifier.bundle.manifest.input.image_size
+        try:
+            for count in sorted({1, max_batch}):
+                await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
+        except Exception as err:
+            await batcher.stop()
+            raise RuntimeError(f"warm-up failed: the engine cannot run a batch: {err}") from err
+        self.metrics.record_choice(name, str(folder.version), classifier.choice)
+        served = Served(name, folder.version, folder.fingerprint, classifier, batcher)
+        served.idle.set()
+        return served
+
+    def _retire(self, model: Model, version: int, reason: str, served: Served | None = None) -> None:
+        """Out of the routing now; its batcher stops once the requests that hold it are answered."""
+        served = served or model.served.pop(version)
+        if model.default is served:
+            model.default = None
+        self._set_status(model, version, Status(UNLOADING, reason, served.fingerprint))
+
+        async def drain() -> None:
+            await served.idle.wait()
+            await served.batcher.stop()
+            self.metrics.forget(model.name, str(version))
+            current = model.status.get(version)
+            if current is not None and current.state == UNLOADING and version not in model.served:
+                self._set_status(model, version, Status(UNAVAILABLE, reason, served.fingerprint))
+            log.info("model %s version %d unloaded (%s)", model.name, version, reason)
+
+        task = asyncio.create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _set_status(self, model: Model, version: int, status: Status) -> None:
+        model.status[version] = status
+        self.metrics.record_state(model.name, str(version), status.state)
+
+    def _public(self, message: str) -> str:
+        """Reasons are shown to clients: the repository's own path is left out."""
+        return message.replace(f"{self.root}/", "") if self.root is not None else message
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def resolve(self, name: str | None, version: str | None) -> Served:
+        """The version a request runs on: the named one, or the model's default; the model may be left out when
+        there is only one. RequestError (400, 404, 503) says what is wrong."""
+        model = self.model(name)
+        if version is None:
+            if model.default is None:
+                raise RequestError(503, f"model {model.name!r} has no version ready: {self._why(model)}",
+                                   {"Retry-After": "5"})
+            return model.default
+        number = int(version) if version.isdigit() else None
+        served = model.served.get(number) if number is not None else None
+        if served is None:
+            ready = ", ".join(map(str, sorted(model.served))) or "none"
+            raise RequestError(404, f"model {model.name!r} has no version {version!r} ready (ready: {ready})")
+        return served
+
+    def model(self, name: str | None) -> Model:
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise RequestError(400, f"this server serves several models: name one with ?model= (one of "
+                                    f"{', '.join(sorted(self.models)) or 'none'})")
+        model = self.models.get(name)
+        if model is None:
+            raise RequestError(404, f"unknown model {name!r}; this server serves "
+                                    f"{', '.join(map(repr, sorted(self.models))) or 'no model'}")
+        return model
+
+    def _why(self, model: Model) -> str:
+        if model.folder.error:
+            return model.folder.error
+        if not model.folder.versions:
+            return "its folder has no version folders (1/, 2/, ...)"
+        return "; ".join(f"version {v}: {s.state.lower()} ({s.reason})" for v, s in sorted(model.status.items())) \
+            or "nothing loaded"
+
+    @property
+    def ready(self) -> bool:
+        return any(model.default is not None for model in self.models.values())
+
+    def health_failure(self) -> str | None:
+        """A serving version whose batch worker died: only a restart helps."""
+        for model in self.models.values():
+            for served in model.served.values():
+                if not served.batcher.alive:
+                    return f"the inference worker of model {model.name} version {served.version} has stopped"
+        return None
+
+    # -- the repository extension ------------------------------------------------------------------------------
+
+    def index(self) -> list[dict]:
+        """Every model and version known, with its state and why (Triton's repository index)."""
+        entries = []
+        for name, model in sorted(self.models.items()):
+            policy = model.folder.config.version_policy
+            versions = sorted(set(model.folder.versions) | set(model.status) | set(policy.specific or ()))
+            if model.folder.error or not versions:
+                entries.append({"name": name, "state": UNAVAILABLE, "reason": self._why(model)})
+            for version in versions:
+                status = model.status.get(version)
+                if status is None:
+                    reason = ("no version folder" if version not in model.folder.versions else
+                              "unloaded by request" if version in model.held else
+                              f"not loaded: the version policy ({policy.describe()}) serves newer versions")
+                    status = Status(UNAVAILABLE, reason)
+                entries.append({"name": name, "version": str(version), "state": status.state,
+                                "reason": status.reason})
+        return entries
+
+    async def load(self, name: str, version: int | None) -> None:
+        """Read the model's folder again and load what it should serve; with a version, that version whatever
+        the policy, as the default until the next load call (a rollback). RequestError when it cannot serve."""
+        folder = await self._rescan(name)
+        model = self.models.setdefault(name, Model(folder))
+        async with model.lock:
+            model.folder = folder
+            if version is None:
+                model.held.clear()
+                model.forced.clear()
+                model.pinned_default = None
+            else:
+                if version not in folder.versions:
+                    raise RequestError(404, f"model {name!r} has no version folder {version}")
+                model.held.discard(version)
+                model.forced.add(version)
+                model.pinned_default = version
+                if model.status.get(version, Status(READY)).state == UNAVAILABLE:
+                    del model.status[version]  # a load call retries a version that failed
+            await self._reconcile(model)
+        if version is not None and version not in model.served:
+            raise RequestError(400, f"failed to load {name!r} version {version}: {model.status[version].reason}")
+        if model.default is None:
+            raise RequestError(400, f"failed to load {name!r}: {self._why(model)}")
+
+    async def unload(self, name: str, version: int | None) -> None:
+        """Take a version (or every version) out of service until a load call; refused for pinned versions."""
+        model = self.model(name)
+        async with model.lock:
+            policy = model.folder.config.version_policy
+            versions = [version] if version is not None else sorted(set(model.folder.versions) | set(model.served))
+            if version is not None and version not in model.folder.versions and version not in model.served:
+                raise RequestError(404, f"model {name!r} has no version {version}")
+            pinned = [v for v in versions if policy.pinned(v)]
+            if pinned:
+                raise RequestError(409, f"model {name!r}: version(s) {pinned} are pinned by its version policy "
+                                        f"({policy.describe()}); change the policy to stop serving them")
+            model.held.update(versions)
+            model.forced.difference_update(versions)
+            if model.pinned_default in versions:
+                model.pinned_default = None
+            await self._reconcile(model)
+
+    async def _rescan(self, name: str) -> ModelFolder:
+        if self.root is None:
+            single = single_bundle(self.settings.bundle)
+            if name not in single:
+                raise RequestError(404, f"unknown model {name!r}; this server serves {next(iter(single))!r}")
+            return single[name]
+        path = self.root / name
+        if name.startswith(".") or "/" in name or not path.is_dir():
+            raise RequestError(404, f"no model folder {name!r} in the repository")
+        return await asyncio.to_thread(read_model, path)
+

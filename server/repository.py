@@ -1,0 +1,173 @@
+"""The model repository on disk, in Triton's layout: what models and versions there are, and which to serve.
+
+    DIR/<model>/model.yaml      optional: the version policy
+    DIR/<model>/<version>/      a bundle (manifest.json, graph, labels, class vectors), version a positive integer
+
+Names starting with a dot are ignored (copy a new version to `DIR/pets/.3` and rename it to `DIR/pets/3` so that
+a poll never sees half of it), as are other non-numeric version folders. The version policy, as Triton's:
+
+    version_policy: {latest: 2}          # the 2 highest versions that pass their checks (default: latest 1)
+    version_policy: {specific: [1, 3]}   # exactly these: pinned, unloading them is refused
+    version_policy: all                  # every version
+
+`PROMPTKD_BUNDLE=path` is a one-model repository: the bundle is version 1 of the model named in its manifest.
+Nothing here loads a graph: this module reads folders and YAML only (the manager loads, models.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bundle import MANIFEST_NAME
+
+POLICY_FILE = "model.yaml"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_VERSION = 2**31 - 1
+
+
+class VersionPolicy(BaseModel):
+    """One of latest / specific / all; none given means latest 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latest: int | None = Field(None, ge=1, description="serve the N highest versions that pass their checks")
+    specific: tuple[int, ...] | None = Field(None, min_length=1, description="serve exactly these versions")
+    all: bool = Field(False, description="serve every version")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"all": True} if value == "all" else value
+
+    @model_validator(mode="after")
+    def _one(self) -> "VersionPolicy":
+        given = [self.latest is not None, self.specific is not None, self.all]
+        if sum(given) > 1:
+            raise ValueError("give one of latest, specific or all")
+        if self.specific is not None and any(not 1 <= v <= MAX_VERSION for v in self.specific):
+            raise ValueError("specific versions must be positive integers")
+        return self
+
+    @property
+    def keep(self) -> int | None:
+        """How many of the highest passing versions to serve; None: no count (specific or all)."""
+        if self.specific is not None or self.all:
+            return None
+        return self.latest or 1
+
+    def pinned(self, version: int) -> bool:
+        return self.specific is not None and version in self.specific
+
+    def describe(self) -> str:
+        if self.specific is not None:
+            return f"specific {list(self.specific)}"
+        return "all" if self.all else f"latest {self.keep}"
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    version: int
+    path: Path
+    fingerprint: str  # changes whenever the folder's manifest or any file's size or time changes
+
+
+@dataclass
+class ModelFolder:
+    name: str
+    config: ModelConfig
+    versions: dict[int, VersionFolder] = field(default_factory=dict)
+    error: str | None = None  # model.yaml unreadable: the model is reported, not served
+
+
+def scan(root: Path) -> dict[str, ModelFolder]:
+    """Every model folder under `root` with its version folders and policy. Raises OSError when `root` cannot be
+    listed; a bad model folder is returned with its `error`, never raised, so it cannot stop the others."""
+    models = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if not MODEL_NAME.match(entry.name):
+            models[entry.name] = ModelFolder(entry.name, ModelConfig(), error=(
+                "model folder names are letters, digits, '_', '.' and '-' (at most 64), starting with a letter or "
+                "digit"))
+            continue
+        models[entry.name] = read_model(entry)
+    return models
+
+
+def read_model(folder: Path) -> ModelFolder:
+    try:
+        config = read_config(folder / POLICY_FILE)
+    except ValueError as err:
+        return ModelFolder(folder.name, ModelConfig(), error=str(err))
+    model = ModelFolder(folder.name, config)
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as err:
+        model.error = f"cannot list {folder.name}: {err.strerror}"
+        return model
+    for child in children:
+        if child.name.isdigit() and not child.name.startswith("0") and child.is_dir() \
+                and int(child.name) <= MAX_VERSION:
+            model.versions[int(child.name)] = VersionFolder(int(child.name), child, fingerprint(child))
+    return model
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model's policy file, or the default policy when there is none; ValueError says what is wrong."""
+    if not path.exists():
+        return ModelConfig()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{POLICY_FILE} cannot be read: {err}") from None
+    try:
+        return ModelConfig.model_validate(raw or {})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{POLICY_FILE} is invalid: {problems}") from None
+
+
+def single_bundle(path: Path) -> dict[str, ModelFolder]:
+    """PROMPTKD_BUNDLE as a one-model repository: version 1 of the model its manifest names."""
+    name = _manifest_name(path)
+    config = ModelConfig(version_policy=VersionPolicy(specific=(1,)))
+    return {name: ModelFolder(name, config, {1: VersionFolder(1, path, fingerprint(path))})}
+
+
+def _manifest_name(path: Path) -> str:
+    try:
+        name = json.loads((path / MANIFEST_NAME).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else path.name
+
+
+def fingerprint(folder: Path) -> str:
+    """What the folder holds, cheaply: every file's name, size and modification time, and the manifest's bytes.
+    A version rewritten in place (or finished copying) gets a new fingerprint and is loaded again."""
+    digest = hashlib.sha256()
+    try:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            for name in sorted(filenames):
+                stat = os.stat(os.path.join(dirpath, name))
+                digest.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:{stat.st_size}:"
+                              f"{stat.st_mtime_ns}\n".encode())
+        digest.update((folder / MANIFEST_NAME).read_bytes())
+    except OSError:
+        digest.update(b"unreadable")
+    return digest.hexdigest()[:16]
