@@ -84,7 +84,9 @@ class BareEngine:
         return batch * runs, time.perf_counter() - started
 
 
-async def load_level(url: str, photos: list[bytes], concurrency: int, requests: int) -> dict:
+async def load_level(url: str, photos: list[bytes], concurrency: int, requests: int,
+                     models: list[str] | None = None) -> dict:
+    """`requests` classifications by `concurrency` clients; with `models`, request i goes to models[i % len]."""
     latencies: list[float] = []
     statuses: list[int] = []
     counter = iter(range(requests))
@@ -92,9 +94,10 @@ async def load_level(url: str, photos: list[bytes], concurrency: int, requests: 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:
             started = time.perf_counter()
+            params = {"top_k": 1, **({"model": models[i % len(models)]} if models else {})}
             try:
                 response = await client.post("/classify", files={"file": ("photo.jpg", photos[i % len(photos)])},
-                                             params={"top_k": 1})
+                                             params=params)
                 statuses.append(response.status_code)
             except httpx.HTTPError:
                 statuses.append(0)

@@ -62,7 +62,7 @@ class Served:
 class Status:
     state: str
     reason: str = ""
-    fingerprint: str | None = None
+    fingerprint: str | None = None  # of the folder it failed on (UNAVAILABLE): not tried again while unchanged
 
 
 @dataclass
@@ -234,7 +234,7 @@ class Models:
             self.metrics.forget(model.name, str(version))
             current = model.status.get(version)
             if current is not None and current.state == UNLOADING and version not in model.served:
-                self._set_status(model, version, Status(UNAVAILABLE, reason, served.fingerprint))
+                self._set_status(model, version, Status(UNAVAILABLE, reason))  # no fingerprint: loadable again
             log.info("model %s version %d unloaded (%s)", model.name, version, reason)
 
         task = asyncio.create_task(drain())

@@ -109,11 +109,12 @@ def scan(root: Path) -> dict[str, ModelFolder]:
 
 
 def read_model(folder: Path) -> ModelFolder:
+    """One model folder: its versions, and its policy (or why the policy cannot be read)."""
+    model = ModelFolder(folder.name, ModelConfig())
     try:
-        config = read_config(folder / POLICY_FILE)
+        model.config = read_config(folder / POLICY_FILE)
     except ValueError as err:
-        return ModelFolder(folder.name, ModelConfig(), error=str(err))
-    model = ModelFolder(folder.name, config)
+        model.error = str(err)
     try:
         children = sorted(folder.iterdir())
     except OSError as err:

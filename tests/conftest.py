@@ -28,9 +28,15 @@ def free_port() -> int:
 
 def serve_bundle(bundle_dir: Path, process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
     """A real uvicorn on loopback serving the bundle with PROMPTKD_* settings; waits until ready (or exits)."""
+    return serve(process_env, bundle=str(bundle_dir), **env)
+
+
+def serve(process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn on loopback with these PROMPTKD_* settings (bundle=... or model_repository=...); waits until
+    ready (or exits)."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
-    environment.update(PROMPTKD_BUNDLE=str(bundle_dir), **{f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
+    environment.update({f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], cwd=REPO, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -58,6 +64,31 @@ def stop_server(proc: subprocess.Popen) -> str:
         proc.kill()
         out, _ = proc.communicate()
     return out.decode(errors="replace")
+
+
+def derive_bundle(source: Path, target: Path, prefix: str, reverse: bool = False) -> Path:
+    """A copy of a bundle whose labels carry `prefix` (and, with `reverse`, whose labels and class vectors are in
+    reverse order), with its manifest's checksums updated: another model or version that answers visibly apart."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from bundle import MANIFEST_NAME, file_entry, read_bundle, write_labels_and_vectors
+
+    shutil.copytree(source, target)
+    bundle = read_bundle(source)
+    labels = [f"{prefix}{label}" for label in bundle.labels]
+    vectors = bundle.class_vectors
+    if reverse:
+        labels, vectors = labels[::-1], np.ascontiguousarray(vectors[::-1])
+    write_labels_and_vectors(target, labels, vectors)
+    manifest = json.loads((target / MANIFEST_NAME).read_text())
+    for role in ("labels", "class_vectors"):
+        manifest["files"][role] = file_entry(target, manifest["files"][role]["path"]).model_dump()
+    (target / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    read_bundle(target)
+    return target
 
 
 def foolbox_jpegs() -> list[Path]:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.main import create_app
 
-from conftest import serve_bundle, stop_server
+from conftest import derive_bundle, serve, serve_bundle, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
@@ -106,3 +106,34 @@ def test_a_photo_uploaded_in_a_real_browser_shows_the_served_label(served, fmnis
     finally:
         browser.quit()
     print(f"\nbrowser test: {time.time() - started:.1f} s in headless Chromium")
+
+
+def test_the_model_picker_sends_each_photo_to_the_model_picked(bundle_dir, fmnist, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    derive_bundle(bundle_dir, tmp_path / "repo" / "alpha" / "1", "a:")
+    derive_bundle(bundle_dir, tmp_path / "repo" / "beta" / "3", "b:", reverse=True)
+    proc, url = serve(model_repository=str(tmp_path / "repo"))
+    photo = sorted((fmnist / "test").rglob("*.png"))[0]
+    browser = _browser()
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "version 1" in b.find_element(By.ID, "model-name").text)
+        picker = Select(browser.find_element(By.ID, "model"))
+        assert [o.text for o in picker.options] == ["alpha (version 1)", "beta (version 3)"]
+        for model, version in (("beta", "3"), ("alpha", "1")):
+            expected = httpx.post(f"{url}/classify", params={"model": model}, files={"file": photo.open("rb")})
+            picker.select_by_value(model)
+            wait.until(lambda b, m=model: b.find_element(By.ID, "model-name").text.startswith(m))
+            browser.find_element(By.ID, "files").send_keys(str(photo))
+            wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, ".card .prediction .label")))
+            shown = browser.find_element(By.CSS_SELECTOR, ".card .prediction .label").text
+            assert shown == expected.json()["results"][0]["predictions"][0]["label"]
+            assert browser.find_element(By.ID, "status").text.startswith(f"{model} version {version}")
+            picker = Select(browser.find_element(By.ID, "model"))
+    finally:
+        browser.quit()
+        stop_server(proc)

@@ -2,6 +2,7 @@
 "use strict";
 
 let limits = { max_upload_bytes: 20 * 1024 * 1024, max_images_per_request: 16, top_k: 5 };
+let model = null; // the model picked; null: the server's only (or first ready) model
 
 function el(tag, attrs = {}, text = "") {
   const node = document.createElement(tag);
@@ -10,11 +11,31 @@ function el(tag, attrs = {}, text = "") {
   return node;
 }
 
+function query(params) {
+  const search = new URLSearchParams(params);
+  if (model) search.set("model", model);
+  return search.toString() ? `?${search}` : "";
+}
+
+function showPicker(models, current) {
+  const select = document.getElementById("model");
+  const ready = models.filter((m) => m.default_version !== null);
+  document.getElementById("picker").hidden = ready.length < 2;
+  select.replaceChildren(...ready.map((m) => {
+    const option = el("option", { value: m.name }, `${m.name} (version ${m.default_version})`);
+    option.selected = m.name === current;
+    return option;
+  }));
+}
+
 async function loadCard() {
-  const response = await fetch("/", { headers: { Accept: "application/json" }, cache: "no-store" });
+  const response = await fetch(`/${query({})}`, { headers: { Accept: "application/json" }, cache: "no-store" });
   const info = await response.json();
+  if (!response.ok) throw new Error(info.detail);
   limits = info.limits || limits;
-  document.getElementById("model-name").textContent = info.name;
+  if ((info.models || []).length > 1) model = info.name; // with several, every request names its model
+  showPicker(info.models || [], info.name);
+  document.getElementById("model-name").textContent = `${info.name} · version ${info.version}`;
   const parity = info.parity[info.variant];
   const agreement = parity ? ` · top-1 agreement with fp32 ${(100 * parity.top1_agreement).toFixed(1)}%` : "";
   document.getElementById("model-card").textContent =
@@ -72,14 +93,14 @@ async function classify(files) {
   });
   if (!sent.length) return;
   status.textContent = "classifying…";
-  const response = await fetch(`/classify?top_k=${limits.top_k}`, { method: "POST", body: form });
+  const response = await fetch(`/classify${query({ top_k: limits.top_k })}`, { method: "POST", body: form });
   const body = await response.json();
   if (!response.ok) {
     status.textContent = "";
     sent.forEach((box) => showError(box, `Not classified: ${body.detail}`));
     return;
   }
-  status.textContent = `done in ${Math.round(body.timing.total_ms)} ms`;
+  status.textContent = `${body.model} version ${body.version}: done in ${Math.round(body.timing.total_ms)} ms`;
   body.results.forEach((result, i) => {
     if (result.error) showError(sent[i], `Not classified: ${result.error.detail}`);
     else showPredictions(sent[i], result.predictions);
@@ -88,6 +109,11 @@ async function classify(files) {
 
 function setUp() {
   const input = document.getElementById("files");
+  document.getElementById("model").addEventListener("change", (event) => {
+    model = event.target.value;
+    document.getElementById("results").replaceChildren();
+    loadCard().catch((err) => { document.getElementById("model-card").textContent = `model card unavailable: ${err}`; });
+  });
   const drop = document.getElementById("drop");
   input.addEventListener("change", () => classify(Array.from(input.files)));
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
