@@ -1,6 +1,7 @@
 # CPU server image: the FastAPI service, onnxruntime and OpenVINO (the CPU runtime it prefers), no torch, no
-# training code. Serves the bundle mounted at /bundle. Runs as a non-root user and works on a read-only root
-# filesystem (give it a tmpfs at /tmp: large uploads are spooled there).
+# training code. Serves PROMPTKD_MODEL_REPOSITORY (a folder of models and versions) or PROMPTKD_BUNDLE (one
+# bundle), mounted read-only: set one (compose and the Kubernetes manifests do). Runs as a non-root user and works
+# on a read-only root filesystem (give it a tmpfs at /tmp: large uploads are spooled there).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -9,7 +10,6 @@ FROM ${BASE_IMAGE}
 # under a 160 MiB budget: see SECURITY.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PROMPTKD_BUNDLE=/bundle \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072
 

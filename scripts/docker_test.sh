@@ -132,6 +132,9 @@ assert body["model"] and result["error"] is None, body
 probabilities = [p["probability"] for p in result["predictions"]]
 assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True), body
 assert all(isinstance(p["label"], str) and p["label"] for p in result["predictions"]), body
+assert (body["model"], body["version"]) == ("demo", "1"), body  # the demo repository's one model
+index = httpx.post(f"{sys.argv[2]}/v2/repository/index", timeout=10).json()
+assert [(e["name"], e["version"], e["state"]) for e in index] == [("demo", "1", "READY")], index
 info = httpx.get(f"{sys.argv[2]}/", timeout=10).json()
 assert info["variant"].startswith("int8") and info["runtime"].startswith("OpenVINO"), info
 print(f"classified through the container: {result['predictions'][0]['label']} ({probabilities[0]:.2f}) by the "

@@ -27,7 +27,7 @@ from .classifier import Classifier
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
-from .repository import ModelFolder, VersionFolder, read_model, scan, single_bundle
+from .repository import MODEL_NAME, ModelFolder, VersionFolder, read_model, scan, single_bundle
 
 log = logging.getLogger("promptkd.server")
 LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
@@ -370,7 +370,7 @@ class Models:
                 raise RequestError(404, f"unknown model {name!r}; this server serves {next(iter(single))!r}")
             return single[name]
         path = self.root / name
-        if name.startswith(".") or "/" in name or not path.is_dir():
+        if not MODEL_NAME.match(name) or not path.is_dir():
             raise RequestError(404, f"no model folder {name!r} in the repository")
         return await asyncio.to_thread(read_model, path)
 

@@ -211,8 +211,9 @@ def test_env_names_are_real_settings_or_uvicorn_options(rendered):
         else:
             assert name in uvicorn_options, f"{name} is neither a PROMPTKD_ setting nor a uvicorn option"
     mounts = {m["mountPath"]: m for m in container(deployment)["volumeMounts"]}
-    assert Path(env["PROMPTKD_BUNDLE"]).parent.as_posix() in mounts
-    assert mounts["/bundles"]["readOnly"] is True
+    assert env["PROMPTKD_MODEL_REPOSITORY"] in mounts and "PROMPTKD_BUNDLE" not in env
+    assert mounts[env["PROMPTKD_MODEL_REPOSITORY"]]["readOnly"] is True
+    Settings(**{k.removeprefix("PROMPTKD_").lower(): v for k, v in env.items() if k.startswith("PROMPTKD_")})
 
 
 def test_pod_is_hardened_for_the_images_user(rendered):
@@ -285,17 +286,17 @@ def test_bundle_sources():
     pvc_variant = render(K8S)
     claim = by_kind(pvc_variant, "PersistentVolumeClaim")
     pod = by_kind(pvc_variant, "Deployment")["spec"]["template"]["spec"]
-    [bundles] = [v for v in pod["volumes"] if v["name"] == "bundles"]
-    assert bundles["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    [models] = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert models["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
 
     storage_variant = render(VARIANTS["object-storage"])
     assert not [r for r in storage_variant if r["kind"] == "PersistentVolumeClaim"]
     deployment = by_kind(storage_variant, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    [bundles] = [v for v in pod["volumes"] if v["name"] == "bundles"]
-    assert set(bundles) == {"name", "emptyDir"}
+    [models] = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert set(models) == {"name", "emptyDir"}
     [fetch] = pod["initContainers"]
-    # The init container writes the folder the server is told to serve, through the volume the server reads.
-    assert fetch["command"][-1] == env_of(container(deployment))["PROMPTKD_BUNDLE"]
-    assert [m["mountPath"] for m in fetch["volumeMounts"] if m["name"] == "bundles"] == ["/bundles"]
+    # The init container writes the repository the server is told to serve, through the volume the server reads.
+    assert fetch["command"][-1] == env_of(container(deployment))["PROMPTKD_MODEL_REPOSITORY"]
+    assert [m["mountPath"] for m in fetch["volumeMounts"] if m["name"] == "models"] == ["/models"]
     assert not fetch["volumeMounts"][0].get("readOnly")
