@@ -76,6 +76,7 @@ class Model:
     forced: set[int] = field(default_factory=set)  # loaded by a call naming them, whatever the policy
     pinned_default: int | None = None  # the version a load call named: the default until the next load call
     default: Served | None = None
+    reported: str | None = None  # the folder's error last logged: each poll does not log it again
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -142,6 +143,8 @@ class Models:
                 await self.refresh()
             except OSError as err:
                 log.warning("cannot scan the model repository %s: %s; serving what is loaded", self.root, err)
+            except Exception:  # the poll must outlive any one bad scan
+                log.exception("scanning the model repository failed; serving what is loaded")
 
     # -- what serves -------------------------------------------------------------------------------------------
 
@@ -153,8 +156,11 @@ class Models:
         model.held &= set(folder.versions)
         model.forced &= set(folder.versions)
         if folder.error:
-            log.warning("model %s: %s", model.name, folder.error)
+            if folder.error != model.reported:
+                log.warning("model %s: %s", model.name, folder.error)
+            model.reported = folder.error
             return  # what is loaded keeps serving; nothing new is loaded until the folder is fixed
+        model.reported = None
         policy = folder.config.version_policy
         keep: set[int] = set()
         for version in sorted(folder.versions, reverse=True):
@@ -247,7 +253,12 @@ class Models:
 
     def _public(self, message: str) -> str:
         """Reasons are shown to clients: the repository's own path is left out."""
-        return message.replace(f"{self.root}/", "") if self.root is not None else message
+        if self.root is None:
+            return message
+        for prefix in sorted({f"{self.root.resolve()}/", f"{self.root.absolute()}/", f"{self.root}/"}, key=len,
+                             reverse=True):
+            message = message.replace(prefix, "")
+        return message
 
     # -- requests ----------------------------------------------------------------------------------------------
 

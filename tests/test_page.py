@@ -115,9 +115,9 @@ def test_the_model_picker_sends_each_photo_to_the_model_picked(bundle_dir, fmnis
 
     derive_bundle(bundle_dir, tmp_path / "repo" / "alpha" / "1", "a:")
     derive_bundle(bundle_dir, tmp_path / "repo" / "beta" / "3", "b:", reverse=True)
-    proc, url = serve(model_repository=str(tmp_path / "repo"))
     photo = sorted((fmnist / "test").rglob("*.png"))[0]
-    browser = _browser()
+    browser = _browser()  # skips where there is no Chromium, before a server is started
+    proc, url = serve(model_repository=str(tmp_path / "repo"))
     try:
         browser.get(url)
         wait = WebDriverWait(browser, 60)
