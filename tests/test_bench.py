@@ -58,3 +58,17 @@ def test_stage2_benchmark_measures_every_mode_and_precision(tmp_path):
         (m, p) for m in ("teacher live", "teacher cached", "cache build") for p in ("fp32", "bf16")}
     assert all(r["images_per_s"] > 0 and r["peak_gib"] is None for r in rows)  # no GPU memory on a CPU
     assert "| fp32 | 4 |" in proc.stdout and "ImageNet stage 2" in proc.stdout
+
+
+def test_models_benchmark_serves_one_and_several_models_side_by_side(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/models.py", "--student-model", "PKD-Tiny-Student", "--feature-dim", "64",
+         "--models", "3", "--concurrency", "4", "--requests", "24", "--rounds", "2", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "models.json").read_text())
+    assert [r["models"] for r in report["rows"]] == [1, 3]
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["requests"] == 24 for r in report["rows"])
+    assert report["rows"][1]["rss_loaded_mib"] > report["rows"][0]["rss_loaded_mib"] and report["per_model_mib"] > 0
+    assert "| 3 | 24 |" in proc.stdout and "3 models / 1: throughput" in proc.stdout

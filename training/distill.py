@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -129,33 +129,84 @@ def distill(cfg: DistillConfig, images: list[str], eval_split: Split | None = No
         teardown(rt)
 
 
+@dataclass
+class Stage2:
+    """Everything a stage-2 run trains with, built once by `_set_up`, in the order the steps use it."""
+
+    cfg: DistillConfig
+    rt: Runtime
+    out: Path
+    student: nn.Module
+    teacher: TeacherImageEncoder
+    model: nn.Module  # the student, wrapped in DDP under torchrun
+    class_vectors: torch.Tensor
+    scale: float
+    objective: KDObjective
+    pre: Preprocess
+    dataset: ViewDataset
+    sampler: DistributedSampler
+    cache: TeacherCache | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    run_state: RunState
+    eval_split: Split | None
+    val_split: Split | None
+    tracker: EpochTracker | None = None
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    start_epoch: int = 0
+    start_step: int = 0
+
+    def save_state(self, epoch: int, step: int) -> None:
+        self.run_state.save(epoch, step, self.optimizer, self.scaler, student=self.student.trainable_state(),
+                            best=self.best)
+
+    def evaluate_eval_split(self) -> dict:
+        """Teacher and student on the eval split (the tracker's teacher predictions when it tracks)."""
+        self.student.eval()
+        if self.tracker is not None:
+            return self.tracker.report(self.student)
+        return evaluate_split({"teacher": self.teacher, "student": self.student}, self.eval_split,
+                              self.class_vectors, self.scale, eval_transform(self.pre), workers=self.cfg.workers)
+
+
 def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, val_split: Split | None,
              resume: bool, rt: Runtime) -> dict:
+    """Set up, resume, report before, train every epoch, select and report after."""
     seed_everything(cfg.seed)
     if cfg.batch_size % rt.world_size or cfg.batch_size // rt.world_size < 2:
         raise ValueError(f"batch size {cfg.batch_size} must split into at least 2 images on each of "
                          f"{rt.world_size} processes")
+    stage = _set_up(cfg, images, eval_split, val_split, rt)
+    _resume(stage, resume)
+    report: dict = {"config": asdict(stage.cfg), "train_images": len(images), "world_size": rt.world_size}
+    if eval_split is not None and rt.is_main and stage.start_epoch == 0 and stage.start_step == 0:
+        report["before"] = stage.evaluate_eval_split()
+        log.info("before distillation: %s", report["before"])
+    barrier(rt)
+    epoch_seconds, skipped = _train(stage)
+    report.update(epoch_seconds=[round(s, 3) for s in epoch_seconds], skipped_images=skipped,
+                  cached_teacher=stage.cache is not None)
+    if rt.is_main:
+        _finish(stage, report)
+    barrier(rt)
+    return report
+
+
+def _set_up(cfg: DistillConfig, images: list[str], eval_split: Split | None, val_split: Split | None,
+            rt: Runtime) -> Stage2:
+    """Towers on the device, the objective, the data (and teacher cache), the optimiser and the run state."""
     out = Path(cfg.output_dir)
     cfg, student, teacher, vectors, pre = build(cfg)
     teacher_digest = weights_digest(teacher) if cfg.cache_dir else None
     student.to(rt.device)
     teacher.to(rt.device)
     class_vectors = vectors.vectors.to(rt.device)
-    scale = vectors.logit_scale
-    objective = KDObjective(class_vectors, scale, cfg.kd_weight, cfg.temperature)
+    objective = KDObjective(class_vectors, vectors.logit_scale, cfg.kd_weight, cfg.temperature)
     for split in (eval_split, val_split):
         if split is not None:
             vectors.check_labels(split.classnames)
-
     dataset = ViewDataset([(p, -1) for p in images], train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
-    cache = None
-    if cfg.cache_dir:
-        identity = {"teacher": teacher_digest, "images": images, "seed": cfg.seed, "preprocess": asdict(pre),
-                    "crop_min": cfg.crop_min, "precision": cfg.precision}  # bf16/fp16 features differ from fp32
-        cache = TeacherCache.open_or_build(
-            Path(cfg.cache_dir), identity, dataset, teacher, cfg.cache_views, cfg.teacher_dim, rt,
-            batch_size=max(cfg.batch_size, 64), workers=cfg.workers, precision=cfg.precision, dtype=cfg.cache_dtype,
-        )
+    cache = _teacher_cache(cfg, images, dataset, teacher, teacher_digest, pre, rt) if cfg.cache_dir else None
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     model: nn.Module = student
@@ -163,99 +214,116 @@ def _distill(cfg: DistillConfig, images: list[str], eval_split: Split | None, va
         model = DistributedDataParallel(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(rt, cfg.precision)
+    return Stage2(cfg, rt, out, student, teacher, model, class_vectors, vectors.logit_scale, objective, pre, dataset,
+                  sampler, cache, optimizer, grad_scaler(rt, cfg.precision), RunState(out, asdict(cfg), rt),
+                  eval_split, val_split)
 
-    start_epoch, start_step = 0, 0
-    best = {"val_acc": -1.0, "epoch": 0}
-    run_state = RunState(out, asdict(cfg), rt)
-    state = run_state.load(resume, optimizer, scaler)
+
+def _teacher_cache(cfg: DistillConfig, images: list[str], dataset: ViewDataset, teacher: TeacherImageEncoder,
+                   teacher_digest: str | None, pre: Preprocess, rt: Runtime) -> TeacherCache:
+    """The teacher's features for every image and view, built once, reused while its identity holds."""
+    identity = {"teacher": teacher_digest, "images": images, "seed": cfg.seed, "preprocess": asdict(pre),
+                "crop_min": cfg.crop_min, "precision": cfg.precision}  # bf16/fp16 features differ from fp32
+    return TeacherCache.open_or_build(
+        Path(cfg.cache_dir), identity, dataset, teacher, cfg.cache_views, cfg.teacher_dim, rt,
+        batch_size=max(cfg.batch_size, 64), workers=cfg.workers, precision=cfg.precision, dtype=cfg.cache_dtype,
+    )
+
+
+def _resume(stage: Stage2, resume: bool) -> None:
+    """Where the run stops, it starts again: weights, optimiser, scaler, position and the best epoch so far; then
+    the tracker, which measures from where training stands."""
+    state = stage.run_state.load(resume, stage.optimizer, stage.scaler)
     if state is not None:
-        student.load_trainable_state(state["student"])
-        start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
+        stage.student.load_trainable_state(state["student"])
+        stage.start_epoch, stage.start_step, stage.best = state["epoch"], state["step"], state["best"]
+    if stage.cfg.track_eval and stage.eval_split is not None and stage.rt.is_main:
+        stage.teacher.eval()
+        stage.tracker = EpochTracker(stage.teacher, stage.eval_split, stage.class_vectors, stage.scale,
+                                     eval_transform(stage.pre), stage.cfg.workers)
 
-    def save_state(epoch: int, step: int) -> None:
-        run_state.save(epoch, step, optimizer, scaler, student=student.trainable_state(), best=best)
 
-    tracker = None
-    if cfg.track_eval and eval_split is not None and rt.is_main:
-        teacher.eval()
-        tracker = EpochTracker(teacher, eval_split, class_vectors, scale, eval_transform(pre), cfg.workers)
-
-    def evaluate_eval_split() -> dict:
-        """Teacher and student on the eval split (the tracker's teacher predictions when it tracks)."""
-        student.eval()
-        if tracker is not None:
-            return tracker.report(student)
-        return evaluate_split({"teacher": teacher, "student": student}, eval_split, class_vectors, scale,
-                              eval_transform(pre), workers=cfg.workers)
-
-    report: dict = {"config": asdict(cfg), "train_images": len(images), "world_size": rt.world_size}
-    if eval_split is not None and rt.is_main and start_epoch == 0 and start_step == 0:
-        report["before"] = evaluate_eval_split()
-        log.info("before distillation: %s", report["before"])
-    barrier(rt)
-
-    runlog = RunLog(out, rt)
-    epoch_seconds = []
+def _train(stage: Stage2) -> tuple[list[float], int]:
+    """Every epoch from where the run stands: its steps, its figures, the checkpoint it keeps and the run state.
+    Returns each epoch's seconds and the images skipped as unreadable."""
+    cfg, rt = stage.cfg, stage.rt
+    runlog = RunLog(stage.out, rt)
+    epoch_seconds: list[float] = []
     skipped_total = 0
     per_process = cfg.batch_size // rt.world_size
-    steps_per_epoch = len(sampler) // per_process
-    bar = stage_bar("distill", cfg.epochs, steps_per_epoch * per_process, start_epoch, start_step, per_process, rt)
+    steps_per_epoch = len(stage.sampler) // per_process
+    bar = stage_bar("distill", cfg.epochs, steps_per_epoch * per_process, stage.start_epoch, stage.start_step,
+                    per_process, rt)
     with Interrupt() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(stage.start_epoch, cfg.epochs):
             started = time.time()
-            dataset.view = epoch % cache.views if cache else epoch
-            set_lr(optimizer, lr_at(epoch, cfg))
-            model.train()
-            student.tower.visual.eval()
-            total, seen = 0.0, 0
-            steps = EpochSteps(dataset, sampler, per_process, cfg.workers, True, epoch, cfg.epochs, start_step, stop,
-                               save_state, "distill", bar)
-            for batch, indices, _ in steps:
-                batch = batch.to(rt.device, non_blocking=True)
-                with autocast(rt, cfg.precision):
-                    features = cache.get(dataset.view, indices).to(rt.device) if cache else teacher(batch)
-                loss = kd_step(model, batch, features, objective, optimizer, scaler, rt, cfg.precision)
-                total += loss.item() * len(indices)
-                seen += len(indices)
-                steps.show(loss.item())
-            start_step = 0
-            total, seen, skipped = reduce_sum(rt, total, seen, steps.skipped)
-            skipped_total += int(skipped)
+            total, seen, skipped = _train_epoch(stage, epoch, per_process, stop, bar)
+            skipped_total += skipped
             epoch_seconds.append(time.time() - started)
             entry = {"loss": total / max(1, seen), "lr": lr_at(epoch, cfg), "seconds": epoch_seconds[-1],
-                     "images_per_second": seen / epoch_seconds[-1], "skipped_images": int(skipped),
+                     "images_per_second": seen / epoch_seconds[-1], "skipped_images": skipped,
                      "steps": steps_per_epoch}
-            if tracker is not None:
-                student.eval()
-                entry.update(tracker(student))
+            if stage.tracker is not None:
+                stage.student.eval()
+                entry.update(stage.tracker(stage.student))
             if rt.is_main:
-                keep = True
-                if cfg.selection == "best_val":
-                    student.eval()
-                    entry["val_acc"] = evaluate_split({"student": student}, val_split, class_vectors, scale,
-                                                      eval_transform(pre), workers=cfg.workers)["student_acc"]
-                    keep = entry["val_acc"] > best["val_acc"]
-                    if keep:
-                        best = {"val_acc": entry["val_acc"], "epoch": epoch + 1}
-                if keep:
-                    save_checkpoint(out / "student.pt", student, asdict(cfg), epoch + 1)
+                _keep(stage, epoch, entry)
             runlog.write(epoch + 1, **entry)
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
-            save_state(epoch + 1, 0)
+            stage.save_state(epoch + 1, 0)
     bar.close()
     runlog.close()
+    return epoch_seconds, skipped_total
 
-    report.update(epoch_seconds=[round(s, 3) for s in epoch_seconds], skipped_images=skipped_total,
-                  cached_teacher=cache is not None)
-    if rt.is_main:
-        if cfg.selection == "best_val":
-            student.load_trainable_state(load_checkpoint_state(out / "student.pt"))
-            report.update(selected_epoch=best["epoch"], val_acc=best["val_acc"])
-        student.eval()
-        if eval_split is not None:
-            report["after"] = evaluate_eval_split()
-            log.info("after distillation: %s", report["after"])
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-    barrier(rt)
-    return report
+
+def _train_epoch(stage: Stage2, epoch: int, per_process: int, stop: Interrupt, bar) -> tuple[float, int, int]:
+    """One epoch's steps (from the resumed step in the first); its summed loss, images and skipped images over
+    every process."""
+    cfg, rt, cache = stage.cfg, stage.rt, stage.cache
+    stage.dataset.view = epoch % cache.views if cache else epoch
+    set_lr(stage.optimizer, lr_at(epoch, cfg))
+    stage.model.train()
+    stage.student.tower.visual.eval()
+    total, seen = 0.0, 0
+    steps = EpochSteps(stage.dataset, stage.sampler, per_process, cfg.workers, True, epoch, cfg.epochs,
+                       stage.start_step, stop, stage.save_state, "distill", bar)
+    for batch, indices, _ in steps:
+        batch = batch.to(rt.device, non_blocking=True)
+        with autocast(rt, cfg.precision):
+            features = cache.get(stage.dataset.view, indices).to(rt.device) if cache else stage.teacher(batch)
+        loss = kd_step(stage.model, batch, features, stage.objective, stage.optimizer, stage.scaler, rt,
+                       cfg.precision)
+        total += loss.item() * len(indices)
+        seen += len(indices)
+        steps.show(loss.item())
+    stage.start_step = 0
+    total, seen, skipped = reduce_sum(rt, total, seen, steps.skipped)
+    return total, int(seen), int(skipped)
+
+
+def _keep(stage: Stage2, epoch: int, entry: dict) -> None:
+    """Save this epoch's student: always with selection "last", when it beats the best val accuracy with
+    "best_val" (which also records the accuracy in the epoch's figures)."""
+    keep = True
+    if stage.cfg.selection == "best_val":
+        stage.student.eval()
+        entry["val_acc"] = evaluate_split({"student": stage.student}, stage.val_split, stage.class_vectors,
+                                          stage.scale, eval_transform(stage.pre),
+                                          workers=stage.cfg.workers)["student_acc"]
+        keep = entry["val_acc"] > stage.best["val_acc"]
+        if keep:
+            stage.best = {"val_acc": entry["val_acc"], "epoch": epoch + 1}
+    if keep:
+        save_checkpoint(stage.out / "student.pt", stage.student, asdict(stage.cfg), epoch + 1)
+
+
+def _finish(stage: Stage2, report: dict) -> None:
+    """On the main process: the selected epoch's student back in place, the eval split after, report.json."""
+    if stage.cfg.selection == "best_val":
+        stage.student.load_trainable_state(load_checkpoint_state(stage.out / "student.pt"))
+        report.update(selected_epoch=stage.best["epoch"], val_acc=stage.best["val_acc"])
+    stage.student.eval()
+    if stage.eval_split is not None:
+        report["after"] = stage.evaluate_eval_split()
+        log.info("after distillation: %s", report["after"])
+    (stage.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from .runtime import (
     seed_everything, set_lr, setup, stage_bar, teardown,
 )
 from .teacher import Teacher, TeacherConfig, save_teacher
-from .towers import load_clip, tokenizer_for
+from .towers import Preprocess, load_clip, tokenizer_for
 from .transforms import CROP_SCALE, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,51 @@ def train_teacher(cfg: Stage1Config, train: Split, val: Split, resume: bool = Fa
         teardown(rt)
 
 
+@dataclass
+class Stage1:
+    """Everything a stage-1 run trains with, built by `_set_up` and restored by `_resume`."""
+
+    cfg: Stage1Config
+    rt: Runtime
+    out: Path
+    train: Split
+    val: Split
+    teacher: Teacher
+    trainable: list[torch.Tensor]
+    frozen_text: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gpa_weights: list[float]
+    gpa: dict  # the running Gaussian-weighted sum of every epoch's prompts
+    best: dict  # the best single epoch by val accuracy, with its prompts
+    run_state: RunState
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    start_step: int = 0
+
+    def save_state(self, epoch: int, step: int) -> None:
+        self.run_state.save(epoch, step, self.optimizer, self.scaler, prompts=self.teacher.prompt_state(),
+                            gpa=self.gpa, best=self.best, history=self.history)
+
+
 def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtime) -> dict:
+    """Set up, resume, train every epoch, then choose the teacher (GPA or the best epoch) and save it."""
     seed_everything(cfg.seed)
     if cfg.batch_size % rt.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {rt.world_size} processes")
-    out = Path(cfg.output_dir)
+    stage, pre = _set_up(cfg, train, val, rt)
+    _resume(stage, resume)
+    _train_epochs(stage, pre)
+    report: dict = {"config": asdict(cfg), "train_images": len(train), "val_images": len(val),
+                    "history": stage.history}
+    if rt.is_main:
+        _select(stage, eval_transform(pre), report)
+    barrier(rt)
+    return report
+
+
+def _set_up(cfg: Stage1Config, train: Split, val: Split, rt: Runtime) -> tuple[Stage1, Preprocess]:
+    """The prompted teacher on the device, its frozen text targets, the optimiser and the GPA accumulators."""
     clip, pre = load_clip(cfg.model, cfg.pretrained, cfg.weights)
     tokenizer = tokenizer_for(cfg.model)
     frozen_text = frozen_text_targets(clip.to(rt.device), tokenizer, train.classnames, cfg)
@@ -161,84 +201,94 @@ def _train(cfg: Stage1Config, train: Split, val: Split, resume: bool, rt: Runtim
     weights = gpa_weights(cfg.epochs, cfg.gpa_mean, cfg.gpa_std)
     gpa = {k: torch.zeros_like(v) for k, v in teacher.prompt_state().items()}
     best = {"val_acc": -1.0, "epoch": 0, "state": teacher.prompt_state()}
-    history: list[dict] = []
+    out = Path(cfg.output_dir)
+    return Stage1(cfg, rt, out, train, val, teacher, trainable, frozen_text, optimizer, scaler, weights, gpa, best,
+                  RunState(out, asdict(cfg), rt)), pre
 
-    start_epoch, start_step = 0, 0
-    run_state = RunState(out, asdict(cfg), rt)
-    state = run_state.load(resume, optimizer, scaler)
+
+def _resume(stage: Stage1, resume: bool) -> None:
+    state = stage.run_state.load(resume, stage.optimizer, stage.scaler)
     if state is not None:
-        teacher.load_prompt_state(state["prompts"])
-        gpa, best, history = state["gpa"], state["best"], state["history"]
-        start_epoch, start_step = state["epoch"], state["step"]
+        stage.teacher.load_prompt_state(state["prompts"])
+        stage.gpa, stage.best, stage.history = state["gpa"], state["best"], state["history"]
+        stage.start_epoch, stage.start_step = state["epoch"], state["step"]
 
-    def save_state(epoch: int, step: int) -> None:
-        run_state.save(epoch, step, optimizer, scaler, prompts=teacher.prompt_state(), gpa=gpa, best=best,
-                       history=history)
 
-    dataset = ViewDataset(train.items, train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
+def _train_epochs(stage: Stage1, pre: Preprocess) -> None:
+    """Every epoch from where the run stands: its steps, the GPA sum, val accuracy, the log and the run state."""
+    cfg, rt = stage.cfg, stage.rt
+    dataset = ViewDataset(stage.train.items, train_transform(pre, (cfg.crop_min, 1.0)), cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     val_transform = eval_transform(pre)
-    runlog = RunLog(out, rt)
+    runlog = RunLog(stage.out, rt)
     per_process = cfg.batch_size // rt.world_size
-    bar = stage_bar("teacher", cfg.epochs, len(sampler), start_epoch, start_step, per_process, rt)
+    bar = stage_bar("teacher", cfg.epochs, len(sampler), stage.start_epoch, stage.start_step, per_process, rt)
     with Interrupt() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(stage.start_epoch, cfg.epochs):
             started = time.time()
             dataset.view = epoch
-            set_lr(optimizer, lr_at(epoch, cfg))
-            teacher.train()
-            sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
-            seen = 0
-            steps = EpochSteps(dataset, sampler, per_process, cfg.workers, False, epoch, cfg.epochs, start_step, stop,
-                               save_state, "teacher", bar)
-            for images, _, labels in steps:
-                images, labels = images.to(rt.device), labels.to(rt.device)
-                loss, parts = teacher_loss(teacher, images, labels, train.classnames, frozen_text, cfg, rt)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if rt.distributed:
-                    _average_gradients(trainable, rt)
-                scaler.step(optimizer)
-                scaler.update()
-                sums["loss"] += loss.item() * len(labels)
-                for k, v in parts.items():
-                    sums[k] += v * len(labels)
-                seen += len(labels)
-                steps.show(loss.item())
-            start_step = 0
-            *totals, seen, skipped = reduce_sum(rt, *sums.values(), seen, steps.skipped)
-            for k, v in teacher.prompt_state().items():
-                gpa[k] += weights[epoch] * v
-            entry = {k: v / max(1, seen) for k, v in zip(sums, totals)}
+            steps = EpochSteps(dataset, sampler, per_process, cfg.workers, False, epoch, cfg.epochs,
+                               stage.start_step, stop, stage.save_state, "teacher", bar)
+            entry, skipped = _train_epoch(stage, epoch, steps)
+            for k, v in stage.teacher.prompt_state().items():
+                stage.gpa[k] += stage.gpa_weights[epoch] * v
             if rt.is_main:
-                teacher.eval()
-                entry["val_acc"] = accuracy(teacher, val, val_transform, rt)
-                if entry["val_acc"] > best["val_acc"]:
-                    best = {"val_acc": entry["val_acc"], "epoch": epoch + 1, "state": teacher.prompt_state()}
+                stage.teacher.eval()
+                entry["val_acc"] = accuracy(stage.teacher, stage.val, val_transform, rt)
+                if entry["val_acc"] > stage.best["val_acc"]:
+                    stage.best = {"val_acc": entry["val_acc"], "epoch": epoch + 1,
+                                  "state": stage.teacher.prompt_state()}
             entry.update(epoch=epoch + 1, lr=lr_at(epoch, cfg), seconds=time.time() - started,
-                         skipped_images=int(skipped))
-            history.append(entry)
+                         skipped_images=skipped)
+            stage.history.append(entry)
             runlog.write(epoch + 1, **entry)
             log.info("teacher epoch %d/%d %s", epoch + 1, cfg.epochs, entry)
-            save_state(epoch + 1, 0)
+            stage.save_state(epoch + 1, 0)
     bar.close()
     runlog.close()
 
-    report: dict = {"config": asdict(cfg), "train_images": len(train), "val_images": len(val), "history": history}
-    if rt.is_main:
-        teacher.load_prompt_state(gpa)
-        teacher.eval()
-        gpa_acc = accuracy(teacher, val, val_transform, rt)
-        chosen, val_acc = "gpa", gpa_acc
-        if cfg.selection == "val" and best["val_acc"] > gpa_acc:
-            chosen, val_acc = f"epoch {best['epoch']}", best["val_acc"]
-            teacher.load_prompt_state(best["state"])
-        report.update(val_acc_gpa=gpa_acc, val_acc_best_epoch=best["val_acc"], best_epoch=best["epoch"],
-                      selected=chosen, val_acc=val_acc)
-        save_teacher(out / "teacher.pt", teacher, {"selected": chosen, "val_acc": val_acc})
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-    barrier(rt)
-    return report
+
+def _train_epoch(stage: Stage1, epoch: int, steps: EpochSteps) -> tuple[dict, int]:
+    """One epoch's optimisation steps; the mean of each loss term over every process, and the images skipped."""
+    cfg, rt, teacher = stage.cfg, stage.rt, stage.teacher
+    set_lr(stage.optimizer, lr_at(epoch, cfg))
+    teacher.train()
+    sums = {"loss": 0.0, "ce": 0.0, "text_l1": 0.0, "image_l1": 0.0, "kl": 0.0}
+    seen = 0
+    for images, _, labels in steps:
+        images, labels = images.to(rt.device), labels.to(rt.device)
+        loss, parts = teacher_loss(teacher, images, labels, stage.train.classnames, stage.frozen_text, cfg, rt)
+        stage.optimizer.zero_grad(set_to_none=True)
+        stage.scaler.scale(loss).backward()
+        if rt.distributed:
+            _average_gradients(stage.trainable, rt)
+        stage.scaler.step(stage.optimizer)
+        stage.scaler.update()
+        sums["loss"] += loss.item() * len(labels)
+        for k, v in parts.items():
+            sums[k] += v * len(labels)
+        seen += len(labels)
+        steps.show(loss.item())
+    stage.start_step = 0
+    *totals, seen, skipped = reduce_sum(rt, *sums.values(), seen, steps.skipped)
+    return {k: v / max(1, seen) for k, v in zip(sums, totals)}, int(skipped)
+
+
+def _select(stage: Stage1, val_transform, report: dict) -> None:
+    """The GPA prompts are the teacher (the authors' choice); with selection "val", the best single epoch instead
+    when it beats them on the held-out images. Saves teacher.pt and report.json."""
+    teacher, best = stage.teacher, stage.best
+    teacher.load_prompt_state(stage.gpa)
+    teacher.eval()
+    gpa_acc = accuracy(teacher, stage.val, val_transform, stage.rt)
+    chosen, val_acc = "gpa", gpa_acc
+    if stage.cfg.selection == "val" and best["val_acc"] > gpa_acc:
+        chosen, val_acc = f"epoch {best['epoch']}", best["val_acc"]
+        teacher.load_prompt_state(best["state"])
+    report.update(val_acc_gpa=gpa_acc, val_acc_best_epoch=best["val_acc"], best_epoch=best["epoch"],
+                  selected=chosen, val_acc=val_acc)
+    save_teacher(stage.out / "teacher.pt", teacher, {"selected": chosen, "val_acc": val_acc})
+    (stage.out / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def _average_gradients(params: list[torch.Tensor], rt: Runtime) -> None:
