@@ -59,7 +59,8 @@ class Settings(BaseSettings):
                                              "passed parity at export and passes the start-up check here), "
                                              "'fp32', or a variant the bundle lists")
     providers: str = Field("auto", description="onnxruntime execution providers in order of preference, comma-"
-                                               "separated; 'auto': TensorRT, CUDA, CPU, whichever are installed")
+                                               "separated; 'auto': CUDA, CPU, whichever are installed (TensorRT "
+                                               "engines run as the bundle's own engine, not through a provider)")
     startup_check: bool = Field(True, description="run the graph picked on the bundle's parity set at start-up and "
                                                   "skip (auto) or refuse (explicit) it under its manifest floors")
     intra_op_threads: int = Field(0, ge=0, description="runtime threads per inference; 0: the available cores "

@@ -237,6 +237,9 @@ class Models:
         async def drain() -> None:
             await served.idle.wait()
             await served.batcher.stop()
+            close = getattr(served.classifier.session, "close", None)
+            if close is not None:  # a TensorRT session's device buffers are not freed by the collector
+                close()
             self.metrics.forget(model.name, str(version))
             current = model.status.get(version)
             if current is not None and current.state == UNLOADING and version not in model.served:

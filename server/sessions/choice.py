@@ -29,7 +29,10 @@ from .trt import TensorRTUnavailable, TrtSession
 
 log = logging.getLogger("promptkd.server")
 
-DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+# TensorRT engines run through TrtSession (the bundle's own engine). onnxruntime-gpu's TensorRT provider is left
+# out by default: its library links TensorRT 10 (libnvinfer.so.10) while the GPU stack pins TensorRT 11, so it
+# would fail to load there; name it in PROMPTKD_PROVIDERS where a matching TensorRT is installed.
+DEFAULT_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 
