@@ -3,6 +3,7 @@ model (native, path form, /v2 through tritonclient), the repository index with s
 unload and rollback, and one engine slot shared by every model's batches."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -263,3 +264,16 @@ def test_versions_switch_once_under_load_and_a_broken_version_never_answers(bund
         switches = sum(a != b for a, b in zip(versions, versions[1:]))
         assert versions[0] == "1" and versions[-1] == "2" and switches == 1, versions
         assert all(label == f"v{version}:" for version, label in sequence)
+
+
+def test_one_of_a_bundle_or_a_repository_is_required(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    for key in [k for k in os.environ if k.startswith("PROMPTKD_")]:
+        monkeypatch.delenv(key)
+    for settings in ({}, {"bundle": tmp_path, "model_repository": tmp_path}):
+        with pytest.raises(ValidationError, match="PROMPTKD_BUNDLE.*PROMPTKD_MODEL_REPOSITORY"):
+            Settings(**settings)
+    with pytest.raises(Exception, match="is not a folder"):
+        with TestClient(create_app(Settings(model_repository=tmp_path / "absent"))):
+            pass
