@@ -75,13 +75,14 @@ class MicroBatcher:
         return self._worker is not None and not self._worker.done()
 
     async def stop(self) -> None:
+        """Stop taking batches; the batch running (if any) finishes in its thread without blocking the loop."""
         if self._worker is not None:
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Features for `images`, computed in some batch; raises Overloaded when the queue is full."""
@@ -135,6 +136,7 @@ class MicroBatcher:
             async with self.gate():
                 jobs = await self._collect(jobs, 0)  # what arrived while another model's batch held the engine
                 await self._run(loop, jobs)
+            await asyncio.sleep(0)  # the slot goes to the batcher that waited for it, not back to this one
 
     async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         live = [job for job in jobs if not job.future.done()]

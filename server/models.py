@@ -62,7 +62,7 @@ class Served:
 class Status:
     state: str
     reason: str = ""
-    fingerprint: str | None = None  # of the folder it failed on (UNAVAILABLE): not tried again while unchanged
+    failed: str | None = None  # fingerprint of folder contents that failed to load: not tried again while unchanged
 
 
 @dataclass
@@ -123,9 +123,14 @@ class Models:
         await self._sync(await asyncio.to_thread(scan, self.root))
 
     async def _sync(self, folders: dict[str, ModelFolder]) -> None:
+        """Bring every model in line with `folders`. Each model's folder is read again under its lock: a load call
+        may have changed it since the scan, and an older view must never undo what that call did."""
         for name in [name for name in self.models if name not in folders]:
-            model = self.models.pop(name)
+            model = self.models[name]
             async with model.lock:
+                if self.root is not None and (self.root / name).is_dir():
+                    continue  # back (or loaded by a call) since the scan
+                self.models.pop(name, None)
                 model.default = None
                 for version in list(model.served):
                     self._retire(model, version, "its model folder was removed")
@@ -133,7 +138,7 @@ class Models:
         for name, folder in folders.items():
             model = self.models.setdefault(name, Model(folder))
             async with model.lock:
-                model.folder = folder
+                model.folder = await asyncio.to_thread(read_model, self.root / name) if self.root else folder
                 await self._reconcile(model)
 
     async def _poll_loop(self) -> None:
@@ -151,22 +156,22 @@ class Models:
     async def _reconcile(self, model: Model) -> None:
         """Load what the policy and the calls want (newest first), then switch the default, then retire the rest."""
         folder = model.folder
-        for version in [v for v in model.status if v not in folder.versions and v not in model.served]:
-            del model.status[version]
-        model.held &= set(folder.versions)
-        model.forced &= set(folder.versions)
         if folder.error:
             if folder.error != model.reported:
                 log.warning("model %s: %s", model.name, folder.error)
             model.reported = folder.error
-            return  # what is loaded keeps serving; nothing new is loaded until the folder is fixed
+            return  # what is loaded keeps serving, calls' choices kept; nothing new loads until the folder is fixed
         model.reported = None
+        for version in [v for v in model.status if v not in folder.versions and v not in model.served]:
+            del model.status[version]
+        model.held &= set(folder.versions)
+        model.forced &= set(folder.versions)
         policy = folder.config.version_policy
         keep: set[int] = set()
         for version in sorted(folder.versions, reverse=True):
             if version in model.held or (policy.specific is not None and version not in policy.specific):
                 continue
-            if policy.keep is not None and len(keep - model.forced) >= policy.keep:
+            if policy.keep is not None and len(keep) >= policy.keep:
                 break
             if await self._ensure(model, folder.versions[version]):
                 keep.add(version)
@@ -182,19 +187,25 @@ class Models:
                          f"not served: the version policy ({policy.describe()}) serves others")
 
     async def _ensure(self, model: Model, folder: VersionFolder) -> bool:
-        """Whether this version serves, loading it when it is new or changed; a failure is recorded, not raised."""
+        """Whether this version serves, loading it when it is new or changed; a failure is recorded, not raised.
+        Contents rewritten in place that fail leave the files loaded before serving."""
         version = folder.version
         served, status = model.served.get(version), model.status.get(version)
         if served is not None and served.fingerprint == folder.fingerprint:
             return True
-        if status is not None and status.state == UNAVAILABLE and status.fingerprint == folder.fingerprint:
-            return False  # failed as it is now: tried again when the folder changes or a load call names it
-        self._set_status(model, version, Status(LOADING, "loading", folder.fingerprint))
+        if status is not None and status.failed == folder.fingerprint:
+            return served is not None  # failed as it is now: tried again when it changes or a load call names it
+        if served is None:
+            self._set_status(model, version, Status(LOADING, "loading"))
         try:
             loaded = await self._load(model.name, folder)
         except Exception as err:  # whatever the bundle or runtime raised, this version alone fails
             reason = self._public(str(err) or type(err).__name__)
             log.warning("model %s version %d cannot serve: %s", model.name, version, reason)
+            if served is not None:
+                self._set_status(model, version, Status(READY, f"serving the files loaded before; the folder's new "
+                                                               f"contents cannot serve: {reason}", folder.fingerprint))
+                return True
             self._set_status(model, version, Status(UNAVAILABLE, reason, folder.fingerprint))
             return False
         model.served[version] = loaded
@@ -202,7 +213,7 @@ class Models:
             if model.default is served:
                 model.default = loaded
             self._retire(model, version, "replaced by its folder's new contents", served)
-        self._set_status(model, version, Status(READY, loaded.classifier.choice.reason, folder.fingerprint))
+        self._set_status(model, version, Status(READY, loaded.classifier.choice.reason))
         log.info("model %s version %d ready: %s graph, %s", model.name, version, loaded.classifier.variant,
                  loaded.classifier.session.description)
         return True
@@ -222,6 +233,7 @@ class Models:
         except Exception as err:
             await batcher.stop()
             raise RuntimeError(f"warm-up failed: the engine cannot run a batch: {err}") from err
+        self.metrics.forget(name, str(folder.version))  # a replaced instance's series, if any
         self.metrics.record_choice(name, str(folder.version), classifier.choice)
         served = Served(name, folder.version, folder.fingerprint, classifier, batcher)
         served.idle.set()
@@ -232,7 +244,7 @@ class Models:
         served = served or model.served.pop(version)
         if model.default is served:
             model.default = None
-        self._set_status(model, version, Status(UNLOADING, reason, served.fingerprint))
+        self._set_status(model, version, Status(UNLOADING, reason))
 
         async def drain() -> None:
             await served.idle.wait()
@@ -240,10 +252,11 @@ class Models:
             close = getattr(served.classifier.session, "close", None)
             if close is not None:  # a TensorRT session's device buffers are not freed by the collector
                 close()
+            if version in model.served:
+                return  # replaced by a new instance of the same version, which keeps its status and series
             self.metrics.forget(model.name, str(version))
-            current = model.status.get(version)
-            if current is not None and current.state == UNLOADING and version not in model.served:
-                self._set_status(model, version, Status(UNAVAILABLE, reason))  # no fingerprint: loadable again
+            if model.status.get(version, Status(READY)).state == UNLOADING:
+                self._set_status(model, version, Status(UNAVAILABLE, reason))  # loadable again
             log.info("model %s version %d unloaded (%s)", model.name, version, reason)
 
         task = asyncio.create_task(drain())
@@ -336,11 +349,13 @@ class Models:
 
     async def load(self, name: str, version: int | None) -> None:
         """Read the model's folder again and load what it should serve; with a version, that version whatever
-        the policy, as the default until the next load call (a rollback). RequestError when it cannot serve."""
-        folder = await self._rescan(name)
-        model = self.models.setdefault(name, Model(folder))
+        the policy, as the default until the next load call (a rollback). RequestError when it cannot serve; a
+        version that fails to load changes nothing of what serves."""
+        model = self.models.get(name) or self.models.setdefault(name, Model(await self._rescan(name)))
         async with model.lock:
-            model.folder = folder
+            model.folder = folder = await self._rescan(name)
+            if folder.error:
+                raise RequestError(400, f"failed to load {name!r}: {folder.error}")
             if version is None:
                 model.held.clear()
                 model.forced.clear()
@@ -348,14 +363,15 @@ class Models:
             else:
                 if version not in folder.versions:
                     raise RequestError(404, f"model {name!r} has no version folder {version}")
+                if version in model.status:
+                    model.status[version].failed = None  # a load call retries a version that failed
+                if not await self._ensure(model, folder.versions[version]):
+                    raise RequestError(400, f"failed to load {name!r} version {version}: "
+                                            f"{model.status[version].reason}")
                 model.held.discard(version)
-                model.forced.add(version)
+                model.forced = {version}
                 model.pinned_default = version
-                if model.status.get(version, Status(READY)).state == UNAVAILABLE:
-                    del model.status[version]  # a load call retries a version that failed
             await self._reconcile(model)
-        if version is not None and version not in model.served:
-            raise RequestError(400, f"failed to load {name!r} version {version}: {model.status[version].reason}")
         if model.default is None:
             raise RequestError(400, f"failed to load {name!r}: {self._why(model)}")
 

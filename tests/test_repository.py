@@ -4,8 +4,10 @@ unload and rollback, and one engine slot shared by every model's batches."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -172,6 +174,34 @@ def test_unload_load_and_rollback_through_the_admin_routes(repository, tmp_path,
         corrupt_copy(repository / "fmnist" / "1", root / "fmnist" / "3")
         failed = call("load", version="3")
         assert failed.status_code == 400 and "checksum" in failed.json()["error"] and version() == "2"
+        _roll_back_and_forward_and_rewrite_in_place(client, call, version, root, repository, photo)
+
+
+def _roll_back_and_forward_and_rewrite_in_place(client, call, version, root: Path, repository: Path, photo: bytes):
+    """A failed load changes nothing that serves; rolling forward unloads the rolled-back version; a version
+    rewritten in place is loaded again (its metrics kept), and new contents that fail leave the old ones serving."""
+    def serving() -> set[str]:
+        index = client.post("/v2/repository/index", json={"ready": True}).json()
+        return {e["version"] for e in index if e["name"] == "fmnist"}
+
+    def label() -> str:
+        body = client.post("/classify", params={"model": "fmnist"}, files={"file": ("a.png", photo)}).json()
+        return body["results"][0]["predictions"][0]["label"]
+
+    assert call("load", version="1").status_code == 200 and version() == "1" and serving() == {"1", "2"}
+    assert call("load", version="3").status_code == 400 and version() == "1"  # v3 is broken: nothing changes
+    assert call("load", version="2").status_code == 200 and version() == "2" and serving() == {"2"}
+    shutil.rmtree(root / "fmnist" / "2")
+    derive_bundle(repository / "fmnist" / "2", root / "fmnist" / "2", "new:")
+    assert call("load").status_code == 200 and label().startswith("new:v2:")
+    time.sleep(1)  # the replaced instance drains
+    assert re.search(r'promptkd_serving\{model="fmnist",runtime="[^"]+",variant="fp32",version="2"\} 1.0',
+                     client.get("/metrics").text)
+    with (root / "fmnist" / "2" / "student.onnx").open("ab") as graph:
+        graph.write(b"damaged")
+    assert call("load").status_code == 200 and label().startswith("new:v2:")
+    [entry] = [e for e in client.post("/v2/repository/index").json() if e.get("version") == "2"]
+    assert entry["state"] == "READY" and "cannot serve" in entry["reason"] and "checksum" in entry["reason"]
 
 
 class Overlap:
