@@ -1,5 +1,6 @@
 """Stage-2 throughput at real size: images/s of a distillation step with the teacher live and from the cache, in
-fp32 and bf16, with peak GPU memory; one table, side by side in one process.
+fp32, bf16 and fp16 autocast (fp16 with training's gradient scaler), with peak GPU memory; one table, side by side
+in one process.
 
     python bench/stage2_gpu.py [--teacher-model ViT-L-14] [--student-model ViT-B-16] [--batches 8 64]
                                [--precisions fp32 bf16] [--steps 20] [--out bench/results]
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--student-model", default="ViT-B-16", help="open_clip architecture of the student")
     parser.add_argument("--classes", type=int, default=1000, help="class vectors (ImageNet: 1000)")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="per-device batch sizes")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for stage2.json")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["stage2", "bundle", "trt", "serve-cuda", "serve-trt", "engines"]
+STEPS = ["stage2", "student", "ddp", "bundle", "trt", "serve-cuda", "serve-trt", "engines"]
 
 
 def _run(tmp_path, **env):
@@ -50,3 +50,43 @@ def test_the_gpu_steps_helpers_run_on_a_cpu(tmp_path):
     assert "pytorch eager fp32" in results
     if "tensorrt fp16" not in results:
         assert "TensorRT engine left out" in proc.stderr
+
+
+def test_the_wheels_for_the_gpu_image_fetch_and_install_into_an_empty_target(tmp_path):
+    """What scripts/gpu_check.sh --fetch-wheels puts in .whl/ installs, without an index or dependencies, into an
+    empty target for the lent machines' CPython 3.12, and stays well under what a device call carries."""
+    wheels, target = tmp_path / "whl", tmp_path / "site"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--fetch-wheels"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PY=sys.executable, WHEELS=str(wheels)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = [line.split("==")[0] for line in (REPO / "scripts" / "gpu_wheels.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert len(list(wheels.glob("*.whl"))) == len(listed)
+    assert sum(f.stat().st_size for f in wheels.iterdir()) < 16 * 2**20
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                           str(target), "--only-binary=:all:", "--implementation", "cp", "--python-version", "3.12",
+                           "--platform", "manylinux2014_x86_64", *map(str, wheels.glob("*.whl"))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for package in ("open_clip", "ftfy", "wcwidth", "pydantic", "pydantic_core", "annotated_types"):
+        assert (target / package / "__init__.py").is_file(), package
+    assert len(list((target / "foolbox" / "data").glob("*.jpg"))) == 20
+
+
+def test_the_student_and_ddp_steps_run_on_a_cpu(tmp_path):
+    """The new steps' scripts at tiny size on a CPU: the student's precisions and the exported graph against eager
+    fp32, the GPU-only modes said instead of run; a two-process DDP step (gloo here) ending with equal weights."""
+    proc = subprocess.run([sys.executable, "bench/student_gpu.py", "--student-model", "PKD-Tiny-Student",
+                           "--feature-dim", "64", "--batches", "1", "4", "--iters", "2", "--device", "cpu",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "student_gpu.json").read_text())
+    assert set(report["speed"]) == {"eager fp32", "eager bf16"} and "needs CUDA" in report["notes"]["cuda graph fp16"]
+    assert report["parity"]["onnxruntime CPU fp32 (exported graph)"]["min_cosine"] > 0.9999
+    assert report["parity"]["eager bf16"]["min_cosine"] > 0.99
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "bench/ddp_gpu.py", "--student-model", "PKD-Tiny-Student", "--feature-dim", "64",
+                           "--backend", "gloo"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks, backend gloo" in proc.stdout and "weights equal across ranks: yes" in proc.stdout
