@@ -2,7 +2,7 @@
 # The GPU check: every GPU path of the project, one step after another, each step's output in OUT_DIR/<step>.txt
 # and one PASS / FAIL / SKIP line per step at the end (OUT_DIR/summary.txt). Made for the GPU machines this project
 # can be lent (one H100 or H200, an image whose python3 has torch with CUDA, onnx and onnxruntime for CPU, and NO
-# TensorRT and NO onnxruntime-gpu, no network, 15 minutes in all): there it takes about 6 minutes, and the steps
+# TensorRT and NO onnxruntime-gpu, no network, 15 minutes in all): there it takes at most 7.5 minutes, and the steps
 # that need TensorRT or onnxruntime-gpu say SKIP with the reason. On a machine that has them they run too.
 #   bash scripts/gpu_check.sh --fetch-wheels           here, with a network: the wheels that image lacks into .whl/
 #   bash scripts/gpu_check.sh [OUT_DIR]                 there (default: $OUT, else bench/results/gpu)
@@ -122,7 +122,7 @@ export -f serve_one_photo photo_dir
 
 step stage2 150 "CUDA_TORCH" \
     $PY bench/stage2_gpu.py --out "$OUT_DIR" --steps 10 --precisions fp32 bf16 fp16
-step student 150 "CUDA_TORCH PHOTOS" \
+step student 240 "CUDA_TORCH PHOTOS" \
     $PY bench/student_gpu.py --out "$OUT_DIR" --batches 1 8 64
 step ddp 60 "CUDA_TORCH" \
     $PY -m torch.distributed.run --standalone --nproc_per_node 2 bench/ddp_gpu.py
