@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,7 +28,9 @@ from .classifier import Classifier
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
-from .repository import MODEL_NAME, ModelFolder, VersionFolder, read_model, scan, single_bundle
+from .repository import (
+    MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, read_model, single_bundle,
+)
 
 log = logging.getLogger("promptkd.server")
 LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
@@ -98,7 +101,8 @@ class Models:
         """Load what the repository (or the bundle) holds. A single bundle that cannot serve stops the server, as
         before; in a repository each model stands alone, and only an unreadable repository folder stops it."""
         if self.root is None:
-            await self._sync(single_bundle(self.settings.bundle))
+            folders = single_bundle(self.settings.bundle)
+            await self._sync(list(folders), folders.__getitem__)
             model = next(iter(self.models.values()))
             if model.default is None:
                 raise BundleError(model.status[1].reason)
@@ -119,13 +123,14 @@ class Models:
                 await served.batcher.stop()
 
     async def refresh(self) -> None:
-        """Scan the repository and bring every model in line with it."""
-        await self._sync(await asyncio.to_thread(scan, self.root))
+        """List the repository's model folders and bring every model in line with its folder."""
+        names = await asyncio.to_thread(model_names, self.root)
+        await self._sync(names, lambda name: read_entry(self.root / name))
 
-    async def _sync(self, folders: dict[str, ModelFolder]) -> None:
-        """Bring every model in line with `folders`. Each model's folder is read again under its lock: a load call
-        may have changed it since the scan, and an older view must never undo what that call did."""
-        for name in [name for name in self.models if name not in folders]:
+    async def _sync(self, names: list[str], read: Callable[[str], ModelFolder]) -> None:
+        """Bring the models named in line with their folders, and unload the others. Each folder is read under its
+        model's lock: a load call may have changed it meanwhile, and an older view must never undo that call."""
+        for name in [name for name in self.models if name not in names]:
             model = self.models[name]
             async with model.lock:
                 if self.root is not None and (self.root / name).is_dir():
@@ -135,10 +140,10 @@ class Models:
                 for version in list(model.served):
                     self._retire(model, version, "its model folder was removed")
             log.info("model %s: folder removed, unloaded", name)
-        for name, folder in folders.items():
-            model = self.models.setdefault(name, Model(folder))
+        for name in names:
+            model = self.models.setdefault(name, Model(ModelFolder(name, ModelConfig())))
             async with model.lock:
-                model.folder = await asyncio.to_thread(read_model, self.root / name) if self.root else folder
+                model.folder = await asyncio.to_thread(read, name)
                 await self._reconcile(model)
 
     async def _poll_loop(self) -> None:

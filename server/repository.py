@@ -95,17 +95,20 @@ class ModelFolder:
 def scan(root: Path) -> dict[str, ModelFolder]:
     """Every model folder under `root` with its version folders and policy. Raises OSError when `root` cannot be
     listed; a bad model folder is returned with its `error`, never raised, so it cannot stop the others."""
-    models = {}
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        if not MODEL_NAME.match(entry.name):
-            models[entry.name] = ModelFolder(entry.name, ModelConfig(), error=(
-                "model folder names are letters, digits, '_', '.' and '-' (at most 64), starting with a letter or "
-                "digit"))
-            continue
-        models[entry.name] = read_model(entry)
-    return models
+    return {name: read_entry(root / name) for name in model_names(root)}
+
+
+def model_names(root: Path) -> list[str]:
+    """The model folders under `root` (dot-folders and files left out); OSError when it cannot be listed."""
+    return sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".") and entry.is_dir())
+
+
+def read_entry(folder: Path) -> ModelFolder:
+    """A model folder as `scan` reads it: a name that cannot be a model is that model's error."""
+    if not MODEL_NAME.match(folder.name):
+        return ModelFolder(folder.name, ModelConfig(), error=(
+            "model folder names are letters, digits, '_', '.' and '-' (at most 64), starting with a letter or digit"))
+    return read_model(folder)
 
 
 def read_model(folder: Path) -> ModelFolder:
