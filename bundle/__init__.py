@@ -4,9 +4,15 @@ from .io import (
     Bundle, BundleError, file_entry, load_npy, publish, read_bundle, record_variant, sha256_file, write_atomic,
     write_labels_and_vectors,
 )
-from .manifest import MANIFEST_NAME, SCHEMA_VERSION, FileEntry, InputSpec, Manifest, Parity, Provenance, Variant
+from .domain import Backbone, Head, backbone_folder, check_fits, read_backbone
+from .manifest import (
+    BACKBONE_MANIFEST, BACKBONES_DIR, MANIFEST_NAME, SCHEMA_VERSION, BackboneManifest, BackboneRef, BackboneVariant,
+    FileEntry, InputSpec, Manifest, Parity, PromptShape, Provenance, Variant,
+)
 
 __all__ = [
+    "BACKBONES_DIR", "BACKBONE_MANIFEST", "Backbone", "BackboneManifest", "BackboneRef", "BackboneVariant", "Head",
+    "PromptShape", "backbone_folder", "check_fits", "read_backbone",
     "Bundle", "BundleError", "FileEntry", "InputSpec", "MANIFEST_NAME", "Manifest", "Parity", "Provenance",
     "SCHEMA_VERSION", "Variant", "cpu_flags", "file_entry", "load_npy", "publish", "read_bundle", "record_variant",
     "sha256_file", "write_atomic", "write_labels_and_vectors",

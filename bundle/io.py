@@ -13,13 +13,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
 
+if TYPE_CHECKING:
+    from .domain import Head
 from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest, Variant
 
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
+DOMAIN_ROLES = ("prompts", "projector", "labels", "class_vectors")  # a domain bundle's graph is its backbone's
 
 
 class BundleError(ValueError):
@@ -45,6 +49,8 @@ class Bundle:
     manifest: Manifest
     labels: list[str]
     class_vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
+    prompts: np.ndarray | None = None  # a domain bundle's: [depth, tokens, width] float32
+    head: Head | None = None  # a domain bundle's projector (bundle.domain.Head)
 
     def parity_set(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The bundle's parity set (float32 inputs [n, 3, S, S], fp32 features [n, feature_dim]), or None."""
@@ -64,6 +70,8 @@ class Bundle:
 
     def model_path(self, variant: str = "fp32") -> Path:
         """The graph of a variant ("fp32" is the exported graph itself)."""
+        if self.manifest.backbone is not None:
+            raise BundleError("a domain bundle has no graph of its own: its graphs are its backbone's")
         if variant == "fp32":
             return self.folder / self.manifest.files["model"].path
         if variant not in self.manifest.variants:
@@ -113,7 +121,7 @@ def publish(staging: Path, target: Path, overwrite: bool) -> None:
         staging.rename(target)
 
 
-def _safe_member(folder: Path, name: str) -> Path:
+def safe_member(folder: Path, name: str) -> Path:
     path = (folder / name).resolve()
     if folder.resolve() not in path.parents:
         raise BundleError(f"manifest names a file outside the bundle: {name!r}")
@@ -138,29 +146,40 @@ def read_bundle(folder: Path) -> Bundle:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
         raise BundleError(f"{manifest_path} is malformed: {err}") from err
-    missing = [role for role in REQUIRED_ROLES if role not in manifest.files]
-    missing += [f"{v.file} (variant {name})" for name, v in manifest.variants.items() if v.file not in manifest.files]
+    domain = manifest.backbone is not None
+    missing = [role for role in (DOMAIN_ROLES if domain else REQUIRED_ROLES) if role not in manifest.files]
+    if not domain:  # a domain's variants name files of its backbone
+        missing += [f"{v.file} (variant {name})" for name, v in manifest.variants.items()
+                    if v.file not in manifest.files]
     if missing:
         raise BundleError(f"manifest lists no file for: {', '.join(missing)}")
     for role, entry in manifest.files.items():
-        path = _safe_member(folder, entry.path)
+        path = safe_member(folder, entry.path)
         if not path.is_file():
             raise BundleError(f"bundle file for {role!r} is missing: {path}")
         if sha256_file(path) != entry.sha256:
             raise BundleError(f"checksum mismatch for {role!r} ({entry.path}): the file was changed or damaged")
 
     try:
-        labels = json.loads(_safe_member(folder, manifest.files["labels"].path).read_text())
+        labels = json.loads(safe_member(folder, manifest.files["labels"].path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"labels file is not valid JSON: {err}") from err
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise BundleError("labels file must be a JSON list of strings")
-    vectors = load_npy(_safe_member(folder, manifest.files["class_vectors"].path), "class vectors",
+    vectors = load_npy(safe_member(folder, manifest.files["class_vectors"].path), "class vectors",
                        (len(labels), manifest.feature_dim))
     check_vectors(vectors, labels, manifest.feature_dim)
     if len(labels) != manifest.num_labels:
         raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
-    return Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
+    bundle = Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
+    if domain:
+        from .domain import Head, load_prompts  # domain.py builds on this module
+
+        ref = manifest.backbone
+        bundle.prompts = load_prompts(safe_member(folder, manifest.files["prompts"].path), ref)
+        bundle.head = Head.load(safe_member(folder, manifest.files["projector"].path), ref.tower_dim,
+                                manifest.feature_dim)
+    return bundle
 
 
 def load_npy(source: Path | bytes, what: str, shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -1,13 +1,20 @@
 """The bundle manifest: everything a server needs to know about a model folder, and nothing torch-specific."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # 2 added the parity set and per-variant thresholds and CPU features
+SCHEMA_VERSION = 3
+# 2 added the parity set and per-variant thresholds and CPU features; 3 added domain bundles (`backbone`).
+READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
+BACKBONE_MANIFEST = "backbone.json"
+BACKBONE_SCHEMA = 1
+BACKBONES_DIR = "_backbones"  # in a model repository: _backbones/<sha256>/, one per distinct student tower
+SHA256 = r"^[0-9a-f]{64}$"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a model's folder name in a repository
 
 
 class _Strict(BaseModel):
@@ -26,7 +33,7 @@ class InputSpec(_Strict):
 
 class FileEntry(_Strict):
     path: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=SHA256)
     bytes: int = Field(ge=0)
 
 
@@ -69,6 +76,56 @@ class Provenance(_Strict):
     exporter: str
 
 
+class PromptShape(_Strict):
+    """Deep visual prompts: `tokens` learned tokens of `width` before each of the first `depth` blocks."""
+
+    depth: int = Field(gt=0)
+    tokens: int = Field(gt=0)
+    width: int = Field(gt=0)
+
+
+class BackboneRef(_Strict):
+    """What a domain bundle needs of its backbone: which one (the sha256 of the frozen tower's weights), the
+    prompt shape its graph takes, and the width of its output (the input of the domain's projector)."""
+
+    sha256: str = Field(pattern=SHA256)
+    prompts: PromptShape
+    tower_dim: int = Field(gt=0)
+
+
+class BackboneVariant(_Strict):
+    """A faster graph of the shared backbone; whether it is good enough is measured per domain (the domain
+    bundle's `variants` list the ones that passed for it, with its parity)."""
+
+    file: str  # a role in BackboneManifest.files
+    precision: Literal["fp32", "fp16", "int8"]
+    device: Literal["any", "cpu", "gpu"]
+    cpu_features: tuple[str, ...] = ()
+    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    built_for: dict[str, str] = Field(default_factory=dict)
+
+
+class BackboneManifest(_Strict):
+    """`_backbones/<sha256>/backbone.json`: the student image tower once, with the prompts as an input
+    (images [N,3,S,S] and prompts [N, depth, tokens, width] in, the tower's pooled output [N, tower_dim] out)."""
+
+    schema_version: int = BACKBONE_SCHEMA
+    kind: Literal["backbone"] = "backbone"
+    sha256: str = Field(pattern=SHA256)
+    student_model: str
+    student_pretrained: str | None
+    input: InputSpec
+    prompts: PromptShape
+    tower_dim: int = Field(gt=0)
+    files: dict[str, FileEntry]  # "model" (fp32) and one per variant
+    variants: dict[str, BackboneVariant] = Field(default_factory=dict)
+    created: str
+    exporter: str
+
+    def ref(self) -> BackboneRef:
+        return BackboneRef(sha256=self.sha256, prompts=self.prompts, tower_dim=self.tower_dim)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -83,3 +140,6 @@ class Manifest(_Strict):
     parity: Parity
     provenance: Provenance
     variants: dict[str, Variant] = Field(default_factory=dict)  # name -> variant; "fp32" is files["model"]
+    # A domain bundle: no graph of its own but "prompts" and "projector" files, run on this shared backbone
+    # (its variants' `file` then names a role of the backbone's manifest).
+    backbone: BackboneRef | None = None

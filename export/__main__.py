@@ -1,6 +1,7 @@
 """`python -m export {bundle,trt,vocabulary} ...`: the one entry of the export tools.
 
     bundle       a distilled student checkpoint -> a verified model bundle (ONNX, parity, variants)
+    domain       a distilled student checkpoint -> a domain bundle in a model repository, on its shared backbone
     trt          a TensorRT engine for a bundle, recorded in its manifest (also: python export/to_trt.py)
     vocabulary   stage-1 class vectors (.npz) -> labels.json and class_vectors.npy for the admin swap
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"bundle": "export.cli", "trt": "export.to_trt", "vocabulary": "export.vocabulary"}
+COMMANDS = {"bundle": "export.cli", "domain": "export.domain_cli", "trt": "export.to_trt",
+            "vocabulary": "export.vocabulary"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def build_bundle(
         write_labels_and_vectors(staging, vectors.classnames, class_matrix)
         files.update(labels="labels.json", class_vectors="class_vectors.npy")
         if parity_set:
-            files.update(write_parity_set(staging, images.numpy(), parity_set))
+            files.update(write_parity_set(staging, images.numpy(), parity_set, lambda inputs: run_graph(
+                staging / MODEL_FILE, inputs, ["CPUExecutionProvider"])))
         manifest = Manifest(
             name=name or out.name,
             input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
@@ -98,11 +100,12 @@ def build_bundle(
     return manifest
 
 
-def write_parity_set(folder: Path, images: np.ndarray, count: int) -> dict[str, str]:
-    """Up to `count` held-out images, stored as float16, and the fp32 graph's features for exactly those stored
-    values: what the server runs its chosen variant on at start-up, on its own CPU or GPU."""
+def write_parity_set(folder: Path, images: np.ndarray, count: int,
+                     features_of: Callable[[np.ndarray], np.ndarray]) -> dict[str, str]:
+    """Up to `count` held-out images, stored as float16, and the fp32 graph's features (`features_of`) for exactly
+    those stored values: what the server runs its chosen variant on at start-up, on its own CPU or GPU."""
     inputs = images[:: max(1, len(images) // count)][:count].astype(np.float16)
-    features = run_graph(folder / MODEL_FILE, inputs.astype(np.float32), ["CPUExecutionProvider"])
+    features = features_of(inputs.astype(np.float32))
     np.save(folder / "parity_inputs.npy", inputs)
     np.save(folder / "parity_features.npy", features.astype(np.float32))
     return {"parity_inputs": "parity_inputs.npy", "parity_features": "parity_features.npy"}

@@ -16,12 +16,8 @@ from .parity import ParityError
 from .variants import VARIANTS, VariantError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m export bundle",
-        description="Fold a distilled student's prompts and projector into a static ONNX image encoder, prove "
-                    "parity with PyTorch on real images, and write a model bundle for the server.",
-    )
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """The options of every export of a student: its checkpoint, the real images parity is proven on, variants."""
     parser.add_argument("--checkpoint", type=Path, required=True, help="student.pt written by training distill")
     parser.add_argument("--parity-images", type=Path, required=True,
                         help="folder of real images (searched recursively) to check ONNX against PyTorch")
@@ -31,10 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                              "picks on the machine it runs on; 0: none")
     parser.add_argument("--class-vectors", type=Path,
                         help="class vectors .npz (default: the file the student was distilled with)")
-    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    parser.add_argument("--name", help="model name in the manifest (default: the folder name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         help="faster graphs to add, each checked against fp32 on the parity images: 'optimized' "
                              "(fused fp32), 'int8' (static, 7-bit weights, any CPU; needs --calibration-images), "
                              "'int8_vnni' (8-bit weights, CPUs with VNNI/AMX or ARM dot products), 'fp16' (GPUs)")
@@ -48,18 +42,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out (with a warning) variants under their threshold or that cannot be measured "
                              "here, instead of failing: for recipes that run on many kinds of machine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    args = parser.parse_args(argv)
+
+
+def read_images(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """The parity images and the calibration images (None when not given) the options name."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    images = spread(find_images(args.parity_images), args.parity_count)
+    calibration = (spread(find_images(args.calibration_images), args.calibration_count)
+                   if args.calibration_images else None)
+    return images, calibration
+
+
+EXPORT_ERRORS = (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export bundle",
+        description="Fold a distilled student's prompts and projector into a static ONNX image encoder, prove "
+                    "parity with PyTorch on real images, and write a model bundle for the server.",
+    )
+    add_common(parser)
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument("--name", help="model name in the manifest (default: the folder name)")
+    args = parser.parse_args(argv)
     try:
-        images = spread(find_images(args.parity_images), args.parity_count)
-        calibration = (spread(find_images(args.calibration_images), args.calibration_count)
-                       if args.calibration_images else None)
+        images, calibration = read_images(args)
         manifest = build_bundle(args.checkpoint, args.out, images, args.class_vectors, args.name, args.overwrite,
-                                tuple(args.variants), calibration, args.force_variants, args.parity_set,
+                                tuple(args.variants or ()), calibration, args.force_variants, args.parity_set,
                                 args.skip_failing_variants)
-    except (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError,
-            FileNotFoundError) as err:
+    except EXPORT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"bundle": str(args.out), "parity": manifest.parity.model_dump(),

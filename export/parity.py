@@ -27,11 +27,14 @@ def load_images(paths: list[str], transform) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def run_graph(path: Path, images: np.ndarray, providers: list[str], batch_size: int = 32) -> np.ndarray:
-    """Features of an ONNX graph for a stack of preprocessed images."""
+def run_graph(path: Path, images: np.ndarray, providers: list[str], batch_size: int = 32,
+              extra: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """Features of an ONNX graph for a stack of preprocessed images; `extra` are the graph's further inputs, one
+    row per image (a backbone's prompts)."""
     session = ort.InferenceSession(str(path), providers=providers)
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i : i + batch_size]})[0]
+    names = [node.name for node in session.get_inputs()]
+    arrays = (images, *extra)
+    return np.concatenate([session.run(None, {n: a[i : i + batch_size] for n, a in zip(names, arrays)})[0]
                            for i in range(0, len(images), batch_size)])
 
 

@@ -59,8 +59,9 @@ class _Batches(CalibrationDataReader):
     """Calibration batches, read one at a time: onnxruntime keeps every activation of the batches it is given
     before reducing them, so the strided read below bounds calibration memory to one batch."""
 
-    def __init__(self, name: str, images: np.ndarray, batch_size: int = 8) -> None:
-        self.batches = [{name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
+    def __init__(self, names: list[str], arrays: tuple[np.ndarray, ...], batch_size: int = 8) -> None:
+        self.batches = [{n: a[i : i + batch_size] for n, a in zip(names, arrays)}
+                        for i in range(0, len(arrays[0]), batch_size)]
         self.set_range(0, len(self.batches))
 
     def __len__(self) -> int:
@@ -73,9 +74,10 @@ class _Batches(CalibrationDataReader):
         return next(self.pending, None)
 
 
-def build_int8(source: Path, target: Path, calibration: np.ndarray, full_range: bool = False) -> None:
+def build_int8(source: Path, target: Path, calibration: np.ndarray, full_range: bool = False,
+               extra: tuple[np.ndarray, ...] = ()) -> None:
     """Static int8 (QDQ, per-channel weights of 7 bits, or 8 with `full_range`, uint8 activations) calibrated on
-    `calibration` images.
+    `calibration` images (with `extra`, the graph's further inputs row by row: a backbone's prompts).
 
     Only the transformer's weight products are quantised (see `_kept_in_fp32`), and their outputs stay float:
     onnxruntime then runs each as one MatMulIntegerToFloat (int8 GEMM, scaled back in the same kernel) instead of
@@ -91,7 +93,7 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray, full_range: 
         graph = onnx.load(str(prepared), load_external_data=False).graph
         with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress; our stdout is the JSON summary
             quantize_static(
-                str(prepared), str(target), _Batches(graph.input[0].name, calibration),
+                str(prepared), str(target), _Batches([i.name for i in graph.input], (calibration, *extra)),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=_kept_in_fp32(graph),
@@ -139,36 +141,32 @@ def passes(variant: str, parity: Parity) -> bool:
     return meets(parity, *THRESHOLDS[variant])
 
 
-def add_variant(
-    name: str, source: Path, folder: Path, reference: np.ndarray, held_out: np.ndarray, vectors: np.ndarray,
-    calibration: np.ndarray | None, force: bool,
-) -> tuple[str, Variant]:
-    """Build variant `name` of the fp32 graph into `folder`, measure it against the fp32 features `reference`
-    on the `held_out` images, and refuse it under its threshold unless forced. Returns its file name and entry."""
-    target = folder / f"student.{name}.onnx"
+def build_variant(name: str, source: Path, target: Path, calibration: np.ndarray | None,
+                  extra: tuple[np.ndarray, ...] = ()) -> None:
+    """Write variant `name` of the fp32 graph `source` to `target` (`extra`: see build_int8)."""
     if name in ("int8", "int8_vnni"):
         if calibration is None:
             raise VariantError(f"the {name} variant needs --calibration-images (real training images)")
-        build_int8(source, target, calibration, full_range=name == "int8_vnni")
+        build_int8(source, target, calibration, full_range=name == "int8_vnni", extra=extra)
     elif name == "fp16":
         build_fp16(source, target)
     elif name == "optimized":
         build_optimized(source, target)
     else:
         raise VariantError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    providers = providers_for(name)
-    parity = compare(reference, run_graph(target, held_out, providers), vectors) if providers else None
-    if name == "int8_vnni" and providers and not cpu_suits(NON_SATURATING_INT8):
-        providers = []  # this CPU would saturate: its figures would say nothing about the CPUs the variant is for
+
+
+def judge(name: str, parity: Parity | None, force: bool, role: str) -> Variant:
+    """The manifest entry of a variant measured as `parity` (None: it could not be measured here); VariantError
+    when it is under its threshold or unmeasured, unless forced."""
+    min_cos, min_agree = THRESHOLDS[name]
     ok = parity is not None and passes(name, parity)
     if not ok and not force:
-        target.unlink()
         if parity is None:
             need = ("a CPU with one of " + ", ".join(NON_SATURATING_INT8) if name == "int8_vnni"
                     else "a CUDA GPU with onnxruntime-gpu")
             raise VariantError(f"the {name} variant cannot be measured on this machine (it needs {need}); pass "
                                "--force-variants to include it unmeasured")
-        min_cos, min_agree = THRESHOLDS[name]
         raise VariantError(
             f"the {name} variant misses its threshold against fp32 on {parity.images} held-out images: min cosine "
             f"{parity.min_cosine:.5f} (need >= {min_cos}), top-1 agreement {parity.top1_agreement:.4f} (need >= "
@@ -177,9 +175,25 @@ def add_variant(
     if not ok:
         log.warning("including the %s variant although it is %s", name, "unmeasured" if parity is None else
                     "under its threshold")
-    min_cos, min_agree = THRESHOLDS[name]
-    return target.name, Variant(
-        file=f"model_{name}", precision=PRECISION[name], device=DEVICE[name], parity=parity, forced=not ok,
+    return Variant(
+        file=role, precision=PRECISION[name], device=DEVICE[name], parity=parity, forced=not ok,
         min_cosine=min_cos, min_agreement=min_agree,
         cpu_features=NON_SATURATING_INT8 if name == "int8_vnni" else (),
     )
+
+
+def add_variant(
+    name: str, source: Path, folder: Path, reference: np.ndarray, held_out: np.ndarray, vectors: np.ndarray,
+    calibration: np.ndarray | None, force: bool,
+) -> tuple[str, Variant]:
+    """Build variant `name` of the fp32 graph into `folder`, measure it against the fp32 features `reference`
+    on the `held_out` images, and refuse it under its threshold unless forced. Returns its file name and entry."""
+    target = folder / f"student.{name}.onnx"
+    build_variant(name, source, target, calibration)
+    providers = providers_for(name)
+    parity = compare(reference, run_graph(target, held_out, providers), vectors) if providers else None
+    try:
+        return target.name, judge(name, parity, force, f"model_{name}")
+    except VariantError:
+        target.unlink()
+        raise

@@ -1,12 +1,13 @@
 """Dynamic micro-batching: concurrent requests' images run through the engine together.
 
-One worker task per served model version takes the first waiting request, then keeps taking more until the batch
-holds `max_batch` images or `max_wait_ms` has passed, waits for one of the process's engine slots (EngineGate: the
-models of one process share one thread budget, so several busy models never oversubscribe the cores), takes
-whatever else arrived meanwhile and still fits, runs the batch on its inference thread (off the event loop), and
-hands each request its rows. A request whose images would overflow the batch waits for the next one. The
-queue is bounded in images: past `max_queue` the submit fails at once (the route answers 503) instead of
-letting latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
+One worker task per served model version (or per shared backbone graph, whose batches mix the domains that run on
+it, each row with its domain's prompts: backbones.py) takes the first waiting request, then keeps taking more until
+the batch holds `max_batch` images or `max_wait_ms` has passed, waits for one of the process's engine slots
+(EngineGate: the models of one process share one thread budget, so several busy models never oversubscribe the
+cores), takes whatever else arrived meanwhile and still fits, runs the batch on its inference thread (off the event
+loop), and hands each request its rows. A request whose images would overflow the batch waits for the next one. The
+queue is bounded in images: past `max_queue` the submit fails at once (the route answers 503) instead of letting
+latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Overloaded(RuntimeError):
 class _Job:
     images: np.ndarray  # [n, 3, S, S]
     future: asyncio.Future
+    extra: tuple[np.ndarray, ...] = ()  # the graph's further inputs, one row per image (a domain's prompts)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -51,7 +53,7 @@ class EngineGate:
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float, max_queue: int,
+    def __init__(self, run: Callable[..., np.ndarray], max_batch: int, max_wait_ms: float, max_queue: int,
                  metrics: Metrics, gate: EngineGate, labels: dict[str, str]) -> None:
         self.run = run
         self.max_batch = max_batch
@@ -84,13 +86,14 @@ class MicroBatcher:
                 pass
         await asyncio.to_thread(self._executor.shutdown, True)
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Features for `images`, computed in some batch; raises Overloaded when the queue is full."""
+    async def submit(self, images: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+        """Features for `images` (with `extra` inputs, row by row), computed in some batch; raises Overloaded when
+        the queue is full. Jobs of a shared backbone carry their domain's prompts: one batch mixes domains."""
         if not self.alive:
             raise EngineStopped("the inference worker has stopped; the server needs a restart")
         if self.queued_images + len(images) > self.max_queue:
             raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
-        job = _Job(images, asyncio.get_running_loop().create_future())
+        job = _Job(images, asyncio.get_running_loop().create_future(), extra)
         self._add_queued(len(images))
         self._queue.put_nowait(job)
         return await job.future
@@ -143,8 +146,9 @@ class MicroBatcher:
         try:
             if live:
                 batch = np.concatenate([job.images for job in live])
+                extra = [np.concatenate([job.extra[i] for job in live]) for i in range(len(live[0].extra))]
                 started = time.perf_counter()
-                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch)
+                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch, *extra)
                 self.metrics.batch_size.labels(**self.labels).observe(len(batch))
                 self.metrics.inference_seconds.labels(**self.labels).observe(time.perf_counter() - started)
                 offset = 0
@@ -160,6 +164,8 @@ class MicroBatcher:
         finally:
             self._add_queued(-sum(len(job.images) for job in jobs))
 
-    def _run_in_pieces(self, batch: np.ndarray) -> np.ndarray:
+    def _run_in_pieces(self, batch: np.ndarray, *extra: np.ndarray) -> np.ndarray:
         """A single request may hold more images than the batch limit; run it in limit-sized pieces."""
-        return np.concatenate([self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
+        step = self.max_batch
+        return np.concatenate([self.run(batch[i : i + step], *(e[i : i + step] for e in extra))
+                               for i in range(0, len(batch), step)])

@@ -68,6 +68,9 @@ class Classifier:
         """The graph must take [batch, 3, S, S] and give [batch, feature_dim], as the manifest says."""
         size = self.bundle.manifest.input.image_size
         expected_in = [3, size, size]
+        if self.session.extra_shapes:
+            raise BundleError("the bundle's graph takes prompts as an input: it is a shared backbone, which serves "
+                              "through domain bundles")
         if len(self.session.input_shape) != 4 or list(self.session.input_shape[1:]) != expected_in:
             raise BundleError(f"graph input is {self.session.input_shape}, manifest implies [batch, {expected_in}]")
         if len(self.session.output_shape) != 2 or self.session.output_shape[1] != self.bundle.manifest.feature_dim:

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bundle import BundleError
+from bundle import BundleError, read_bundle
 
+from .backbones import Backbones, DomainBatcher
 from .batcher import EngineGate, MicroBatcher
 from .classifier import Classifier
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
+from .sessions.choice import open_session
 from .repository import (
     MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, read_model, single_bundle,
 )
@@ -44,7 +46,7 @@ class Served:
     version: int
     fingerprint: str
     classifier: Classifier
-    batcher: MicroBatcher
+    batcher: MicroBatcher | DomainBatcher  # a domain bundle's: its handle on the shared backbone's batcher
     leases: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -94,6 +96,7 @@ class Models:
         self.settings, self.metrics, self.gate = settings, metrics, gate
         self.root = settings.model_repository
         self.models: dict[str, Model] = {}
+        self.backbones = Backbones(self.root, settings, metrics, gate)
         self._poll: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
 
@@ -121,6 +124,7 @@ class Models:
         for model in self.models.values():
             for served in model.served.values():
                 await served.batcher.stop()
+        await self.backbones.stop()
 
     async def refresh(self) -> None:
         """List the repository's model folders and bring every model in line with its folder."""
@@ -224,25 +228,45 @@ class Models:
         return True
 
     async def _load(self, name: str, folder: VersionFolder) -> Served:
-        """Open and check the bundle off the event loop, then warm its batcher up at batch 1 and at full batch."""
-        classifier = await asyncio.to_thread(Classifier.open, folder.path, self.settings)
-        max_batch = min(self.settings.max_batch_size, classifier.session.max_batch or self.settings.max_batch_size)
+        """Open and check the bundle off the event loop (a domain bundle: on its shared backbone), then warm its
+        batcher up at batch 1 and at full batch (a shared backbone's engine once, with its first domain)."""
         labels = {"model": name, "version": str(folder.version)}
-        batcher = MicroBatcher(classifier.features, max_batch, self.settings.max_wait_ms,
-                               self.settings.max_queue_images, self.metrics, self.gate, labels)
-        batcher.start()
-        size = classifier.bundle.manifest.input.image_size
-        try:
-            for count in sorted({1, max_batch}):
-                await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
-        except Exception as err:
-            await batcher.stop()
-            raise RuntimeError(f"warm-up failed: the engine cannot run a batch: {err}") from err
+        bundle = await asyncio.to_thread(read_bundle, folder.path)
+        if bundle.manifest.backbone is None:
+            classifier = await asyncio.to_thread(Classifier, bundle, await asyncio.to_thread(
+                open_session, bundle, self.settings))
+            max_batch = min(self.settings.max_batch_size, classifier.session.max_batch or self.settings.max_batch_size)
+            batcher: MicroBatcher | DomainBatcher = MicroBatcher(
+                classifier.features, max_batch, self.settings.max_wait_ms, self.settings.max_queue_images,
+                self.metrics, self.gate, labels)
+            batcher.start()
+        else:
+            choice, batcher = await self.backbones.open(bundle, labels)
+            try:
+                classifier = await asyncio.to_thread(Classifier, bundle, choice)
+            except BaseException:
+                await batcher.stop()
+                raise
+        await self._warm_up(batcher, bundle.manifest.input.image_size)
         self.metrics.forget(name, str(folder.version))  # a replaced instance's series, if any
         self.metrics.record_choice(name, str(folder.version), classifier.choice)
         served = Served(name, folder.version, folder.fingerprint, classifier, batcher)
         served.idle.set()
         return served
+
+    @staticmethod
+    async def _warm_up(batcher: MicroBatcher | DomainBatcher, size: int) -> None:
+        """Run batch 1 and a full batch before the first request (a shared engine once, with its first domain)."""
+        if isinstance(batcher, DomainBatcher) and batcher.engine.warmed:
+            return
+        try:
+            for count in sorted({1, batcher.max_batch}):
+                await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
+        except Exception as err:
+            await batcher.stop()
+            raise RuntimeError(f"warm-up failed: the engine cannot run a batch: {err}") from err
+        if isinstance(batcher, DomainBatcher):
+            batcher.engine.warmed = True
 
     def _retire(self, model: Model, version: int, reason: str, served: Served | None = None) -> None:
         """Out of the routing now; its batcher stops once the requests that hold it are answered."""

@@ -18,17 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bundle import MANIFEST_NAME
+from bundle import BACKBONES_DIR, MANIFEST_NAME
+from bundle.manifest import MODEL_NAME
 
 POLICY_FILE = "model.yaml"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_VERSION = 2**31 - 1
 
 
@@ -99,8 +98,10 @@ def scan(root: Path) -> dict[str, ModelFolder]:
 
 
 def model_names(root: Path) -> list[str]:
-    """The model folders under `root` (dot-folders and files left out); OSError when it cannot be listed."""
-    return sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".") and entry.is_dir())
+    """The model folders under `root` (dot-folders, the shared backbones' folder and files left out); OSError when
+    it cannot be listed."""
+    return sorted(entry.name for entry in root.iterdir()
+                  if not entry.name.startswith(".") and entry.name != BACKBONES_DIR and entry.is_dir())
 
 
 def read_entry(folder: Path) -> ModelFolder:

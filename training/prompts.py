@@ -13,10 +13,14 @@ from torch import nn
 
 
 def _replace_prompts(x: torch.Tensor, prompt: torch.Tensor, n: int, batch_first: bool) -> torch.Tensor:
-    """Swap the n tokens after the first for `prompt` ([n, width]) in every sequence of the batch."""
+    """Swap the n tokens after the first for `prompt`: [n, width] for every sequence of the batch, or
+    [batch, n, width], one set per sequence (a shared backbone serving several domains in one batch)."""
+    prompt = prompt.to(x.dtype)
     if batch_first:
-        return torch.cat([x[:, :1], prompt.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
-    return torch.cat([x[:1], prompt.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n :]], dim=0)
+        rows = prompt if prompt.dim() == 3 else prompt.expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :1], rows, x[:, 1 + n :]], dim=1)
+    rows = prompt.transpose(0, 1) if prompt.dim() == 3 else prompt.unsqueeze(1).expand(-1, x.shape[1], -1)
+    return torch.cat([x[:1], rows, x[1 + n :]], dim=0)
 
 
 class PromptedVisionTower(nn.Module):
@@ -41,19 +45,25 @@ class PromptedVisionTower(nn.Module):
         return int(self.visual.output_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images, self.prompts)
+
+    def encode(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """The tower's pooled output with `prompts`: [depth, n, width] for the whole batch (the trained
+        student), or [batch, depth, n, width], each image with its own (the shared backbone graph)."""
         visual = self.visual
         x = visual._embeds(images)  # [B, 1 + patches, W], ln_pre applied
-        batch = x.shape[0]
         n = self.num_tokens
+        per_row = prompts.dim() == 4
+        layer = (lambda i: prompts[:, i]) if per_row else (lambda i: prompts[i])
         # LayerNorm is per token, so normalising the prompts alone equals normalising the whole sequence.
-        first = visual.ln_pre(self.prompts[0]).to(x.dtype).expand(batch, -1, -1)
-        x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)
+        first = visual.ln_pre(layer(0)).to(x.dtype)
+        x = torch.cat([x[:, :1], first if per_row else first.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
         transformer = visual.transformer
         if not transformer.batch_first:
             x = x.transpose(0, 1)
         for i, block in enumerate(transformer.resblocks):
             if 0 < i < self.depth:
-                x = _replace_prompts(x, self.prompts[i], n, transformer.batch_first)
+                x = _replace_prompts(x, layer(i), n, transformer.batch_first)
             x = block(x)
         if not transformer.batch_first:
             x = x.transpose(0, 1)

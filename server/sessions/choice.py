@@ -41,8 +41,9 @@ class Session(Protocol):
     max_batch: int | None
     input_shape: list
     output_shape: list
+    extra_shapes: list  # the graph's further inputs: one (the prompts) for a shared backbone, none for a student
 
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> np.ndarray: ...
 
 
 def providers_for(settings: Settings) -> list[str]:
@@ -104,6 +105,9 @@ def auto_candidates(bundle: Bundle, on_gpu: bool) -> list[str]:
 
 def open_session(bundle: Bundle, settings: Settings) -> Choice:
     """Configuration first, then the fastest graph that passes its check here, falling back to fp32."""
+    if bundle.manifest.backbone is not None:
+        raise BundleError("this is a domain bundle: it runs on its shared backbone, served from a model repository "
+                          "(PROMPTKD_MODEL_REPOSITORY) holding _backbones/<sha256>/")
     checks: list[StartupCheck] = []
     engine = bundle.manifest.variants.get("tensorrt")
     wants_trt = settings.backend == "tensorrt" or settings.variant == "tensorrt"
@@ -113,7 +117,7 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
     if engine is not None and (wants_trt or (settings.backend == "auto" and settings.variant == "auto")):
         try:
             session = TrtSession(bundle.model_path("tensorrt"), engine.built_for)
-            verdict = _verify(session, bundle, "tensorrt", engine, settings, explicit=wants_trt, checks=checks)
+            verdict = verify(session, bundle, "tensorrt", engine, settings, explicit=wants_trt, checks=checks)
             if verdict:
                 log.info("serving the tensorrt engine with %s", session.description)
                 return Choice(session, "tensorrt", verdict, checks)
@@ -121,16 +125,16 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
             if wants_trt:
                 raise BundleError(str(err)) from None
             log.warning("not using the bundle's TensorRT engine (%s); falling back to onnxruntime", err)
-    open_graph, on_gpu = _runtime(settings)
+    open_graph, on_gpu = open_runtime(settings)
     explicit = settings.variant != "auto"
     for name in [settings.variant] if explicit else [*auto_candidates(bundle, on_gpu), "fp32"]:
         variant = bundle.manifest.variants.get(name)
         path = bundle.model_path(name)
         if variant is not None:
-            _refuse_misplaced(name, variant, on_gpu)
+            refuse_misplaced(name, variant, on_gpu)
         session = open_graph(path)
         verdict = ("the exported graph, the reference every variant is checked against" if variant is None else
-                   _verify(session, bundle, name, variant, settings, explicit, checks))
+                   verify(session, bundle, name, variant, settings, explicit, checks))
         if verdict:
             if explicit:
                 verdict = f"PROMPTKD_VARIANT={name}; {verdict}"
@@ -139,7 +143,7 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
     raise AssertionError("fp32 is always accepted")
 
 
-def _runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
+def open_runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
     """What opens the ONNX graphs, and whether it runs them on a GPU: onnxruntime on a GPU provider when one is
     configured and installed, else OpenVINO on CPU when installed (or asked for), else onnxruntime on CPU."""
     threads = settings.engine_threads()
@@ -156,7 +160,7 @@ def _runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
     return (lambda path: OrtSession(path, providers, threads, spin)), on_gpu
 
 
-def _verify(session: Session, bundle: Bundle, name: str, variant: Variant, settings: Settings, explicit: bool,
+def verify(session: Session, bundle: Bundle, name: str, variant: Variant, settings: Settings, explicit: bool,
             checks: list[StartupCheck]) -> str | None:
     """Why this graph may serve, or None when its start-up check failed and another should be tried."""
     if not settings.startup_check:
@@ -174,7 +178,7 @@ def _verify(session: Session, bundle: Bundle, name: str, variant: Variant, setti
     return None
 
 
-def _refuse_misplaced(name: str, variant: Variant, on_gpu: bool) -> None:
+def refuse_misplaced(name: str, variant: Variant, on_gpu: bool) -> None:
     if variant.runtime != "onnxruntime":
         raise BundleError(f"the {name} variant is a {variant.runtime} engine: set PROMPTKD_BACKEND=tensorrt")
     if variant.device == "gpu" and not on_gpu:

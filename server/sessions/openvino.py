@@ -37,8 +37,9 @@ class OpenVinoSession:
             streams = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **common})
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own for unreadable graphs
             raise RuntimeError(f"OpenVINO cannot load {model_path}: {err}") from err
-        if len(latency.inputs) != 1 or len(latency.outputs) != 1:
-            raise RuntimeError(f"{model_path} must have one input and one output")
+        if len(latency.inputs) not in (1, 2) or len(latency.outputs) != 1:
+            raise RuntimeError(f"{model_path} must have one output and one input (images), or two (a backbone's "
+                               "images and prompts)")
         self.streams = int(streams.get_property("NUM_STREAMS"))
         self._latency = latency.create_infer_request()
         self._queue = ov.AsyncInferQueue(streams, self.streams)
@@ -48,18 +49,22 @@ class OpenVinoSession:
         self.input_shape = [d.get_length() if d.is_static else "batch" for d in latency.input(0).get_partial_shape()]
         self.output_shape = [d.get_length() if d.is_static else "batch"
                              for d in latency.output(0).get_partial_shape()]
+        self.extra_shapes = [[d.get_length() if d.is_static else "batch" for d in node.get_partial_shape()]
+                             for node in latency.inputs[1:]]
         self.description = f"OpenVINO {ov.get_version().split('-')[0]} on CPU ({self.streams} streams)"
 
     def _collect(self, request, index: int) -> None:
         self._parts[index] = request.get_output_tensor(0).data.copy()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+        """Features for a batch; `extra`: the graph's further inputs, row by row (a backbone's prompts)."""
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (batch, *extra)]
         with self._lock:
             if len(batch) < self.streams:
-                return self._latency.infer({0: batch})[0].copy()
+                return self._latency.infer(dict(enumerate(arrays)))[0].copy()
             self._parts.clear()
-            for index, part in enumerate(np.array_split(batch, self.streams)):
-                self._queue.start_async({0: part}, index)
+            parts = zip(*(np.array_split(a, self.streams) for a in arrays))
+            for index, part in enumerate(parts):
+                self._queue.start_async(dict(enumerate(part)), index)
             self._queue.wait_all()
             return np.concatenate([self._parts[i] for i in range(self.streams)])

@@ -38,12 +38,15 @@ class OrtSession:
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
             raise RuntimeError(f"onnxruntime cannot load {model_path}: {err}") from err
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise RuntimeError(f"{model_path} must have one input and one output")
-        self.input_name = inputs[0].name
+        if len(inputs) not in (1, 2) or len(outputs) != 1:
+            raise RuntimeError(f"{model_path} must have one output and one input (images), or two (a backbone's "
+                               "images and prompts)")
+        self.input_names = [node.name for node in inputs]
         self.input_shape = inputs[0].shape
+        self.extra_shapes = [node.shape for node in inputs[1:]]
         self.output_shape = outputs[0].shape
         self.description = f"onnxruntime on {', '.join(self.session.get_providers())}"
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+        """Features for a batch; `extra`: the graph's further inputs, row by row (a backbone's prompts)."""
+        return self.session.run(None, dict(zip(self.input_names, (batch, *extra))))[0]

@@ -74,6 +74,8 @@ class TrtSession:
             raise RuntimeError(f"TensorRT refused the device buffers of {engine_path}")
         self.description = f"TensorRT {trt.__version__} on {props.name.decode(errors='replace')}"
 
+    extra_shapes: list = []  # engines take images only: a shared backbone runs on onnxruntime or OpenVINO
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         cudart = self._cudart
         if len(batch) > self.max_batch:  # the batcher and the start-up check never send more
