@@ -36,9 +36,11 @@ def repository(root: Path, bundle: Path, count: int) -> Path:
     return root
 
 
-def start(root: Path, args) -> tuple[subprocess.Popen, str]:
+def start(root: Path, args, **settings: str) -> tuple[subprocess.Popen, str]:
+    """A server of the repository `root`, with further PROMPTKD_* `settings`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")}
+    env.update({f"PROMPTKD_{k.upper()}": v for k, v in settings.items()})
     env.update(PROMPTKD_MODEL_REPOSITORY=str(root), PROMPTKD_ENGINE_SLOTS="1",
                PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size), PROMPTKD_INTRA_OP_THREADS=str(args.threads),
                PROMPTKD_MAX_QUEUE_IMAGES=str(4 * args.concurrency), PROMPTKD_REQUEST_TIMEOUT_S="600")

@@ -133,7 +133,8 @@ class Manifest(_Strict):
     feature_dim: int = Field(gt=0)
     logit_scale: float = Field(gt=0)
     num_labels: int = Field(gt=0)
-    # roles: "model", "labels", "class_vectors", one per variant, and optionally "parity_inputs" /
+    # roles: "model" (a domain bundle: "prompts" and "projector" instead), "labels", "class_vectors", one per
+    # variant (not in a domain bundle: its variants' files are its backbone's), and optionally "parity_inputs" /
     # "parity_features": preprocessed held-out images (float16) and the fp32 graph's features for them, which
     # the server uses to check the variant it picked on the machine it runs on.
     files: dict[str, FileEntry]

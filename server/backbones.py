@@ -107,6 +107,9 @@ class Backbones:
         """The graph this domain serves with, checked on its parity set, and its handle on that graph's engine.
         BundleError when its backbone is missing or does not fit, or (configured variant) its check fails."""
         backbone = await self._backbone(bundle)
+        if self.settings.backend == "tensorrt":
+            raise BundleError("a shared backbone runs on onnxruntime or OpenVINO: export/to_trt.py builds engines of "
+                              "folded bundles only (set PROMPTKD_BACKEND=auto for domain bundles)")
         open_graph, on_gpu = open_runtime(self.settings)
         explicit = self.settings.variant != "auto"
         checks: list[StartupCheck] = []

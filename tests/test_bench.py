@@ -72,3 +72,17 @@ def test_models_benchmark_serves_one_and_several_models_side_by_side(tmp_path):
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["requests"] == 24 for r in report["rows"])
     assert report["rows"][1]["rss_loaded_mib"] > report["rows"][0]["rss_loaded_mib"] and report["per_model_mib"] > 0
     assert "| 3 | 24 |" in proc.stdout and "3 models / 1: throughput" in proc.stdout
+
+
+def test_domains_benchmark_serves_folded_and_shared_domains_side_by_side(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/domains.py", "--student-model", "PKD-Tiny-Student", "--feature-dim", "64",
+         "--weights-tag", "", "--domains", "1", "3", "--concurrency", "4", "--requests", "12", "--rounds", "2",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "domains.json").read_text())["rows"]
+    assert {(r["bundles"], r["domains"]) for r in rows} == {("folded", 1), ("folded", 3), ("shared", 1), ("shared", 3)}
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["rss_loaded_mib"] > 0 for r in rows)
+    assert "3 domains, shared / folded: memory" in proc.stdout
