@@ -12,6 +12,7 @@ L2-normalised; its BatchNorm is folded into w1 and b1 at export. The int8 varian
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,7 @@ class Head:
     @classmethod
     def load(cls, path: Path, tower_dim: int, feature_dim: int) -> "Head":
         """The projector file, checked against the backbone's output width and the bundle's feature width."""
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                if sorted(arrays.files) != sorted(HEAD_KEYS):
-                    raise BundleError(f"projector file must hold exactly {', '.join(HEAD_KEYS)}; it holds "
-                                      f"{', '.join(arrays.files) or 'nothing'}")
-                values = {key: arrays[key] for key in HEAD_KEYS}
-        except (ValueError, OSError, EOFError) as err:
-            raise BundleError(f"projector file is not a readable .npz of arrays: {err}") from None
+        values = _read_arrays(path)
         hidden = values["w1"].shape[0] if values["w1"].ndim == 2 else -1
         expected = {"w1": (hidden, tower_dim), "b1": (hidden,), "w2": (feature_dim, hidden), "b2": (feature_dim,)}
         for key, shape in expected.items():
@@ -63,6 +57,24 @@ class Head:
             if not np.isfinite(value).all():
                 raise BundleError(f"projector {key} contains NaN or infinity")
         return cls(**{key: np.ascontiguousarray(value, dtype=np.float32) for key, value in values.items()})
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The projector's arrays from an uncompressed .npz (what np.savez writes): each member is read as a plain .npy
+    (never a pickle), and only stored members are accepted, so nothing unpacks to more than the file's own size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            if sorted(members) != sorted(HEAD_KEYS):
+                raise BundleError(f"projector file must hold exactly {', '.join(HEAD_KEYS)}; it holds "
+                                  f"{', '.join(members) or 'nothing'}")
+            if any(info.compress_type != zipfile.ZIP_STORED for info in members.values()):
+                raise BundleError("projector file members must be stored uncompressed (np.savez)")
+            return {key: load_npy(archive.read(info), f"projector {key}") for key, info in members.items()}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        if isinstance(err, BundleError):
+            raise
+        raise BundleError(f"projector file is not a readable .npz of arrays: {err}") from None
 
 
 def load_prompts(path: Path, ref: BackboneRef) -> np.ndarray:

@@ -99,7 +99,7 @@ def record_variant(folder: Path, name: str, file_name: str, variant: Variant) ->
     manifest = read_bundle(folder).manifest
     files = {**manifest.files, variant.file: file_entry(folder, file_name)}
     updated = manifest.model_copy(update={"files": files, "variants": {**manifest.variants, name: variant}})
-    write_atomic(folder / MANIFEST_NAME, lambda tmp: tmp.write_text(updated.model_dump_json(indent=2)))
+    write_atomic(folder / MANIFEST_NAME, lambda tmp: tmp.write_text(updated.to_json()))
     return updated
 
 

@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 3
-# 2 added the parity set and per-variant thresholds and CPU features; 3 added domain bundles (`backbone`).
+# 2 added the parity set and per-variant thresholds and CPU features; 3 added domain bundles (`backbone`). A folded
+# bundle is still written as 2, so that servers from before domain bundles read it.
+FOLDED_SCHEMA = 2
 READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 BACKBONE_MANIFEST = "backbone.json"
@@ -101,8 +103,6 @@ class BackboneVariant(_Strict):
     precision: Literal["fp32", "fp16", "int8"]
     device: Literal["any", "cpu", "gpu"]
     cpu_features: tuple[str, ...] = ()
-    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    built_for: dict[str, str] = Field(default_factory=dict)
 
 
 class BackboneManifest(_Strict):
@@ -144,3 +144,10 @@ class Manifest(_Strict):
     # A domain bundle: no graph of its own but "prompts" and "projector" files, run on this shared backbone
     # (its variants' `file` then names a role of the backbone's manifest).
     backbone: BackboneRef | None = None
+
+    def to_json(self) -> str:
+        """The manifest file's text: a folded bundle as schema 2 (or the 1 it was read as) without `backbone`."""
+        if self.backbone is not None:
+            return self.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json(indent=2)
+        folded = self.model_copy(update={"schema_version": min(self.schema_version, FOLDED_SCHEMA)})
+        return folded.model_dump_json(indent=2, exclude={"backbone"})

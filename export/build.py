@@ -92,7 +92,7 @@ def build_bundle(
                 exporter="promptkd-serve export/1",
             ),
         )
-        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
         staging.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
         publish(staging, out, overwrite)
     finally:

@@ -133,8 +133,11 @@ def _measure_variants(
     runner: _Runner, held_out: np.ndarray, reference: np.ndarray, vectors: np.ndarray,
     asked: tuple[str, ...] | None, force: bool, skip_failing: bool,
 ) -> dict[str, Variant]:
-    """Each backbone variant (those asked, default all it has) on this domain against the shared fp32 graph."""
+    """Each backbone variant (those asked, default all it has) on this domain against the shared fp32 graph. Asked
+    variants that fail stop the export (unless `skip_failing`); of the default ones, those that fail or cannot be
+    measured here are left out with a warning."""
     have = runner.backbone.manifest.variants
+    skip_failing = skip_failing or asked is None
     entries = {}
     for name in asked if asked is not None else tuple(have):
         try:
@@ -183,7 +186,7 @@ def _publish(
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), exporter="promptkd-serve export/1",
             ),
         )
-        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
         staging.chmod(0o755)
         publish(staging, out, overwrite)
     finally:

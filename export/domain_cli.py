@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                     "images as for a folded bundle.",
     )
     add_common(parser)
+    parser.set_defaults(variants=None)  # default: every variant the backbone has, those passing for this domain
     parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
     parser.add_argument("--model", required=True, help="model (domain) name: the folder under the repository")
     parser.add_argument("--version", type=int, help="version folder to write (default: the next one)")

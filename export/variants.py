@@ -27,7 +27,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from bundle import Parity, Variant, cpu_flags
+from bundle import Parity, Variant
 from bundle.parity import compare, meets
 
 from .parity import run_graph
@@ -131,10 +131,6 @@ def providers_for(variant: str) -> list[str]:
     if variant == "fp16":
         return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
     return ["CPUExecutionProvider"]
-
-
-def cpu_suits(features: tuple[str, ...]) -> bool:
-    return not features or bool(cpu_flags() & set(features))
 
 
 def passes(variant: str, parity: Parity) -> bool:

@@ -17,6 +17,7 @@ from pydantic import (
     PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
+from bundle.manifest import MODEL_NAME
 from training.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from training.data.names import DATASETS
 
@@ -182,6 +183,10 @@ class Export(Section):
     parity_set: NonNegativeInt = 32
     calibration_count: PositiveInt = 512
     skip_failing_variants: bool = False
+    repository: Path | None = Field(None, description="write a domain bundle into this model repository, at "
+                                    "<repository>/<name>/<version>, on the repository's shared backbone (exported "
+                                    "there by the first domain of the student tower), instead of a folded bundle")
+    version: PositiveInt = Field(1, description="with repository: the version folder to write")
 
 
 class Run(Section):
@@ -214,6 +219,11 @@ class Recipe(Section):
             raise ValueError("stage1.data cannot be fashion_mnist: give it at data, which stage 1 then uses")
         if self.stage1.gpa_mean is not None and not 0 < self.stage1.gpa_mean <= self.stage1.epochs:
             raise ValueError(f"stage1.gpa_mean must be within the {self.stage1.epochs} epochs")
+        if self.export.repository is not None and self.export.out is not None:
+            raise ValueError("give export.out (a folded bundle) or export.repository (a domain bundle), not both")
+        if self.export.repository is not None and not MODEL_NAME.match(self.export.name or self.name):
+            raise ValueError(f"model name {self.export.name or self.name!r} cannot be a repository folder: set "
+                             "export.name to letters, digits, '_', '.' and '-' (at most 64)")
         workdir, out = self.run.workdir.absolute(), self.bundle_dir.absolute()
         owned = [workdir / name for name in STEP_FOLDERS]
         if out == workdir or out in workdir.parents or any(out == f or f in out.parents for f in owned):
@@ -225,6 +235,9 @@ class Recipe(Section):
 
     @property
     def bundle_dir(self) -> Path:
+        """The bundle folder the export writes: a domain's version folder in a repository, or a folded bundle."""
+        if self.export.repository is not None:
+            return self.export.repository / (self.export.name or self.name) / str(self.export.version)
         return self.export.out or self.run.workdir / "bundle"
 
 

@@ -104,6 +104,13 @@ def run(recipe: Recipe, from_step: str | None = None, echo=print) -> list[Row]:
     return rows
 
 
+def serve_hint(recipe: Recipe) -> str:
+    if recipe.export.repository is not None:
+        return (f"domain bundle {recipe.bundle_dir}; serve the repository: "
+                f"PROMPTKD_MODEL_REPOSITORY={recipe.export.repository} uvicorn server.main:app")
+    return f"bundle {recipe.bundle_dir}; serve it: PROMPTKD_BUNDLE={recipe.bundle_dir} uvicorn server.main:app"
+
+
 def describe_run(recipe: Recipe, rows: list[Row]) -> str:
     """The closing text: the summary table, or that there was nothing to do, and where the bundle is."""
     lines = []
@@ -111,5 +118,5 @@ def describe_run(recipe: Recipe, rows: list[Row]) -> str:
         lines.append(f"Nothing to do: every step of {recipe.name!r} is up to date in {recipe.run.workdir}.")
     lines += ["", table(rows), "",
               f"run folder {recipe.run.workdir}: recipe.yaml, metrics.jsonl, curves.png, stage1/, stage2/",
-              f"bundle {recipe.bundle_dir}; serve it: PROMPTKD_BUNDLE={recipe.bundle_dir} uvicorn server.main:app"]
+              serve_hint(recipe)]
     return "\n".join(lines)

@@ -275,15 +275,23 @@ class Plan:
 
     def _export(self, overwrite: bool) -> dict:
         from export.build import build_bundle, spread
+        from export.domain import build_domain
 
         r, e = self.recipe, self.recipe.export
         parity = spread(sorted(p for p, _ in self.data(r.evaluation.split).items), e.parity_count)
         calibration = spread(sorted(self.student_images()), e.calibration_count) if e.variants else None
-        manifest = build_bundle(self.student_file, r.bundle_dir, parity, self.vectors_file, self._bundle_name,
-                                overwrite, tuple(e.variants), calibration, parity_set=e.parity_set,
-                                skip_failing_variants=e.skip_failing_variants)
+        if e.repository is not None:
+            done = build_domain(self.student_file, e.repository, self._bundle_name, parity, e.version,
+                                self.vectors_file, tuple(e.variants), calibration, parity_set=e.parity_set,
+                                skip_failing_variants=e.skip_failing_variants, overwrite=overwrite)
+            manifest, where = done.manifest, f"{r.bundle_dir} on backbone {done.backbone[:12]}"
+        else:
+            manifest = build_bundle(self.student_file, r.bundle_dir, parity, self.vectors_file, self._bundle_name,
+                                    overwrite, tuple(e.variants), calibration, parity_set=e.parity_set,
+                                    skip_failing_variants=e.skip_failing_variants)
+            where = str(r.bundle_dir)
         variants = sorted(manifest.variants)
-        return {"result": f"{r.bundle_dir} (fp32{''.join(', ' + v for v in variants)}), min cosine "
+        return {"result": f"{where} (fp32{''.join(', ' + v for v in variants)}), min cosine "
                           f"{manifest.parity.min_cosine:.5f}",
                 "bundle": str(r.bundle_dir), "variants": variants, "min_cosine": manifest.parity.min_cosine}
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle import Backbone, Bundle, BundleError, Head, backbone_folder, check_fits, read_backbone
+from bundle import BACKBONE_MANIFEST, Backbone, Bundle, BundleError, Head, backbone_folder, check_fits, read_backbone
 
-from .batcher import EngineGate, MicroBatcher
+from .batcher import EngineGate, MicroBatcher, Overloaded
 from .config import Settings
 from .metrics import Metrics
 from .repository import fingerprint
@@ -34,12 +34,16 @@ log = logging.getLogger("promptkd.server")
 class Engine:
     """One loaded backbone graph and the batcher every domain on it shares."""
 
-    sha256: str
+    key: tuple[str, str, str]  # backbone sha256, variant, the graph file's sha256
     variant: str
     session: Session
     batcher: MicroBatcher
     users: int = 0
     warmed: bool = False
+
+    @property
+    def sha256(self) -> str:
+        return self.key[0]
 
     @property
     def labels(self) -> dict[str, str]:
@@ -71,13 +75,16 @@ class DomainSession:
 
 
 class DomainBatcher:
-    """A domain's handle on its engine's shared batcher: what a served version submits to and stops."""
+    """A domain's handle on its engine's shared batcher: what a served version submits to and stops. Each domain
+    keeps its own bound on waiting images (PROMPTKD_MAX_QUEUE_IMAGES, as a folded model's queue has), so that one
+    flooded domain cannot make the others on its backbone answer 503."""
 
-    def __init__(self, session: DomainSession, labels: dict[str, str],
+    def __init__(self, session: DomainSession, labels: dict[str, str], max_queue: int,
                  release: Callable[[Engine], Awaitable[None]]) -> None:
-        self.session, self.labels, self._release = session, labels, release
+        self.session, self.labels, self.max_queue, self._release = session, labels, max_queue, release
         self.engine = session.engine
         self.max_batch = self.engine.batcher.max_batch
+        self.queued_images = 0
         self._stopped = False
 
     @property
@@ -85,7 +92,14 @@ class DomainBatcher:
         return self.engine.batcher.alive
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
-        pooled = await self.engine.batcher.submit(images, self.session.rows(len(images)))
+        if self.queued_images + len(images) > self.max_queue:
+            raise Overloaded(f"{self.queued_images} images of this model are already waiting (limit "
+                             f"{self.max_queue})")
+        self.queued_images += len(images)
+        try:
+            pooled = await self.engine.batcher.submit(images, self.session.rows(len(images)))
+        finally:
+            self.queued_images -= len(images)
         return self.session.head(pooled)
 
     async def stop(self) -> None:
@@ -99,7 +113,7 @@ class Backbones:
 
     def __init__(self, root: Path | None, settings: Settings, metrics: Metrics, gate: EngineGate) -> None:
         self.root, self.settings, self.metrics, self.gate = root, settings, metrics, gate
-        self.engines: dict[tuple[str, str], Engine] = {}
+        self.engines: dict[tuple[str, str, str], Engine] = {}
         self._read: dict[str, tuple[str, Backbone]] = {}  # sha256 -> (folder fingerprint, verified backbone)
         self._lock = asyncio.Lock()
 
@@ -113,11 +127,14 @@ class Backbones:
         open_graph, on_gpu = open_runtime(self.settings)
         explicit = self.settings.variant != "auto"
         checks: list[StartupCheck] = []
+        have = backbone.manifest.variants
         for name in [self.settings.variant] if explicit else [*auto_candidates(bundle, on_gpu), "fp32"]:
             variant = bundle.manifest.variants.get(name)
-            if name != "fp32" and variant is None:
-                raise BundleError(f"the domain has no {name!r} variant that passed its parity (it has: "
-                                  f"{', '.join(['fp32', *bundle.manifest.variants])})")
+            if name != "fp32" and (variant is None or name not in have):
+                if not explicit:
+                    continue  # measured at export on a backbone graph this backbone folder no longer has
+                raise BundleError(f"the domain has no {name!r} variant that passed its parity on this backbone (it "
+                                  f"has: {', '.join(['fp32', *(v for v in bundle.manifest.variants if v in have)])})")
             if variant is not None:
                 refuse_misplaced(name, variant, on_gpu)
             engine = await self._acquire(backbone, name, open_graph)
@@ -132,7 +149,8 @@ class Backbones:
                 raise
             if verdict:
                 verdict = f"PROMPTKD_VARIANT={name}; {verdict}" if explicit else verdict
-                return Choice(session, name, verdict, checks), DomainBatcher(session, labels, self.release)
+                handle = DomainBatcher(session, labels, self.settings.max_queue_images, self.release)
+                return Choice(session, name, verdict, checks), handle
             await self.release(engine)
         raise AssertionError("fp32 is always accepted")
 
@@ -148,7 +166,7 @@ class Backbones:
                               "a domain of that student tower with python -m export domain --repository, or copy the "
                               "backbone folder from the repository it was exported to")
         async with self._lock:
-            state = await asyncio.to_thread(fingerprint, folder)
+            state = await asyncio.to_thread(fingerprint, folder, BACKBONE_MANIFEST)
             known = self._read.get(ref.sha256)
             if known is None or known[0] != state:
                 self._read[ref.sha256] = known = (state, await asyncio.to_thread(read_backbone, folder))
@@ -160,7 +178,9 @@ class Backbones:
         return backbone
 
     async def _acquire(self, backbone: Backbone, variant: str, open_graph: Callable[[Path], Session]) -> Engine:
-        key = (backbone.manifest.sha256, variant)
+        """The engine of this graph (a rewritten graph file is another engine), one more domain on it."""
+        role = "model" if variant == "fp32" else backbone.manifest.variants[variant].file
+        key = (backbone.manifest.sha256, variant, backbone.manifest.files[role].sha256)
         async with self._lock:
             engine = self.engines.get(key)
             if engine is None:
@@ -169,21 +189,24 @@ class Backbones:
                     raise BundleError(f"backbone {key[0][:12]} {variant} graph does not take prompts as an input")
                 max_batch = min(self.settings.max_batch_size, session.max_batch or self.settings.max_batch_size)
                 batcher = MicroBatcher(session.run, max_batch, self.settings.max_wait_ms,
-                                       self.settings.max_queue_images, self.metrics, self.gate, engine_labels(*key))
+                                       self.settings.max_queue_images, self.metrics, self.gate,
+                                       engine_labels(*key[:2]))
                 batcher.start()
-                engine = Engine(key[0], variant, session, batcher)
+                engine = Engine(key, variant, session, batcher)
                 self.engines[key] = engine
                 log.info("backbone %s: %s graph loaded with %s", key[0][:12], variant, session.description)
             engine.users += 1
+            engine.batcher.max_queue = self.settings.max_queue_images * engine.users  # each domain its own bound
             return engine
 
     async def release(self, engine: Engine) -> None:
         """One domain less on the engine; the last one's going stops its batcher and frees its session."""
         async with self._lock:
             engine.users -= 1
-            if engine.users > 0 or self.engines.get((engine.sha256, engine.variant)) is not engine:
+            engine.batcher.max_queue = self.settings.max_queue_images * max(1, engine.users)
+            if engine.users > 0 or self.engines.get(engine.key) is not engine:
                 return
-            del self.engines[(engine.sha256, engine.variant)]
+            del self.engines[engine.key]
         await engine.batcher.stop()
         self.metrics.forget(*engine.labels.values())
         log.info("backbone %s: %s graph unloaded (no domain serves with it)", engine.sha256[:12], engine.variant)

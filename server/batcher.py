@@ -146,9 +146,9 @@ class MicroBatcher:
         try:
             if live:
                 batch = np.concatenate([job.images for job in live])
-                extra = [np.concatenate([job.extra[i] for job in live]) for i in range(len(live[0].extra))]
                 started = time.perf_counter()
-                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch, *extra)
+                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch,
+                                                      [job.extra for job in live])
                 self.metrics.batch_size.labels(**self.labels).observe(len(batch))
                 self.metrics.inference_seconds.labels(**self.labels).observe(time.perf_counter() - started)
                 offset = 0
@@ -164,8 +164,10 @@ class MicroBatcher:
         finally:
             self._add_queued(-sum(len(job.images) for job in jobs))
 
-    def _run_in_pieces(self, batch: np.ndarray, *extra: np.ndarray) -> np.ndarray:
-        """A single request may hold more images than the batch limit; run it in limit-sized pieces."""
+    def _run_in_pieces(self, batch: np.ndarray, extras: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+        """A single request may hold more images than the batch limit; run it in limit-sized pieces. The jobs'
+        extra inputs (a domain's prompts, broadcast per row) are materialised here, off the event loop."""
+        extra = [np.concatenate([job[i] for job in extras]) for i in range(len(extras[0]))]
         step = self.max_batch
         return np.concatenate([self.run(batch[i : i + step], *(e[i : i + step] for e in extra))
                                for i in range(0, len(batch), step)])

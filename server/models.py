@@ -262,8 +262,10 @@ class Models:
         try:
             for count in sorted({1, batcher.max_batch}):
                 await batcher.submit(np.zeros((count, 3, size, size), dtype=np.float32))
-        except Exception as err:
+        except BaseException as err:
             await batcher.stop()
+            if not isinstance(err, Exception):
+                raise
             raise RuntimeError(f"warm-up failed: the engine cannot run a batch: {err}") from err
         if isinstance(batcher, DomainBatcher):
             batcher.engine.warmed = True

@@ -161,7 +161,7 @@ def _manifest_name(path: Path) -> str:
     return name if isinstance(name, str) and name else path.name
 
 
-def fingerprint(folder: Path) -> str:
+def fingerprint(folder: Path, manifest: str = MANIFEST_NAME) -> str:
     """What the folder holds, cheaply: every file's name, size and modification time, and the manifest's bytes.
     A version rewritten in place (or finished copying) gets a new fingerprint and is loaded again."""
     digest = hashlib.sha256()
@@ -172,7 +172,7 @@ def fingerprint(folder: Path) -> str:
                 stat = os.stat(os.path.join(dirpath, name))
                 digest.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:{stat.st_size}:"
                               f"{stat.st_mtime_ns}\n".encode())
-        digest.update((folder / MANIFEST_NAME).read_bytes())
+        digest.update((folder / manifest).read_bytes())
     except OSError:
         digest.update(b"unreadable")
     return digest.hexdigest()[:16]

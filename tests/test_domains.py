@@ -95,8 +95,9 @@ def test_the_shared_graph_gives_each_domain_its_folded_bundles_features(repo, di
                                                                        tmp_path, photos):
     root = repo[0]
     for model, checkpoint in (("clothes", distilled), ("shoes", second_student)):
-        folded = build_bundle(checkpoint, tmp_path / model, find_images(fmnist / "test")[:16], parity_set=0)
-        assert folded is not None
+        build_bundle(checkpoint, tmp_path / model, find_images(fmnist / "test")[:16], parity_set=0)
+        written = json.loads((tmp_path / model / MANIFEST_NAME).read_text())
+        assert written["schema_version"] == 2 and "backbone" not in written  # older servers still read it
         expected = run_graph(tmp_path / model / "student.onnx", photos, ["CPUExecutionProvider"])
         got = shared_features(root, model, photos)
         cosine = (expected * got).sum(axis=1)
@@ -161,6 +162,51 @@ def test_a_mixed_batch_gives_each_row_what_its_domain_alone_gives(repo, photos):
     assert sizes == [9]  # one batch held all three requests of both domains
     for got, expected in zip(mixed, alone):
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_one_flooded_domain_does_not_refuse_the_others(repo, photos):
+    from server.batcher import Overloaded
+
+    async def scenario():
+        settings = Settings(model_repository=repo[0], max_batch_size=4, max_queue_images=6, max_images_per_request=6,
+                            variant="fp32")
+        models = Models(settings, Metrics(), EngineGate(1))
+        await models.start()
+        try:
+            clothes, shoes = models.resolve("clothes", None), models.resolve("shoes", None)
+            flood = [asyncio.create_task(clothes.batcher.submit(photos[:3])) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded, match="of this model"):
+                await clothes.batcher.submit(photos[:1])
+            other = await shoes.batcher.submit(photos[:5])  # its own bound: served while clothes is full
+            await asyncio.gather(*flood)
+            return other
+        finally:
+            await models.stop()
+
+    assert asyncio.run(scenario()).shape[0] == 5
+
+
+def test_projector_files_are_read_safely(tmp_path):
+    from bundle import BundleError, Head
+
+    arrays = {"w1": np.ones((3, 2)), "b1": np.zeros(3), "w2": np.ones((4, 3)), "b2": np.zeros(4)}
+    Head(**{k: v.astype(np.float32) for k, v in arrays.items()}).save(tmp_path / "ok.npz")
+    assert Head.load(tmp_path / "ok.npz", 2, 4).w2.shape == (4, 3)
+    with pytest.raises(BundleError, match="feature width 5"):
+        Head.load(tmp_path / "ok.npz", 2, 5)
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    with pytest.raises(BundleError, match="uncompressed"):
+        Head.load(tmp_path / "packed.npz", 2, 4)
+    np.save(tmp_path / "plain.npy", arrays["w1"])
+    with pytest.raises(BundleError, match="not a readable .npz"):
+        Head.load(tmp_path / "plain.npy", 2, 4)
+    np.savez(tmp_path / "short.npz", w1=arrays["w1"])
+    with pytest.raises(BundleError, match="exactly w1, b1, w2, b2"):
+        Head.load(tmp_path / "short.npz", 2, 4)
+    np.savez(tmp_path / "objects.npz", **{**arrays, "b2": np.array([None] * 4)})
+    with pytest.raises(BundleError, match="numeric"):
+        Head.load(tmp_path / "objects.npz", 2, 4)
 
 
 def test_the_server_serves_every_domain_from_one_backbone(repo, fmnist):

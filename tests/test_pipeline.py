@@ -265,3 +265,20 @@ def test_a_run_interrupted_in_stage_2_resumes_there_and_ends_as_an_uninterrupted
     assert ours.keys() == reference.keys()
     for name in ours:
         assert torch.equal(ours[name], reference[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_a_recipe_exports_a_domain_bundle_into_a_model_repository(small_run, tmp_path):
+    from bundle import read_bundle
+
+    work, models = tmp_path / "run", tmp_path / "models"
+    shutil.copytree(small_run, work)
+    with pytest.raises(RecipeError, match="not both"):
+        load_recipe(DEMO, [*SMALL, f"run.workdir={work}", f"export.out={tmp_path / 'b'}",
+                           f"export.repository={models}"])
+    proc = pipeline("run", str(DEMO), *sets(work, f"export.repository={models}", "export.name=demo",
+                                            "export.version=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage2 " in proc.stdout and f"PROMPTKD_MODEL_REPOSITORY={models}" in proc.stdout
+    manifest = read_bundle(models / "demo" / "3").manifest
+    assert manifest.backbone is not None and (models / "_backbones" / manifest.backbone.sha256).is_dir()
+    assert "optimized" in manifest.variants and manifest.parity.min_cosine >= 0.9999
