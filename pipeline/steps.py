@@ -44,6 +44,15 @@ def _dump(section) -> dict:
     return section.model_dump(mode="json") if section is not None else {}
 
 
+def _export_settings(export) -> dict:
+    """The export step's key settings; a folded export's key is what it was before domain exports existed, so that
+    existing run folders stay up to date."""
+    settings = _dump(export)
+    if export.repository is None:
+        settings.pop("repository"), settings.pop("version")
+    return settings
+
+
 def _identity(value: str | Path | None) -> list | str | None:
     """A tag as itself; a local file as its path, size and modification time (hashing weights on every run would
     cost more than the check is worth)."""
@@ -79,7 +88,7 @@ class Plan:
             steps.append(Step("evaluate", "base/novel/HM evaluation", _dump(r.evaluation), ["stage2", "class_vectors"],
                               [self.work / "evaluate" / "report.json"], self._evaluate, folder=self.work / "evaluate"))
         steps.append(Step("export", "ONNX export, parity, variants, bundle",
-                          {**_dump(r.export), "name": self._bundle_name, "parity_split": r.evaluation.split},
+                          {**_export_settings(r.export), "name": self._bundle_name, "parity_split": r.evaluation.split},
                           ["stage2", "class_vectors"], [r.bundle_dir / "manifest.json"],
                           lambda resume: self._export(overwrite_bundle)))
         names = {step.name for step in steps}

@@ -9,6 +9,7 @@ import copy
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -158,3 +159,20 @@ def test_stage2_step_matches_the_authors_formula_and_exports(teacher_and_vectors
     assert manifest.input.image_size == 224 and manifest.feature_dim == 768 and manifest.num_labels == 3
     assert manifest.parity.images == len(photos) and manifest.parity.min_cosine >= 0.9999
     assert manifest.parity.top1_agreement == 1.0
+
+    # The same student as a domain on a shared ViT-B/16 backbone: equal features to the folded graph's.
+    from bundle import read_backbone, read_bundle
+    from export.domain import build_domain
+    from export.parity import load_images, run_graph
+    from training.transforms import eval_transform
+
+    done = build_domain(tmp_path / "run" / "student.pt", tmp_path / "models", "real", [str(p) for p in photos])
+    domain = read_bundle(done.folder)
+    assert domain.manifest.backbone.prompts.width == 768 and domain.manifest.backbone.tower_dim == 512
+    assert domain.manifest.parity.min_cosine >= 0.9999 and domain.manifest.parity.top1_agreement == 1.0
+    images = load_images([str(p) for p in foolbox_jpegs()], eval_transform(pre)).numpy()
+    backbone = read_backbone(tmp_path / "models" / "_backbones" / done.backbone)
+    rows = np.broadcast_to(domain.prompts, (len(images), *domain.prompts.shape))
+    shared = domain.head(run_graph(backbone.model_path(), images, ["CPUExecutionProvider"], extra=(rows,)))
+    folded = run_graph(tmp_path / "bundle" / "student.onnx", images, ["CPUExecutionProvider"])
+    assert (shared * folded).sum(axis=1).min() >= 0.99999
