@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 3
-# 2 added the parity set and per-variant thresholds and CPU features; 3 added domain bundles (`backbone`). A folded
-# bundle is still written as 2, so that servers from before domain bundles read it.
+# 2 added the parity set and per-variant thresholds and CPU features; 3 added domain bundles (`backbone`) and
+# calibrated confidence (`calibration`). A bundle with neither is still written as 2, for servers from before.
 FOLDED_SCHEMA = 2
 READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
@@ -126,6 +126,29 @@ class BackboneManifest(_Strict):
         return BackboneRef(sha256=self.sha256, prompts=self.prompts, tower_dim=self.tower_dim)
 
 
+class Threshold(_Strict):
+    """The lowest confidence at which the held-out answers reached `precision`, and the share answered there."""
+
+    precision: float = Field(gt=0, le=1)
+    confidence: float | None = Field(None, ge=0, le=1)  # None: no confidence reached the target on held-out images
+    coverage: float = Field(ge=0, le=1)
+    reached: float | None = None  # the precision measured at that threshold
+
+
+class Calibration(_Strict):
+    """Temperature scaling fitted on held-out labelled images, and the thresholds for chosen precision targets."""
+
+    temperature: float = Field(gt=0)
+    images: int = Field(gt=0)
+    accuracy: float = Field(ge=0, le=1)
+    ece_before: float = Field(ge=0, le=1)  # expected calibration error (15 bins) at temperature 1
+    ece_after: float = Field(ge=0, le=1)
+    thresholds: list[Threshold] = Field(default_factory=list)
+
+    def threshold(self, precision: float) -> Threshold | None:
+        return next((t for t in self.thresholds if abs(t.precision - precision) < 1e-9), None)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -144,10 +167,14 @@ class Manifest(_Strict):
     # A domain bundle: no graph of its own but "prompts" and "projector" files, run on this shared backbone
     # (its variants' `file` then names a role of the backbone's manifest).
     backbone: BackboneRef | None = None
+    # Calibrated confidence (schema 3): probabilities are softmax(logit_scale * cos / temperature), and requests
+    # may ask to abstain under a confidence or a precision target.
+    calibration: Calibration | None = None
 
     def to_json(self) -> str:
-        """The manifest file's text: a folded bundle as schema 2 (or the 1 it was read as) without `backbone`."""
-        if self.backbone is not None:
+        """The manifest file's text: without the schema-3 fields a bundle is written as schema 2 (or the 1 it was
+        read as), so that servers from before them read it."""
+        if self.backbone is not None or self.calibration is not None:
             return self.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json(indent=2)
-        folded = self.model_copy(update={"schema_version": min(self.schema_version, FOLDED_SCHEMA)})
-        return folded.model_dump_json(indent=2, exclude={"backbone"})
+        older = self.model_copy(update={"schema_version": min(self.schema_version, FOLDED_SCHEMA)})
+        return older.model_dump_json(indent=2, exclude={"backbone", "calibration"})

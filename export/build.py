@@ -19,6 +19,7 @@ from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
 from training.transforms import eval_transform
 
+from .calibration import calibration_for
 from .onnx_export import export_onnx
 from .parity import check, load_images, measure, run_graph
 from .variants import VariantError, add_variant
@@ -53,6 +54,7 @@ def build_bundle(
         class_matrix = vectors.vectors.numpy()
         parity, reference = measure(student, staging / MODEL_FILE, images, class_matrix)
         check(parity)
+        calibration = calibration_for(parity_images, reference, class_matrix, vectors.classnames, vectors.logit_scale)
         files = {"model": MODEL_FILE}
         entries = {}
         if variants:
@@ -83,6 +85,7 @@ def build_bundle(
             files={role: file_entry(staging, f) for role, f in files.items()},
             parity=parity,
             variants=entries,
+            calibration=calibration,
             provenance=Provenance(
                 teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
                 student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],

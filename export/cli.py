@@ -54,6 +54,11 @@ def read_images(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     return images, calibration
 
 
+def summary(manifest) -> dict | None:
+    """The calibration as the export summary shows it (None: none recorded)."""
+    return manifest.calibration.model_dump() if manifest.calibration is not None else None
+
+
 EXPORT_ERRORS = (BundleError, ParityError, VariantError, DatasetError, TowerLoadError, ValueError, FileNotFoundError)
 
 
@@ -76,5 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"bundle": str(args.out), "parity": manifest.parity.model_dump(),
-                      "variants": {k: v.model_dump() for k, v in manifest.variants.items()}}, indent=2))
+                      "variants": {k: v.model_dump() for k, v in manifest.variants.items()},
+                      "calibration": summary(manifest)}, indent=2))
     return 0

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from bundle import (
-    MANIFEST_NAME, Backbone, BundleError, Head, InputSpec, Manifest, Provenance, Variant, file_entry, publish,
-    write_labels_and_vectors,
+    MANIFEST_NAME, Backbone, BundleError, Calibration, Head, InputSpec, Manifest, Provenance, Variant, file_entry,
+    publish, write_labels_and_vectors,
 )
 from bundle.manifest import MODEL_NAME
 from bundle.parity import compare
@@ -33,6 +33,7 @@ from training.student import Projector, Student
 from training.transforms import eval_transform
 
 from .backbone import ensure_backbone
+from .calibration import calibration_for
 from .build import write_parity_set
 from .parity import check, load_images, run_graph
 from .variants import VariantError, judge, providers_for
@@ -114,7 +115,9 @@ def build_domain(
     parity, shared = _parity(student, runner, images, class_matrix)
     entries = _measure_variants(runner, images.numpy(), shared, class_matrix, variants, force_variants,
                                 skip_failing_variants)
-    manifest = _publish(runner, out, vectors, images.numpy(), parity, entries, pre, cfg, model, parity_set, overwrite)
+    calibration = calibration_for(parity_images, shared, class_matrix, vectors.classnames, vectors.logit_scale)
+    manifest = _publish(runner, out, vectors, images.numpy(), parity, entries, pre, cfg, model, parity_set, overwrite,
+                        calibration)
     return DomainExport(manifest, out, backbone.manifest.sha256, created)
 
 
@@ -158,7 +161,7 @@ def _measure_variants(
 
 def _publish(
     runner: _Runner, out: Path, vectors: ClassVectors, images: np.ndarray, parity, entries: dict[str, Variant],
-    pre, cfg: dict, model: str, parity_set: int, overwrite: bool,
+    pre, cfg: dict, model: str, parity_set: int, overwrite: bool, calibration: Calibration | None,
 ) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -177,7 +180,7 @@ def _publish(
             feature_dim=int(vectors.vectors.shape[1]), logit_scale=vectors.logit_scale,
             num_labels=len(vectors.classnames),
             files={role: file_entry(staging, name) for role, name in files.items()},
-            parity=parity, variants=entries, backbone=runner.backbone.manifest.ref(),
+            parity=parity, variants=entries, backbone=runner.backbone.manifest.ref(), calibration=calibration,
             provenance=Provenance(
                 teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
                 student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import EXPORT_ERRORS, add_common, read_images
+from .cli import EXPORT_ERRORS, add_common, read_images, summary
 from .domain import build_domain
 
 
@@ -38,5 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({"bundle": str(done.folder), "backbone": done.backbone,
                       "backbone_created": done.backbone_created, "parity": done.manifest.parity.model_dump(),
-                      "variants": {k: v.model_dump() for k, v in done.manifest.variants.items()}}, indent=2))
+                      "variants": {k: v.model_dump() for k, v in done.manifest.variants.items()},
+                      "calibration": summary(done.manifest)}, indent=2))
     return 0

@@ -300,8 +300,11 @@ class Plan:
                                     skip_failing_variants=e.skip_failing_variants)
             where = str(r.bundle_dir)
         variants = sorted(manifest.variants)
+        calibration = manifest.calibration
+        calibrated = (f", calibration error {calibration.ece_before:.3f} -> {calibration.ece_after:.3f} (T "
+                      f"{calibration.temperature:.2f})" if calibration is not None else "")
         return {"result": f"{where} (fp32{''.join(', ' + v for v in variants)}), min cosine "
-                          f"{manifest.parity.min_cosine:.5f}",
+                          f"{manifest.parity.min_cosine:.5f}{calibrated}",
                 "bundle": str(r.bundle_dir), "variants": variants, "min_cosine": manifest.parity.min_cosine}
 
 

@@ -88,8 +88,11 @@ class Classifier:
         return self.session.run(batch)
 
     def probabilities(self, features: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
-        """softmax(logit_scale * feature @ class_vectors.T), computed in float64 for stability."""
-        logits = self.bundle.manifest.logit_scale * features.astype(np.float64) @ vocabulary.vectors.T
+        """softmax(logit_scale * feature @ class_vectors.T / T), computed in float64 for stability; T is the
+        bundle's calibrated temperature (1 without calibration)."""
+        manifest = self.bundle.manifest
+        temperature = manifest.calibration.temperature if manifest.calibration is not None else 1.0
+        logits = manifest.logit_scale / temperature * features.astype(np.float64) @ vocabulary.vectors.T
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -99,3 +102,28 @@ class Classifier:
         k = min(k, probabilities.shape[1])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return [Ranked(idx, row[idx]) for idx, row in zip(order, probabilities)]
+
+
+def abstain_threshold(classifier: Classifier, vocabulary: Vocabulary, min_confidence: float | None,
+                      precision: float | None) -> float | None:
+    """The top probability under which an answer abstains, from the request's min_confidence or its precision
+    target (the bundle's calibrated threshold for it); ValueError says why a request cannot have it."""
+    if min_confidence is not None and precision is not None:
+        raise ValueError("give min_confidence or precision, not both")
+    if precision is None:
+        return min_confidence
+    calibration = classifier.bundle.manifest.calibration
+    if calibration is None:
+        raise ValueError("this model has no calibrated thresholds (its bundle was exported without labelled "
+                         "held-out images); use min_confidence")
+    if vocabulary.source != "bundle":
+        raise ValueError("the precision thresholds were fitted on the bundle's labels, and its vocabulary was "
+                         "swapped since; use min_confidence")
+    threshold = calibration.threshold(precision)
+    if threshold is None:
+        targets = ", ".join(f"{t.precision:g}" for t in calibration.thresholds)
+        raise ValueError(f"no threshold for precision {precision:g}; this model has: {targets or 'none'}")
+    if threshold.confidence is None:
+        raise ValueError(f"precision {precision:g} was reached at no confidence on the {calibration.images} "
+                         "held-out images: every answer would abstain")
+    return threshold.confidence

@@ -108,6 +108,10 @@ MODEL = Query(None, description="the model to use (default: the only one; requir
 VERSION_Q = Query(None, description="the model version (default: the model's default version)")
 FILES = File(..., description="one or more images: repeat the `file` field")
 TOP_K = Query(None, ge=1, description="labels per image (default PROMPTKD_TOP_K, at most PROMPTKD_MAX_TOP_K)")
+MIN_CONFIDENCE = Query(None, ge=0, le=1, description="abstain (label null, abstained true) when the top probability "
+                                                     "is under this")
+PRECISION = Query(None, gt=0, le=1, description="abstain under the model's calibrated threshold for this precision "
+                                                "target (one of those its card lists under calibration)")
 MODEL_ERRORS = {404: {"model": ErrorResponse, "description": "no such model, or no such version ready"},
                 400: {"model": ErrorResponse, "description": "several models and none named, or no image could "
                                                              "be classified"}}
@@ -115,17 +119,23 @@ MODEL_ERRORS = {404: {"model": ErrorResponse, "description": "no such model, or 
 
 @routes.post("/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
 async def classify(request: Request, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
-                   model: str | None = MODEL, version: str | None = VERSION_Q) -> ClassifyResponse:
+                   model: str | None = MODEL, version: str | None = VERSION_Q,
+                   min_confidence: float | None = MIN_CONFIDENCE, precision: float | None = PRECISION,
+                   ) -> ClassifyResponse:
     """Top-k labels with probabilities for each uploaded image. With several images, a bad one gets its own
-    `error` and the others are still classified; the request fails only if none can be."""
-    return await _service(request).classify(file, top_k, model, version, request.is_disconnected)
+    `error` and the others are still classified; the request fails only if none can be. With min_confidence or
+    precision, an image whose top probability is under the threshold gets `label: null, abstained: true`."""
+    return await _service(request).classify(file, top_k, model, version, request.is_disconnected, min_confidence,
+                                            precision)
 
 
 @routes.post("/models/{name}/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
 async def classify_model(request: Request, name: str, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
-                         version: str | None = VERSION_Q) -> ClassifyResponse:
+                         version: str | None = VERSION_Q, min_confidence: float | None = MIN_CONFIDENCE,
+                         precision: float | None = PRECISION) -> ClassifyResponse:
     """POST /classify?model={name}, with the model in the path."""
-    return await _service(request).classify(file, top_k, name, version, request.is_disconnected)
+    return await _service(request).classify(file, top_k, name, version, request.is_disconnected, min_confidence,
+                                            precision)
 
 
 @routes.post("/embed", response_model=EmbedResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})

@@ -10,6 +10,8 @@ to POST /classify is. Elements arrive one of two ways:
 Outputs: LABELS (BYTES) and PROBABILITIES (FP32), [N, top_k], most probable first; EMBEDDING (FP32, [N, D]) on
 request. Each is returned as JSON or binary data per its `binary_data` parameter, else the request's
 `binary_data_output`. `classification: c` on PROBABILITIES gives Triton's "probability:index:label" strings.
+With the request parameter `min_confidence` (a number) or `precision` (one of the model's calibrated targets),
+ABSTAINED (BOOL, [N]) says which images' top probability is under the threshold (also on request without one).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .schemas import InferenceRequest, ModelMetadata, Parameters, TensorMetadata
 INPUT = "IMAGE"
 PLATFORM = "promptkd"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
-OUTPUTS = ("LABELS", "PROBABILITIES", "EMBEDDING")
+OUTPUTS = ("LABELS", "PROBABILITIES", "EMBEDDING", "ABSTAINED")
 DEFAULT_OUTPUTS = ("LABELS", "PROBABILITIES")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _LENGTH = struct.Struct("<I")
@@ -55,6 +57,8 @@ class Inference:
     images: list[bytes]
     outputs: list[Requested]
     top_k: int | None
+    min_confidence: float | None = None
+    precision: float | None = None
 
 
 def model_metadata(name: str, versions: list[str], feature_dim: int) -> ModelMetadata:
@@ -64,7 +68,8 @@ def model_metadata(name: str, versions: list[str], feature_dim: int) -> ModelMet
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[TensorMetadata(name="LABELS", datatype="BYTES", shape=[-1, -1]),
                  TensorMetadata(name="PROBABILITIES", datatype="FP32", shape=[-1, -1]),
-                 TensorMetadata(name="EMBEDDING", datatype="FP32", shape=[-1, feature_dim])],
+                 TensorMetadata(name="EMBEDDING", datatype="FP32", shape=[-1, feature_dim]),
+                 TensorMetadata(name="ABSTAINED", datatype="BOOL", shape=[-1])],
     )
 
 
@@ -108,7 +113,14 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
     top_k = request.parameters.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ProtocolError(400, f"parameter top_k must be a positive integer, not {top_k!r}")
-    return Inference(request.id, images, _requested(request), top_k)
+    thresholds = {}
+    for name, low in (("min_confidence", 0.0), ("precision", 0.0)):
+        value = request.parameters.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= 1 or (name == "precision" and value == 0)):
+            raise ProtocolError(400, f"parameter {name} must be a number in (0, 1], not {value!r}")
+        thresholds[name] = None if value is None else float(value)
+    return Inference(request.id, images, _requested(request), top_k, **thresholds)
 
 
 def encode_response(model_name: str, model_version: str, request_id: str | None, parameters: Parameters,
@@ -118,7 +130,8 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
     for requested, datatype, array in tensors:
         output = {"name": requested.name, "datatype": datatype, "shape": list(array.shape)}
         if requested.binary:
-            blob = _join_elements(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
+            blob = (_join_elements(array) if datatype == "BYTES" else array.astype(np.bool_).tobytes()
+                    if datatype == "BOOL" else array.astype("<f4").tobytes())
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -133,12 +146,19 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
 
 
 def output_tensors(outputs: list[Requested], top_k: int, probabilities: np.ndarray, indices: np.ndarray,
-                   labels: list[str], embeddings: np.ndarray) -> list[tuple[Requested, str, np.ndarray]]:
+                   labels: list[str], embeddings: np.ndarray,
+                   threshold: float | None = None) -> list[tuple[Requested, str, np.ndarray]]:
     """The requested outputs from the ranking (probabilities and label indices, [N, >= any k asked]) and the
-    embeddings; `classification: c` turns PROBABILITIES into Triton's "probability:index:label" strings."""
+    embeddings; `classification: c` turns PROBABILITIES into Triton's "probability:index:label" strings. With a
+    `threshold`, ABSTAINED is added when it was not asked for."""
+    if threshold is not None and "ABSTAINED" not in [o.name for o in outputs]:
+        outputs = [*outputs, Requested("ABSTAINED", outputs[0].binary if outputs else False, 0)]
     tensors = []
     for output in outputs:
-        if output.name == "EMBEDDING":
+        if output.name == "ABSTAINED":
+            below = probabilities[:, 0] < threshold if threshold is not None else np.zeros(len(probabilities), bool)
+            tensors.append((output, "BOOL", below))
+        elif output.name == "EMBEDDING":
             tensors.append((output, "FP32", embeddings))
         elif output.classification:
             count = output.classification

@@ -23,6 +23,9 @@ class Timing(BaseModel):
 
 class ClassifiedImage(BaseModel):
     filename: str | None
+    label: str | None = Field(None, description="the answer: the most probable label; null when the model abstained "
+                                                "(its confidence under min_confidence) or the image had an error")
+    abstained: bool = Field(False, description="true when the top probability is under the request's threshold")
     predictions: list[Prediction] | None = Field(None, description="top-k labels, most probable first")
     error: ImageError | None = Field(None, description="why this image was not classified")
 
@@ -32,6 +35,9 @@ class ClassifyResponse(BaseModel):
     version: str = Field(description="the model version that answered")
     variant: str = Field(description="the graph that ran")
     labels_version: str = Field(description="which labels and class vectors answered (changes on a swap)")
+    min_confidence: float | None = Field(None, description="the top probability under which answers abstain: the "
+                                                           "request's min_confidence, or the calibrated threshold of "
+                                                           "its precision target; null: none asked")
     results: list[ClassifiedImage] = Field(description="one per uploaded image, in upload order")
     timing: Timing
 
@@ -86,6 +92,10 @@ class ModelInfo(BaseModel):
     max_batch_size: int
     provenance: dict
     parity: dict = Field(description="each graph's parity figures, from the manifest")
+    calibration: dict | None = Field(description="temperature scaling fitted at export (probabilities are "
+                                                 "calibrated with it), calibration error before and after, and the "
+                                                 "confidence threshold of each precision target with its coverage "
+                                                 "on held-out images; null: the bundle has none")
     limits: dict[str, int] = Field(description="upload limits a client should respect before sending: "
                                                "max_upload_bytes, max_images_per_request, max_top_k, top_k")
     models: list[ModelSummary] = Field(description="every model this server holds; ?model= picks the card")

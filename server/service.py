@@ -29,7 +29,7 @@ from bundle import BundleError, InputSpec, load_npy
 from . import open_inference, preprocess
 from .batcher import EngineGate, EngineStopped, Overloaded
 from .budget import MemoryBudget, OverBudget
-from .classifier import Vocabulary
+from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
@@ -92,11 +92,13 @@ class Service:
         return self.models.health_failure()
 
     async def classify(self, uploads: list[UploadFile], top_k: int | None, model: str | None, version: str | None,
-                       disconnected: Callable[[], Awaitable[bool]]) -> ClassifyResponse:
+                       disconnected: Callable[[], Awaitable[bool]], min_confidence: float | None = None,
+                       precision: float | None = None) -> ClassifyResponse:
         if top_k is not None and top_k > self.settings.max_top_k:
             raise RequestError(422, f"top_k must be at most {self.settings.max_top_k}")
         with self.models.resolve(model, version).lease() as served:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
+            threshold = _threshold(classifier, vocabulary, min_confidence, precision)
             got = await self._features(served, uploads, "/classify", disconnected)
         ranked = iter(classifier.top_k(classifier.probabilities(got.features, vocabulary),
                                        top_k or self.settings.top_k) if len(got.features) else [])
@@ -106,12 +108,14 @@ class Service:
                 results.append(ClassifiedImage(filename=name, error=error))
                 continue
             best = next(ranked)
-            results.append(ClassifiedImage(filename=name, predictions=[
-                Prediction(label=vocabulary.labels[i], index=int(i), probability=float(p))
-                for i, p in zip(best.indices, best.probabilities)
-            ]))
+            abstained = threshold is not None and float(best.probabilities[0]) < threshold
+            results.append(ClassifiedImage(
+                filename=name, label=None if abstained else vocabulary.labels[best.indices[0]], abstained=abstained,
+                predictions=[Prediction(label=vocabulary.labels[i], index=int(i), probability=float(p))
+                             for i, p in zip(best.indices, best.probabilities)]))
         return ClassifyResponse(model=served.model, version=str(served.version), variant=classifier.variant,
-                                labels_version=vocabulary.version, results=results, timing=got.timing)
+                                labels_version=vocabulary.version, min_confidence=threshold, results=results,
+                                timing=got.timing)
 
     async def embed(self, uploads: list[UploadFile], model: str | None, version: str | None,
                     disconnected: Callable[[], Awaitable[bool]]) -> EmbedResponse:
@@ -167,13 +171,15 @@ class Service:
         uploads = [UploadFile(io.BytesIO(data), filename=f"{INPUT}[{i}]") for i, data in enumerate(request.images)]
         with self.models.resolve(name, version).lease() as served:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
+            threshold = _threshold(classifier, vocabulary, request.min_confidence, request.precision)
             got = await self._features(served, uploads, INFER_ROUTE, disconnected, partial=False)
         ranked = classifier.top_k(classifier.probabilities(got.features, vocabulary), k)
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
-            np.array([r.indices for r in ranked]), vocabulary.labels, got.features)
-        return open_inference.encode_response(name, str(served.version), request.id,
-                                              {"labels_version": vocabulary.version}, tensors)
+            np.array([r.indices for r in ranked]), vocabulary.labels, got.features, threshold)
+        parameters = {"labels_version": vocabulary.version,
+                      **({"min_confidence": threshold} if threshold is not None else {})}
+        return open_inference.encode_response(name, str(served.version), request.id, parameters, tensors)
 
     def info(self, model: str | None) -> ModelInfo:
         """The model card of `model` (default: the only model, else the first ready one), with every model listed."""
@@ -197,6 +203,7 @@ class Service:
             startup_checks=[{**asdict(c), "parity": c.parity.model_dump()} for c in classifier.choice.checks],
             max_batch_size=served.batcher.max_batch, provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,
+            calibration=manifest.calibration.model_dump() if manifest.calibration is not None else None,
             limits={"max_upload_bytes": self.settings.max_upload_bytes, "top_k": self.settings.top_k,
                     "max_images_per_request": self.settings.max_images_per_request,
                     "max_top_k": self.settings.max_top_k},
@@ -307,6 +314,14 @@ class Service:
         except asyncio.TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise RequestError(503, f"no result within {timeout} s; the server is overloaded", retry) from None
+
+
+def _threshold(classifier: Classifier, vocabulary: Vocabulary, min_confidence: float | None,
+               precision: float | None) -> float | None:
+    try:
+        return abstain_threshold(classifier, vocabulary, min_confidence, precision)
+    except ValueError as err:
+        raise RequestError(400, str(err)) from None
 
 
 def _retry(error: ImageError) -> dict[str, str] | None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -106,3 +107,46 @@ def test_int8_variants_of_the_demo_student_agree_with_fp32(demo_workdir, tmp_pat
         assert parity["images"] == 500
         assert parity["top1_agreement"] >= 0.99
         assert parity["mean_cosine"] >= 0.9999 and parity["min_cosine"] >= 0.999
+
+
+@pytest.mark.slow
+def test_the_demo_s_calibrated_thresholds_hold_on_photos_it_never_saw(demo_workdir, capsys):
+    """The demo bundle's temperature and thresholds were fitted on 250 of the 500 held-out photos (its parity
+    images); on the other 250 each threshold must keep its precision within sampling error."""
+    from bundle import read_bundle
+    from export.build import spread
+    from export.calibration import expected_calibration_error, softmax
+    from export.parity import load_images, run_graph
+
+    work, _ = demo_workdir
+    bundle = read_bundle(work / "bundle")
+    calibration = bundle.manifest.calibration
+    assert calibration is not None and calibration.images == 250
+    test = load_image_folder(work / "data" / "test")
+    paths = sorted(p for p, _ in test.items)
+    seen = set(spread(paths, 250))
+    unseen = [(p, c) for p, c in test.items if p not in seen]
+    _, pre, _ = load_checkpoint(work / "stage2" / "student.pt")
+    images = load_images([p for p, _ in unseen], eval_transform(pre)).numpy()
+    features = run_graph(bundle.model_path(), images, ["CPUExecutionProvider"])
+    logits = bundle.manifest.logit_scale * features.astype("float64") @ bundle.class_vectors.T
+    labels = np.array([c for _, c in unseen])
+    probabilities = softmax(logits / calibration.temperature)
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    lines = [f"\ndemo calibration: T {calibration.temperature:.3f}, ECE {calibration.ece_before:.3f} -> "
+             f"{calibration.ece_after:.3f} on its 250; on 250 unseen photos ECE "
+             f"{expected_calibration_error(softmax(logits), labels):.3f} -> "
+             f"{expected_calibration_error(probabilities, labels):.3f}, accuracy {correct.mean():.1%}"]
+    for threshold in calibration.thresholds:
+        if threshold.confidence is None:
+            lines.append(f"  precision {threshold.precision:.0%}: not reached on the fitting half")
+            continue
+        answered = confidence >= threshold.confidence
+        precision = correct[answered].mean() if answered.any() else 1.0
+        error = 2 * np.sqrt(threshold.precision * (1 - threshold.precision) / max(1, answered.sum()))
+        lines.append(f"  precision {threshold.precision:.0%}: confidence >= {threshold.confidence:.3f}, coverage "
+                     f"{threshold.coverage:.1%} fitted / {answered.mean():.1%} unseen, precision {precision:.1%} "
+                     f"unseen (floor {threshold.precision - error:.1%})")
+        assert precision >= threshold.precision - error - 0.01, lines[-1]
+    with capsys.disabled():
+        print("\n".join(lines))

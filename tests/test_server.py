@@ -57,10 +57,13 @@ def test_classify_matches_the_pytorch_student(client, distilled, fmnist):
     student, pre, cfg = load_checkpoint(distilled)
     vectors = ClassVectors.load(Path(cfg["class_vectors"]))
     transform = eval_transform(pre)
+    calibration = client.get("/").json()["calibration"]
+    temperature = calibration["temperature"] if calibration else 1.0  # fitted at export on the labelled photos
     for path in find_images(fmnist / "test")[:30]:
         predictions = _predictions(_post(client, Path(path).read_bytes(), top_k=10))
         with torch.no_grad():
             logits = vectors.logit_scale * student(transform(Image.open(path))[None]) @ vectors.vectors.T
+            logits = logits / temperature
         expected = torch.softmax(logits.double(), -1)[0].numpy()
         got = np.zeros(10)
         for p in predictions:

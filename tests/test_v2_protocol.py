@@ -86,7 +86,8 @@ def test_health_and_metadata(client, url, model):
     assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "LABELS", "datatype": "BYTES", "shape": [-1, -1]},
                                    {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, -1]},
-                                   {"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, info["feature_dim"]]}]
+                                   {"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, info["feature_dim"]]},
+                                   {"name": "ABSTAINED", "datatype": "BOOL", "shape": [-1]}]
 
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("no-such-model")

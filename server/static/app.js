@@ -3,6 +3,7 @@
 
 let limits = { max_upload_bytes: 20 * 1024 * 1024, max_images_per_request: 16, top_k: 5 };
 let model = null; // the model picked; null: the server's only (or first ready) model
+let precision = ""; // the precision target to abstain under; "": always answer
 
 function el(tag, attrs = {}, text = "") {
   const node = document.createElement(tag);
@@ -28,6 +29,18 @@ function showPicker(models, current) {
   }));
 }
 
+function showAbstain(calibration) {
+  // The model's calibrated precision targets: answers under the target's confidence threshold abstain.
+  const usable = calibration ? calibration.thresholds.filter((t) => t.confidence !== null) : [];
+  document.getElementById("abstain").hidden = !usable.length;
+  const select = document.getElementById("precision");
+  select.replaceChildren(el("option", { value: "" }, "always"), ...usable.map((t) => el("option",
+    { value: String(t.precision) },
+    `or abstain under ${(100 * t.precision).toFixed(0)}% precision (answers ${(100 * t.coverage).toFixed(0)}% of held-out images)`)));
+  if (!usable.some((t) => String(t.precision) === precision)) precision = "";
+  select.value = precision;
+}
+
 async function loadCard() {
   const response = await fetch(`/${query({})}`, { headers: { Accept: "application/json" }, cache: "no-store" });
   const info = await response.json();
@@ -35,6 +48,7 @@ async function loadCard() {
   limits = info.limits || limits;
   if ((info.models || []).length > 1) model = info.name; // with several, every request names its model
   showPicker(info.models || [], info.name);
+  showAbstain(info.calibration);
   document.getElementById("model-name").textContent = `${info.name} · version ${info.version}`;
   const parity = info.parity[info.variant];
   const agreement = parity ? ` · top-1 agreement with fp32 ${(100 * parity.top1_agreement).toFixed(1)}%` : "";
@@ -93,7 +107,8 @@ async function classify(files) {
   });
   if (!sent.length) return;
   status.textContent = "classifying…";
-  const response = await fetch(`/classify${query({ top_k: limits.top_k })}`, { method: "POST", body: form });
+  const params = { top_k: limits.top_k, ...(precision ? { precision } : {}) };
+  const response = await fetch(`/classify${query(params)}`, { method: "POST", body: form });
   const body = await response.json();
   if (!response.ok) {
     status.textContent = "";
@@ -103,7 +118,14 @@ async function classify(files) {
   status.textContent = `${body.model} version ${body.version}: done in ${Math.round(body.timing.total_ms)} ms`;
   body.results.forEach((result, i) => {
     if (result.error) showError(sent[i], `Not classified: ${result.error.detail}`);
-    else showPredictions(sent[i], result.predictions);
+    else {
+      if (result.abstained) {
+        const top = (100 * result.predictions[0].probability).toFixed(1);
+        sent[i].append(el("p", { class: "abstained" },
+          `Abstained: confidence ${top}% is under ${(100 * body.min_confidence).toFixed(1)}%`));
+      }
+      showPredictions(sent[i], result.predictions);
+    }
   });
 }
 
@@ -114,6 +136,7 @@ function setUp() {
     document.getElementById("results").replaceChildren();
     loadCard().catch((err) => { document.getElementById("model-card").textContent = `model card unavailable: ${err}`; });
   });
+  document.getElementById("precision").addEventListener("change", (event) => { precision = event.target.value; });
   const drop = document.getElementById("drop");
   input.addEventListener("change", () => classify(Array.from(input.files)));
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
