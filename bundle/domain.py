@@ -46,7 +46,7 @@ class Head:
     @classmethod
     def load(cls, path: Path, tower_dim: int, feature_dim: int) -> "Head":
         """The projector file, checked against the backbone's output width and the bundle's feature width."""
-        values = _read_arrays(path)
+        values = read_arrays(path, HEAD_KEYS, "projector")
         hidden = values["w1"].shape[0] if values["w1"].ndim == 2 else -1
         expected = {"w1": (hidden, tower_dim), "b1": (hidden,), "w2": (feature_dim, hidden), "b2": (feature_dim,)}
         for key, shape in expected.items():
@@ -59,22 +59,22 @@ class Head:
         return cls(**{key: np.ascontiguousarray(value, dtype=np.float32) for key, value in values.items()})
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The projector's arrays from an uncompressed .npz (what np.savez writes): each member is read as a plain .npy
-    (never a pickle), and only stored members are accepted, so nothing unpacks to more than the file's own size."""
+def read_arrays(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """Exactly `keys` from an uncompressed .npz (what np.savez writes): each member is read as a plain .npy (never a
+    pickle), and only stored members are accepted, so nothing unpacks to more than the file's own size."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            if sorted(members) != sorted(HEAD_KEYS):
-                raise BundleError(f"projector file must hold exactly {', '.join(HEAD_KEYS)}; it holds "
+            if sorted(members) != sorted(keys):
+                raise BundleError(f"{what} file must hold exactly {', '.join(keys)}; it holds "
                                   f"{', '.join(members) or 'nothing'}")
             if any(info.compress_type != zipfile.ZIP_STORED for info in members.values()):
-                raise BundleError("projector file members must be stored uncompressed (np.savez)")
-            return {key: load_npy(archive.read(info), f"projector {key}") for key, info in members.items()}
+                raise BundleError(f"{what} file members must be stored uncompressed (np.savez)")
+            return {key: load_npy(archive.read(info), f"{what} {key}") for key, info in members.items()}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         if isinstance(err, BundleError):
             raise
-        raise BundleError(f"projector file is not a readable .npz of arrays: {err}") from None
+        raise BundleError(f"{what} file is not a readable .npz of arrays: {err}") from None
 
 
 def load_prompts(path: Path, ref: BackboneRef) -> np.ndarray:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from .domain import Head
+    from .drift import Reference
 from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest, Variant
 
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
@@ -51,6 +52,7 @@ class Bundle:
     class_vectors: np.ndarray  # [num_labels, feature_dim] float32, L2-normalised
     prompts: np.ndarray | None = None  # a domain bundle's: [depth, tokens, width] float32
     head: Head | None = None  # a domain bundle's projector (bundle.domain.Head)
+    drift: Reference | None = None  # the held-out images' statistics drift is measured against (bundle.drift)
 
     def parity_set(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The bundle's parity set (float32 inputs [n, 3, S, S], fp32 features [n, feature_dim]), or None."""
@@ -172,6 +174,10 @@ def read_bundle(folder: Path) -> Bundle:
     if len(labels) != manifest.num_labels:
         raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
     bundle = Bundle(folder, manifest, labels, vectors.astype(np.float32, copy=False))
+    if "drift_reference" in manifest.files:
+        from .drift import Reference  # drift.py builds on this module
+
+        bundle.drift = Reference.load(safe_member(folder, manifest.files["drift_reference"].path), manifest.feature_dim)
     if domain:
         from .domain import Head, load_prompts  # domain.py builds on this module
 

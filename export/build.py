@@ -19,7 +19,7 @@ from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
 from training.transforms import eval_transform
 
-from .calibration import calibration_for
+from .calibration import calibration_for, write_reference
 from .onnx_export import export_onnx
 from .parity import check, load_images, measure, run_graph
 from .variants import VariantError, add_variant
@@ -72,6 +72,7 @@ def build_bundle(
                     log.warning("leaving the %s variant out: %s", variant, err)
         write_labels_and_vectors(staging, vectors.classnames, class_matrix)
         files.update(labels="labels.json", class_vectors="class_vectors.npy")
+        files.update(write_reference(staging, reference, class_matrix, vectors.logit_scale, calibration))
         if parity_set:
             files.update(write_parity_set(staging, images.numpy(), parity_set, lambda inputs: run_graph(
                 staging / MODEL_FILE, inputs, ["CPUExecutionProvider"])))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle import Calibration, Threshold
+from bundle.drift import Reference
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,13 @@ def calibration_for(paths: list[str], features: np.ndarray, vectors: np.ndarray,
                     "images outside such folders" if labels is None else f"{len(labels)}")
         return None
     return calibrate(logit_scale * features.astype(np.float64) @ vectors.T.astype(np.float64), labels)
+
+
+def write_reference(folder: Path, features: np.ndarray, vectors: np.ndarray, logit_scale: float,
+                    calibration: Calibration | None) -> dict[str, str]:
+    """The held-out images' drift reference (bundle/drift.py), from their features and the probabilities the
+    server will compute (calibrated when there is a calibration)."""
+    temperature = calibration.temperature if calibration is not None else 1.0
+    probabilities = softmax(logit_scale / temperature * features.astype(np.float64) @ vectors.T.astype(np.float64))
+    Reference.of(features.astype(np.float64), probabilities).save(folder / "drift_reference.npz")
+    return {"drift_reference": "drift_reference.npz"}

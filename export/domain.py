@@ -33,7 +33,7 @@ from training.student import Projector, Student
 from training.transforms import eval_transform
 
 from .backbone import ensure_backbone
-from .calibration import calibration_for
+from .calibration import calibration_for, write_reference
 from .build import write_parity_set
 from .parity import check, load_images, run_graph
 from .variants import VariantError, judge, providers_for
@@ -117,7 +117,7 @@ def build_domain(
                                 skip_failing_variants)
     calibration = calibration_for(parity_images, shared, class_matrix, vectors.classnames, vectors.logit_scale)
     manifest = _publish(runner, out, vectors, images.numpy(), parity, entries, pre, cfg, model, parity_set, overwrite,
-                        calibration)
+                        calibration, shared)
     return DomainExport(manifest, out, backbone.manifest.sha256, created)
 
 
@@ -162,6 +162,7 @@ def _measure_variants(
 def _publish(
     runner: _Runner, out: Path, vectors: ClassVectors, images: np.ndarray, parity, entries: dict[str, Variant],
     pre, cfg: dict, model: str, parity_set: int, overwrite: bool, calibration: Calibration | None,
+    features: np.ndarray,
 ) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -171,6 +172,7 @@ def _publish(
         write_labels_and_vectors(staging, vectors.classnames, vectors.vectors.numpy())
         files = {"prompts": "prompts.npy", "projector": "projector.npz", "labels": "labels.json",
                  "class_vectors": "class_vectors.npy"}
+        files.update(write_reference(staging, features, vectors.vectors.numpy(), vectors.logit_scale, calibration))
         if parity_set:
             files.update(write_parity_set(staging, images, parity_set, runner.features))
         manifest = Manifest(

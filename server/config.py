@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(0, ge=0, description="how often the repository is scanned for new, changed "
                                                           "and removed versions (seconds); 0: only at start-up "
                                                           "and on load calls")
+    drift_window: int = Field(500, ge=0, description="classified images per model version that drift is measured "
+                                                    "over (rolling window against the bundle's held-out reference); "
+                                                    "0: off")
 
     # What runs the model.
     backend: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(

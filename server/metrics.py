@@ -38,6 +38,10 @@ class Metrics:
                                  registry=self.registry)
         self.model_state = Gauge("promptkd_model_state", "1 for each model version's state in the repository",
                                  [*MODEL, "state"], registry=self.registry)
+        self.drift = Gauge("promptkd_drift", "drift of each model version's last images from its held-out "
+                           "reference: confidence_psi (alert over 0.25), feature_shift (about 1 unmoved; alert over "
+                           "3), abstain_rate, mean_entropy, window_images", [*MODEL, "figure"],
+                           registry=self.registry)
         self.rejected = Counter("promptkd_rejected", "requests refused for overload or timeout", ["reason"],
                                 registry=self.registry)
         self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads
@@ -56,6 +60,17 @@ class Metrics:
     def record_state(self, model: str, version: str, state: str) -> None:
         for name in STATES:
             self.model_state.labels(model, version, name).set(int(name == state))
+
+    def record_drift(self, model: str, version: str, scores: dict) -> None:
+        series = self._series.setdefault((model, version), [])
+        figures = {"window_images": scores["images"], **{k: scores[k] for k in
+                                                         ("confidence_psi", "feature_shift", "abstain_rate",
+                                                          "mean_entropy")}}
+        for figure, value in figures.items():
+            if value is not None:
+                if (self.drift, (model, version, figure)) not in series:
+                    series.append((self.drift, (model, version, figure)))
+                self.drift.labels(model, version, figure).set(value)
 
     def forget(self, model: str, version: str) -> None:
         """Drop an unloaded version's serving and queue series (its counters and state stay: history)."""

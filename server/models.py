@@ -27,6 +27,7 @@ from .backbones import Backbones, DomainBatcher
 from .batcher import EngineGate, MicroBatcher
 from .classifier import Classifier
 from .config import Settings
+from .drift import DriftMonitor
 from .errors import RequestError
 from .metrics import Metrics
 from .sessions.choice import open_session
@@ -47,6 +48,7 @@ class Served:
     fingerprint: str
     classifier: Classifier
     batcher: MicroBatcher | DomainBatcher  # a domain bundle's: its handle on the shared backbone's batcher
+    drift: DriftMonitor | None = None  # None: the bundle has no drift reference, or PROMPTKD_DRIFT_WINDOW=0
     leases: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -250,7 +252,9 @@ class Models:
         await self._warm_up(batcher, bundle.manifest.input.image_size)
         self.metrics.forget(name, str(folder.version))  # a replaced instance's series, if any
         self.metrics.record_choice(name, str(folder.version), classifier.choice)
-        served = Served(name, folder.version, folder.fingerprint, classifier, batcher)
+        drift = (DriftMonitor(bundle.drift, self.settings.drift_window)
+                 if bundle.drift is not None and self.settings.drift_window > 0 else None)
+        served = Served(name, folder.version, folder.fingerprint, classifier, batcher, drift)
         served.idle.set()
         return served
 

@@ -96,6 +96,9 @@ class ModelInfo(BaseModel):
                                                  "calibrated with it), calibration error before and after, and the "
                                                  "confidence threshold of each precision target with its coverage "
                                                  "on held-out images; null: the bundle has none")
+    drift: dict | None = Field(description="the last PROMPTKD_DRIFT_WINDOW images against the bundle's held-out "
+                                           "reference: confidence PSI, feature shift, abstain rate, mean entropy, "
+                                           "their alert levels and whether they alert; null: no reference or off")
     limits: dict[str, int] = Field(description="upload limits a client should respect before sending: "
                                                "max_upload_bytes, max_images_per_request, max_top_k, top_k")
     models: list[ModelSummary] = Field(description="every model this server holds; ?model= picks the card")

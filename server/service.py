@@ -100,8 +100,9 @@ class Service:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, min_confidence, precision)
             got = await self._features(served, uploads, "/classify", disconnected)
-        ranked = iter(classifier.top_k(classifier.probabilities(got.features, vocabulary),
-                                       top_k or self.settings.top_k) if len(got.features) else [])
+        probabilities = classifier.probabilities(got.features, vocabulary)
+        self._observe(served, got.features, probabilities, threshold)
+        ranked = iter(classifier.top_k(probabilities, top_k or self.settings.top_k) if len(got.features) else [])
         results = []
         for name, error in zip(got.names, got.errors):
             if error is not None:
@@ -127,6 +128,15 @@ class Service:
                    for name, error in zip(got.names, got.errors)]
         return EmbedResponse(model=served.model, version=str(served.version), variant=served.classifier.variant,
                              dim=served.classifier.bundle.manifest.feature_dim, results=results, timing=got.timing)
+
+    def _observe(self, served: Served, features: np.ndarray, probabilities: np.ndarray,
+                 threshold: float | None) -> None:
+        """Classified images into the version's drift window, and its scores onto /metrics."""
+        if served.drift is None or not len(features):
+            return
+        abstained = probabilities.max(axis=1) < threshold if threshold is not None else np.zeros(len(features), bool)
+        served.drift.observe(features, probabilities, abstained)
+        self.metrics.record_drift(served.model, str(served.version), served.drift.scores())
 
     def labels(self, model: str | None, version: str | None) -> Labels:
         vocabulary = self.models.resolve(model, version).classifier.vocabulary
@@ -173,7 +183,9 @@ class Service:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, request.min_confidence, request.precision)
             got = await self._features(served, uploads, INFER_ROUTE, disconnected, partial=False)
-        ranked = classifier.top_k(classifier.probabilities(got.features, vocabulary), k)
+        probabilities = classifier.probabilities(got.features, vocabulary)
+        self._observe(served, got.features, probabilities, threshold)
+        ranked = classifier.top_k(probabilities, k)
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
             np.array([r.indices for r in ranked]), vocabulary.labels, got.features, threshold)
@@ -204,6 +216,7 @@ class Service:
             max_batch_size=served.batcher.max_batch, provenance=_without_paths(manifest.provenance.model_dump()),
             parity=parity,
             calibration=manifest.calibration.model_dump() if manifest.calibration is not None else None,
+            drift=served.drift.scores() if served.drift is not None else None,
             limits={"max_upload_bytes": self.settings.max_upload_bytes, "top_k": self.settings.top_k,
                     "max_images_per_request": self.settings.max_images_per_request,
                     "max_top_k": self.settings.max_top_k},
