@@ -1,6 +1,7 @@
 """Load benchmark: a real uvicorn on loopback under concurrent clients, against the bare engine, in one run.
 
     python bench/load.py [--bundle DIR] [--concurrency 1 8 32 64] [--max-batch-size 8] [--out bench/results]
+    python bench/load.py --loop --concurrency 32 --variants     # drift tracking and capture on, against off
 
 Without --bundle it builds a ViT-B/16 student bundle with random weights (they cost the same as trained ones).
 Clients post real JPEGs (foolbox's ImageNet photos) as fast as the server answers. For each concurrency it
@@ -154,6 +155,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(bundle: Path, args, **settings: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn serving `bundle` with the benchmark's settings and further PROMPTKD_* `settings`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")}
+    env.update(PROMPTKD_BUNDLE=str(bundle), PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
+               PROMPTKD_INTRA_OP_THREADS=str(args.threads), PROMPTKD_MAX_QUEUE_IMAGES=str(4 * max(args.concurrency)),
+               PROMPTKD_REQUEST_TIMEOUT_S="600", **{f"PROMPTKD_{k.upper()}": v for k, v in settings.items()})
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),
+                               "--log-level", "warning"], cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(0.5)
+    server.terminate()
+    sys.exit("error: the server did not become ready")
+
+
+def measure_loop(urls: dict[str, str], data: list[bytes], concurrency: int, args) -> dict:
+    """The same load on a server with drift tracking and capture off and one with both on, alternating windows."""
+    requests = args.requests or max(24, 6 * concurrency)
+    parts: dict[str, list[dict]] = {name: [] for name in urls}
+    for share in np.array_split(np.arange(requests), args.rounds):
+        for name, url in urls.items():
+            parts[name].append(asyncio.run(load_level(url, data, concurrency, len(share))))
+    row = {"concurrency": concurrency, "requests": requests}
+    for name, runs in parts.items():
+        wall = sum(p["wall_s"] for p in runs)
+        row[name] = {"images_per_s": sum(p["requests"] - p["errors"] for p in runs) / wall,
+                     "p50_ms": statistics.median(p["p50_ms"] for p in runs),
+                     "p99_ms": max(p["p99_ms"] for p in runs), "errors": sum(p["errors"] for p in runs)}
+    print(f"concurrency {concurrency}: on/off {row['on']['images_per_s'] / row['off']['images_per_s']:.3f}",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def loop_overhead(bundle: Path, data: list[bytes], args, tmp: Path) -> None:
+    """--loop: what drift tracking and capture (every image kept) cost, as the ratio of on to off."""
+    servers = {"off": start_server(bundle, args, drift_window="0"),
+               "on": start_server(bundle, args, drift_window="500", capture_dir=str(tmp / "capture"),
+                                  capture_rate="1", capture_below="1")}
+    try:
+        rows = [measure_loop({k: url for k, (_, url) in servers.items()}, data, c, args) for c in args.concurrency]
+        captured = httpx.get(f"{servers['on'][1]}/metrics", timeout=10).text
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
+    saved = [line for line in captured.splitlines() if line.startswith("promptkd_captured_total")]
+    print(f"\ndrift window 500 and capture of every image, against both off, same bundle, max batch "
+          f"{args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback ({'; '.join(saved)})\n")
+    print("| concurrency | requests | off img/s | on img/s | ratio | off p50 / p99 ms | on p50 / p99 ms | p99 ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        off, on = r["off"], r["on"]
+        print(f"| {r['concurrency']} | {r['requests']} | {off['images_per_s']:.2f} | {on['images_per_s']:.2f} | "
+              f"{on['images_per_s'] / off['images_per_s']:.3f} | {off['p50_ms']:.0f} / {off['p99_ms']:.0f} | "
+              f"{on['p50_ms']:.0f} / {on['p99_ms']:.0f} | {on['p99_ms'] / off['p99_ms']:.3f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "loop.json").write_text(json.dumps({"rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: a random ViT-B/16 student bundle)")
@@ -169,31 +237,21 @@ def main() -> None:
                         help="variants of the random bundle (kept where they reach their floors); the server and "
                              "the bare engine both run the one the server picks")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for load.json")
+    parser.add_argument("--loop", action="store_true",
+                        help="instead: the same load with drift tracking and capture on against both off (loop.json)")
     args = parser.parse_args()
 
     photos = foolbox_photos()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or random_bundle(Path(tmp), args.student_model, args.feature_dim, photos,
                                                    args.variants)
+        data = [p.read_bytes() for p in photos]
+        if args.loop:
+            loop_overhead(bundle, data, args, Path(tmp))
+            return
         engine = BareEngine(bundle, args.threads)
-        port = free_port()
-        env = dict(os.environ, PROMPTKD_BUNDLE=str(bundle), PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
-                   PROMPTKD_INTRA_OP_THREADS=str(args.threads),
-                   PROMPTKD_MAX_QUEUE_IMAGES=str(4 * max(args.concurrency)), PROMPTKD_REQUEST_TIMEOUT_S="600")
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),
-                                   "--log-level", "warning"], cwd=REPO, env=env)
-        url = f"http://127.0.0.1:{port}"
+        server, url = start_server(bundle, args)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-            else:
-                sys.exit("error: the server did not become ready")
-            data = [p.read_bytes() for p in photos]
             rows = [measure_level(engine, url, data, concurrency, args) for concurrency in args.concurrency]
         finally:
             server.terminate()

@@ -54,6 +54,16 @@ class Settings(BaseSettings):
                                                     "over (rolling window against the bundle's held-out reference); "
                                                     "0: off")
 
+    # Capture of classified images for the next distillation (off unless capture_dir is set).
+    capture_dir: Path | None = Field(None, description="folder to keep a sample of classified images in (opt-in; "
+                                                       "SECURITY.md says what is stored)")
+    capture_rate: float = Field(0.1, ge=0, le=1, description="share of confident images kept")
+    capture_below: float = Field(0.5, ge=0, le=1, description="images whose top probability is under this are "
+                                                              "always kept")
+    capture_max_images: int = Field(10_000, ge=1, description="images kept at most; past it nothing is written")
+    capture_max_bytes: int = Field(1 << 30, ge=1, description="bytes kept at most; past it nothing is written")
+    capture_retention_days: float = Field(30, gt=0, description="kept images older than this are deleted")
+
     # What runs the model.
     backend: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
         "auto", description="'auto': the bundle's TensorRT engine when it can run here, else onnxruntime on a GPU "

@@ -42,6 +42,9 @@ class Metrics:
                            "reference: confidence_psi (alert over 0.25), feature_shift (about 1 unmoved; alert over "
                            "3), abstain_rate, mean_entropy, window_images", [*MODEL, "figure"],
                            registry=self.registry)
+        self.captured = Counter("promptkd_captured", "classified images offered to capture, by outcome: saved, "
+                                "dropped_full (a bound reached), dropped_busy (the writer's queue full), failed "
+                                "(the folder could not be written)", ["outcome"], registry=self.registry)
         self.rejected = Counter("promptkd_rejected", "requests refused for overload or timeout", ["reason"],
                                 registry=self.registry)
         self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads

@@ -29,6 +29,7 @@ from bundle import BundleError, InputSpec, load_npy
 from . import open_inference, preprocess
 from .batcher import EngineGate, EngineStopped, Overloaded
 from .budget import MemoryBudget, OverBudget
+from .capture import Capture
 from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
@@ -55,6 +56,7 @@ class Features:
     features: np.ndarray
     errors: list[ImageError | None]
     timing: Timing
+    good: list[UploadFile]  # the uploads whose features these are, in order (capture reads them again)
 
 
 class Service:
@@ -64,6 +66,9 @@ class Service:
         self.models = Models(settings, metrics, EngineGate(settings.engine_slots))
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
                                            initializer=preprocess.yield_to_the_engine)
+        self.capture = None if settings.capture_dir is None else Capture(
+            settings.capture_dir, metrics, settings.capture_rate, settings.capture_below,
+            settings.capture_max_images, settings.capture_max_bytes, settings.capture_retention_days)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> "Service":
@@ -82,6 +87,8 @@ class Service:
     async def stop(self) -> None:
         await self.models.stop()
         self.decoders.shutdown(wait=False)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.stop)
 
     @property
     def ready(self) -> bool:
@@ -102,6 +109,7 @@ class Service:
             got = await self._features(served, uploads, "/classify", disconnected)
         probabilities = classifier.probabilities(got.features, vocabulary)
         self._observe(served, got.features, probabilities, threshold)
+        await self._capture(served, got.good, probabilities, vocabulary)
         ranked = iter(classifier.top_k(probabilities, top_k or self.settings.top_k) if len(got.features) else [])
         results = []
         for name, error in zip(got.names, got.errors):
@@ -137,6 +145,19 @@ class Service:
         abstained = probabilities.max(axis=1) < threshold if threshold is not None else np.zeros(len(features), bool)
         served.drift.observe(features, probabilities, abstained)
         self.metrics.record_drift(served.model, str(served.version), served.drift.scores())
+
+    async def _capture(self, served: Served, uploads: list[UploadFile], probabilities: np.ndarray,
+                       vocabulary: Vocabulary) -> None:
+        """Offer the drawn images to capture: their upload read again (already in memory or spooled), then queued
+        for the writer thread. No disk write happens here."""
+        if self.capture is None:
+            return
+        for upload, row in zip(uploads, probabilities):
+            best = int(row.argmax())
+            if self.capture.wants(float(row[best])):
+                await upload.seek(0)
+                data = await upload.read(self.settings.max_upload_bytes + 1)
+                self.capture.offer(data, served.model, str(served.version), vocabulary.labels[best], float(row[best]))
 
     def labels(self, model: str | None, version: str | None) -> Labels:
         vocabulary = self.models.resolve(model, version).classifier.vocabulary
@@ -185,6 +206,7 @@ class Service:
             got = await self._features(served, uploads, INFER_ROUTE, disconnected, partial=False)
         probabilities = classifier.probabilities(got.features, vocabulary)
         self._observe(served, got.features, probabilities, threshold)
+        await self._capture(served, got.good, probabilities, vocabulary)
         ranked = classifier.top_k(probabilities, k)
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
@@ -297,7 +319,7 @@ class Service:
         timing = Timing(decode_ms=1000 * (decoded - started), inference_ms=1000 * (done - decoded),
                         total_ms=1000 * (done - started))
         names = [u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads]
-        return Features(names, features, errors, timing)
+        return Features(names, features, errors, timing, [u for u, e in zip(uploads, errors) if e is None])
 
     async def _prepare(self, upload: UploadFile, spec: InputSpec) -> np.ndarray | ImageError:
         config = self.settings

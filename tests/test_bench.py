@@ -86,3 +86,15 @@ def test_domains_benchmark_serves_folded_and_shared_domains_side_by_side(tmp_pat
     assert {(r["bundles"], r["domains"]) for r in rows} == {("folded", 1), ("folded", 3), ("shared", 1), ("shared", 3)}
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["rss_loaded_mib"] > 0 for r in rows)
     assert "3 domains, shared / folded: memory" in proc.stdout
+
+
+def test_load_benchmark_measures_drift_and_capture_against_off(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/load.py", "--student-model", "PKD-Tiny-Student", "--feature-dim", "64", "--loop",
+         "--concurrency", "4", "--requests", "12", "--rounds", "2", "--variants", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "loop.json").read_text())["rows"][0]
+    assert row["off"]["errors"] == row["on"]["errors"] == 0 and row["on"]["images_per_s"] > 0
+    assert 'promptkd_captured_total{outcome="saved"} 12.0' in proc.stdout

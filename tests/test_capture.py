@@ -1,0 +1,109 @@
+"""Opt-in capture: off by default, every bound respected, files written whole with their notes, old ones swept,
+and a folder that cannot be written (missing, not a folder, a full disk) never failing a request."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server import capture as capture_module
+from server.config import Settings
+from server.main import create_app
+
+
+@pytest.fixture(scope="module")
+def photos(fmnist) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((fmnist / "test").rglob("*.png"))[:12]]
+
+
+def classify_all(settings: Settings, photos: list[bytes]) -> str:
+    """Classify every photo (two per request), then stop the server (the writer drains); returns /metrics."""
+    with TestClient(create_app(settings)) as client:
+        for start in range(0, len(photos), 2):
+            files = [("file", (f"{i}.png", data)) for i, data in enumerate(photos[start : start + 2])]
+            assert client.post("/classify", files=files).status_code == 200
+        if client.app.state.service.capture is not None:
+            client.app.state.service.capture.stop()  # waits until the writer has written what was queued
+        return client.get("/metrics").text
+
+
+def captured(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix == ".png")
+
+
+def test_capture_is_off_unless_a_folder_is_set(bundle_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    metrics = classify_all(Settings(bundle=bundle_dir), photos[:2])
+    assert list(tmp_path.iterdir()) == [] and "promptkd_captured_total{" not in metrics
+
+
+def test_every_image_is_written_whole_with_its_note(bundle_dir, photos, tmp_path):
+    folder = tmp_path / "capture"
+    metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=folder, capture_rate=1.0), photos)
+    images = captured(folder)
+    assert len(images) == len(photos) and {p.read_bytes() for p in images} == set(photos)
+    assert not [p for p in folder.rglob(".*")], "no temporary file is left behind"
+    for image in images:
+        assert image.relative_to(folder).parts[:2] == ("tiny-test", "1")
+        note = json.loads(image.with_suffix(".json").read_text())
+        assert set(note) == {"model", "version", "label", "probability", "time"} and 0 < note["probability"] <= 1
+    assert f'promptkd_captured_total{{outcome="saved"}} {float(len(photos))}' in metrics
+
+
+def test_the_bounds_and_the_lot_are_respected(bundle_dir, photos, tmp_path):
+    few = tmp_path / "few"
+    metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=few, capture_rate=1.0, capture_max_images=3),
+                           photos)
+    assert len(captured(few)) == 3 and 'outcome="dropped_full"} 9.0' in metrics
+    small = tmp_path / "small"
+    classify_all(Settings(bundle=bundle_dir, capture_dir=small, capture_rate=1.0,
+                          capture_max_bytes=len(photos[0]) + len(photos[1]) + 1), photos)
+    assert sum(p.stat().st_size for p in captured(small)) <= len(photos[0]) + len(photos[1]) + 1
+    unsure = tmp_path / "unsure"  # nothing confident is kept, every image under 100% is
+    classify_all(Settings(bundle=bundle_dir, capture_dir=unsure, capture_rate=0.0, capture_below=1.0), photos)
+    assert len(captured(unsure)) == len(photos)
+    none = tmp_path / "none"
+    classify_all(Settings(bundle=bundle_dir, capture_dir=none, capture_rate=0.0, capture_below=0.0), photos)
+    assert captured(none) == []
+
+
+def test_a_folder_that_cannot_be_written_never_fails_a_request(bundle_dir, photos, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=blocker / "capture", capture_rate=1.0), photos)
+    assert "promptkd_captured_total{" not in metrics  # capture turned itself off at start-up
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(capture_module, "_write_atomic", full_disk)
+    metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=tmp_path / "full", capture_rate=1.0), photos)
+    assert f'promptkd_captured_total{{outcome="failed"}} {float(len(photos))}' in metrics
+
+
+def test_old_images_are_swept_and_gifs_kept_as_png(tmp_path):
+    from server.metrics import Metrics
+
+    folder = tmp_path / "capture" / "m" / "1" / "2026-01-01"
+    folder.mkdir(parents=True)
+    old, new = folder / "old.png", folder / "new.png"
+    for path in (old, new):
+        path.write_bytes(b"x" * 10)
+        path.with_suffix(".json").write_text("{}")
+    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    keeper = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
+    assert keeper.images == 2
+    keeper._sweep()
+    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and keeper.images == 1
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(gif, format="GIF")
+    data, extension = capture_module._encoded(gif.getvalue())
+    assert extension == ".png" and Image.open(io.BytesIO(data)).format == "PNG"
+    keeper.stop()
