@@ -79,6 +79,8 @@ class Reference:
             if value.shape != shape or not np.issubdtype(value.dtype, np.number) or not np.isfinite(value).all():
                 raise BundleError(f"drift reference {key} must be finite numbers of shape {list(shape)}, got "
                                   f"{value.dtype} {list(value.shape)}")
+        if np.any(np.diff(values["edges"]) < 0):
+            raise BundleError("drift reference edges must be sorted")
         if int(values["images"]) < 1 or float(values["trace"]) < 0:
             raise BundleError("drift reference needs at least one image and a non-negative covariance trace")
         return cls(values["edges"].astype(np.float64), values["shares"].astype(np.float64), float(values["entropy"]),

@@ -59,11 +59,11 @@ def build_bundle(
         entries = {}
         if variants:
             held_out = images.numpy()
-            calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
+            int8_images = load_images(calibration_images, transform).numpy() if calibration_images else None
             for variant in variants:
                 try:
                     files[f"model_{variant}"], entries[variant] = add_variant(
-                        variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, calibration,
+                        variant, staging / MODEL_FILE, staging, reference, held_out, class_matrix, int8_images,
                         force_variants,
                     )
                 except VariantError as err:

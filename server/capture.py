@@ -32,6 +32,7 @@ from .metrics import Metrics
 log = logging.getLogger("promptkd.server")
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 QUEUE_IMAGES = 64
+QUEUE_BYTES = 64 << 20  # images waiting for the writer hold at most this much memory
 SWEEP_S = 600
 
 
@@ -51,6 +52,8 @@ class Capture:
         self.rate, self.below = rate, below
         self.max_images, self.max_bytes, self.retention_s = max_images, max_bytes, retention_days * 86400
         self._queue: queue.Queue[_Item | None] = queue.Queue(QUEUE_IMAGES)
+        self._queued_bytes = 0
+        self._lock = threading.Lock()  # the queued bytes: added on the event loop, removed by the writer
         self._random = random.Random()
         self.images, self.bytes = 0, 0
         self.enabled = self._usable()
@@ -72,9 +75,15 @@ class Capture:
             return False
 
     def _count_existing(self) -> None:
+        """The folder's images and bytes as they are on disk (files removed by others included)."""
+        images = size = 0
         for path in self._captured():
-            self.images += 1
-            self.bytes += path.stat().st_size
+            try:
+                size += path.stat().st_size
+                images += 1
+            except OSError:
+                continue
+        self.images, self.bytes = images, size
 
     def _captured(self) -> list[Path]:
         return [p for p in self.folder.rglob("*") if p.is_file() and p.suffix in EXTENSIONS.values()
@@ -86,15 +95,26 @@ class Capture:
 
     def offer(self, data: bytes, model: str, version: str, label: str, probability: float) -> None:
         """Queue a drawn image for the writer; never blocks, never raises (a full queue drops it)."""
+        with self._lock:
+            if self._queued_bytes + len(data) > QUEUE_BYTES:
+                self.metrics.captured.labels("dropped_busy").inc()
+                return
+            self._queued_bytes += len(data)
         try:
             self._queue.put_nowait(_Item(data, model, version, label, probability))
         except queue.Full:
+            with self._lock:
+                self._queued_bytes -= len(data)
             self.metrics.captured.labels("dropped_busy").inc()
 
     def stop(self) -> None:
         """Write what is queued, then end the writer (again: nothing)."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=10)
+            except queue.Full:  # the writer is stuck (a hung mount): it is a daemon thread, leave it
+                log.warning("the capture writer did not drain its queue; stopping without it")
+                return
             self._thread.join(timeout=10)
 
     def _write_loop(self) -> None:
@@ -104,22 +124,28 @@ class Capture:
                 self._sweep()
                 swept = time.time()
             self.metrics.captured.labels(self._write(item)).inc()
+            with self._lock:
+                self._queued_bytes -= len(item.data)
 
     def _write(self, item: _Item) -> str:
-        """Write one image and its note; the outcome for the metric."""
-        if self.images >= self.max_images or self.bytes + len(item.data) > self.max_bytes:
-            return "dropped_full"
+        """Write one image, then its note (a note never lacks its image); the outcome for the metric."""
+        image = None
         try:
             data, extension = _encoded(item.data)
+            if self.images >= self.max_images or self.bytes + len(data) > self.max_bytes:
+                return "dropped_full"
             now = datetime.now(timezone.utc)
             folder = self.folder / item.model / item.version / now.strftime("%Y-%m-%d")
             folder.mkdir(parents=True, exist_ok=True)
             name = uuid.uuid4().hex
             note = {"model": item.model, "version": item.version, "label": item.label,
                     "probability": round(item.probability, 6), "time": now.isoformat(timespec="seconds")}
+            image = folder / f"{name}{extension}"
+            _write_atomic(image, data)
             _write_atomic(folder / f"{name}.json", json.dumps(note).encode())
-            _write_atomic(folder / f"{name}{extension}", data)
         except Exception as err:  # a full disk, a vanished folder, an image Pillow cannot reopen: the writer goes on
+            if image is not None:
+                image.unlink(missing_ok=True)
             log.warning("could not capture an image into %s: %s", self.folder, err)
             return "failed"
         self.images += 1
@@ -127,18 +153,16 @@ class Capture:
         return "saved"
 
     def _sweep(self) -> None:
-        """Delete images (and their notes) older than the retention."""
+        """Delete images (and their notes) older than the retention, then count what is left on disk."""
         limit = time.time() - self.retention_s
         for path in self._captured():
             try:
-                stat = path.stat()
-                if stat.st_mtime < limit:
+                if path.stat().st_mtime < limit:
                     path.unlink()
                     path.with_suffix(".json").unlink(missing_ok=True)
-                    self.images -= 1
-                    self.bytes -= stat.st_size
             except OSError:
                 continue
+        self._count_existing()
 
 
 def _encoded(data: bytes) -> tuple[bytes, str]:

@@ -50,9 +50,9 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(0, ge=0, description="how often the repository is scanned for new, changed "
                                                           "and removed versions (seconds); 0: only at start-up "
                                                           "and on load calls")
-    drift_window: int = Field(500, ge=0, description="classified images per model version that drift is measured "
-                                                    "over (rolling window against the bundle's held-out reference); "
-                                                    "0: off")
+    drift_window: int = Field(500, ge=0, le=100_000,
+                              description="classified images per model version that drift is measured over (rolling "
+                                          "window against the bundle's held-out reference); 0: off")
 
     # Capture of classified images for the next distillation (off unless capture_dir is set).
     capture_dir: Path | None = Field(None, description="folder to keep a sample of classified images in (opt-in; "

@@ -147,17 +147,17 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
 
 def output_tensors(outputs: list[Requested], top_k: int, probabilities: np.ndarray, indices: np.ndarray,
                    labels: list[str], embeddings: np.ndarray,
-                   threshold: float | None = None) -> list[tuple[Requested, str, np.ndarray]]:
+                   abstained: np.ndarray | None = None) -> list[tuple[Requested, str, np.ndarray]]:
     """The requested outputs from the ranking (probabilities and label indices, [N, >= any k asked]) and the
-    embeddings; `classification: c` turns PROBABILITIES into Triton's "probability:index:label" strings. With a
-    `threshold`, ABSTAINED is added when it was not asked for."""
-    if threshold is not None and "ABSTAINED" not in [o.name for o in outputs]:
-        outputs = [*outputs, Requested("ABSTAINED", outputs[0].binary if outputs else False, 0)]
+    embeddings; `classification: c` turns PROBABILITIES into Triton's "probability:index:label" strings.
+    `abstained` ([N] bool, None: no threshold asked) is ABSTAINED, returned when asked for or, with a threshold,
+    when the request named no outputs."""
+    if abstained is not None and [o.name for o in outputs] == list(DEFAULT_OUTPUTS):
+        outputs = [*outputs, Requested("ABSTAINED", outputs[0].binary, 0)]
     tensors = []
     for output in outputs:
         if output.name == "ABSTAINED":
-            below = probabilities[:, 0] < threshold if threshold is not None else np.zeros(len(probabilities), bool)
-            tensors.append((output, "BOOL", below))
+            tensors.append((output, "BOOL", abstained if abstained is not None else np.zeros(len(indices), bool)))
         elif output.name == "EMBEDDING":
             tensors.append((output, "FP32", embeddings))
         elif output.classification:

@@ -208,9 +208,10 @@ class Service:
         self._observe(served, got.features, probabilities, threshold)
         await self._capture(served, got.good, probabilities, vocabulary)
         ranked = classifier.top_k(probabilities, k)
+        abstained = probabilities.max(axis=1) < threshold if threshold is not None else None  # as /classify decides
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
-            np.array([r.indices for r in ranked]), vocabulary.labels, got.features, threshold)
+            np.array([r.indices for r in ranked]), vocabulary.labels, got.features, abstained)
         parameters = {"labels_version": vocabulary.version,
                       **({"min_confidence": threshold} if threshold is not None else {})}
         return open_inference.encode_response(name, str(served.version), request.id, parameters, tensors)

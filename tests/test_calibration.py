@@ -83,6 +83,17 @@ def test_export_records_calibration_from_class_folders(bundle_dir):
     assert written["schema_version"] == 3 and "calibration" in written
 
 
+def test_an_export_with_int8_calibration_images_keeps_its_calibrated_confidence(distilled, fmnist, tmp_path):
+    from export.build import build_bundle
+    from training.data.datasets import find_images
+
+    manifest = build_bundle(distilled, tmp_path / "b", find_images(fmnist / "test")[:24], variants=("optimized",),
+                            calibration_images=find_images(fmnist / "train")[:16])
+    bundle = read_bundle(tmp_path / "b")
+    assert manifest.calibration is not None and bundle.manifest.calibration == manifest.calibration
+    assert bundle.drift is not None and bundle.drift.images == 24
+
+
 def test_both_apis_abstain_under_the_threshold_asked(bundle_dir, fmnist):
     photos = sorted((fmnist / "test").rglob("*.png"))[:6]
     files = [("file", (p.name, p.read_bytes())) for p in photos]
