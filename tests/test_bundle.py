@@ -31,7 +31,7 @@ def test_export_writes_a_complete_verified_bundle(bundle_dir):
     assert m.input.image_size == 32 and m.input.resize_mode == "shortest"
     assert m.parity.images == 32 and m.parity.min_cosine >= 0.9999 and m.parity.top1_agreement == 1.0
     assert m.provenance.student_model == "PKD-Tiny-Student"
-    assert set(m.files) == {"model", "labels", "class_vectors", "parity_inputs", "parity_features"}
+    assert set(m.files) == {"model", "labels", "class_vectors", "parity_inputs", "parity_features", "drift_reference"}
     inputs, features = bundle.parity_set()
     assert inputs.shape == (32, 3, 32, 32) and features.shape == (32, 64)
     session = ort.InferenceSession(str(bundle.model_path()), providers=["CPUExecutionProvider"])
