@@ -11,15 +11,13 @@ L2-normalised; its BatchNorm is folded into w1 and b1 at export. The int8 varian
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from .io import BundleError, load_npy, safe_member, sha256_file
+from .io import BundleError, load_npy, read_manifest, verify_files
 from .manifest import BACKBONE_MANIFEST, BACKBONE_SCHEMA, BACKBONES_DIR, BackboneManifest, BackboneRef
 
 HEAD_KEYS = ("w1", "b1", "w2", "b2")
@@ -107,20 +105,8 @@ def backbone_folder(repository: Path, sha256: str) -> Path:
 
 def read_backbone(folder: Path) -> Backbone:
     """Load and verify a backbone folder (manifest, every file's checksum); BundleError says what is wrong."""
-    path = folder / BACKBONE_MANIFEST
-    if not path.is_file():
-        raise BundleError(f"no {BACKBONE_MANIFEST} in {folder}: is this a backbone folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or raw.get("schema_version") != BACKBONE_SCHEMA:
-        found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"backbone schema version {found!r} is not supported (this server reads {BACKBONE_SCHEMA})")
-    try:
-        manifest = BackboneManifest.model_validate(raw)
-    except ValidationError as err:
-        raise BundleError(f"{path} is malformed: {err}") from err
+    manifest = read_manifest(folder / BACKBONE_MANIFEST, BackboneManifest, (BACKBONE_SCHEMA,), BACKBONE_SCHEMA,
+                             "backbone", "backbone folder")
     if manifest.sha256 != folder.name:
         raise BundleError(f"backbone folder {folder.name} holds backbone {manifest.sha256}: folders are named by "
                           "the sha256 of their weights")
@@ -128,13 +114,7 @@ def read_backbone(folder: Path) -> Backbone:
     missing += [f"{v.file} (variant {name})" for name, v in manifest.variants.items() if v.file not in manifest.files]
     if missing:
         raise BundleError(f"backbone manifest lists no file for: {', '.join(missing)}")
-    for role, entry in manifest.files.items():
-        member = safe_member(folder, entry.path)
-        if not member.is_file():
-            raise BundleError(f"backbone file for {role!r} is missing: {member}")
-        if sha256_file(member) != entry.sha256:
-            raise BundleError(f"checksum mismatch for backbone {role!r} ({entry.path}): the file was changed or "
-                              "damaged")
+    verify_files(folder, manifest.files, "backbone")
     return Backbone(folder, manifest)
 
 

@@ -13,16 +13,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
     from .domain import Head
     from .drift import Reference
 from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest, Variant
 
+M = TypeVar("M", bound=BaseModel)
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
 DOMAIN_ROLES = ("prompts", "projector", "labels", "class_vectors")  # a domain bundle's graph is its backbone's
 
@@ -130,24 +131,41 @@ def safe_member(folder: Path, name: str) -> Path:
     return path
 
 
+def read_manifest(path: Path, model: type[M], readable: tuple[int, ...], writes: int, what: str, kind: str) -> M:
+    """A manifest file (`what`: "bundle" or "backbone") as `model`, its schema version among `readable`;
+    BundleError says what is wrong."""
+    if not path.is_file():
+        raise BundleError(f"no {path.name} in {path.parent}: is this a {kind}?")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or raw.get("schema_version") not in readable:
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise BundleError(f"{what} schema version {found!r} is not supported (this server reads "
+                          f"{', '.join(map(str, readable))}; it writes {writes})")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise BundleError(f"{path} is malformed: {err}") from err
+
+
+def verify_files(folder: Path, files: dict[str, FileEntry], what: str) -> None:
+    """Every file a manifest lists is inside `folder`, present and has its recorded sha256."""
+    for role, entry in files.items():
+        path = safe_member(folder, entry.path)
+        if not path.is_file():
+            raise BundleError(f"{what} file for {role!r} is missing: {path}")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"checksum mismatch for {role!r} ({entry.path}) of the {what}: the file was changed "
+                              "or damaged")
+
+
 def read_bundle(folder: Path) -> Bundle:
     """Load and verify a bundle; raises BundleError with a message that says what is wrong."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise BundleError(f"no {MANIFEST_NAME} in {folder}: is this a model bundle?")
-    try:
-        raw = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or raw.get("schema_version") not in READABLE_SCHEMAS:
-        found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"bundle schema version {found!r} is not supported (this server reads "
-                          f"{', '.join(map(str, READABLE_SCHEMAS))}; it writes {SCHEMA_VERSION})")
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as err:
-        raise BundleError(f"{manifest_path} is malformed: {err}") from err
+    manifest = read_manifest(folder / MANIFEST_NAME, Manifest, READABLE_SCHEMAS, SCHEMA_VERSION, "bundle",
+                             "model bundle")
     domain = manifest.backbone is not None
     missing = [role for role in (DOMAIN_ROLES if domain else REQUIRED_ROLES) if role not in manifest.files]
     if not domain:  # a domain's variants name files of its backbone
@@ -155,12 +173,7 @@ def read_bundle(folder: Path) -> Bundle:
                     if v.file not in manifest.files]
     if missing:
         raise BundleError(f"manifest lists no file for: {', '.join(missing)}")
-    for role, entry in manifest.files.items():
-        path = safe_member(folder, entry.path)
-        if not path.is_file():
-            raise BundleError(f"bundle file for {role!r} is missing: {path}")
-        if sha256_file(path) != entry.sha256:
-            raise BundleError(f"checksum mismatch for {role!r} ({entry.path}): the file was changed or damaged")
+    verify_files(folder, manifest.files, "bundle")
 
     try:
         labels = json.loads(safe_member(folder, manifest.files["labels"].path).read_text())

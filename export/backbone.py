@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from bundle import (
-    BACKBONE_MANIFEST, Backbone, BackboneManifest, BackboneRef, BackboneVariant, InputSpec, PromptShape,
+    BACKBONE_MANIFEST, Backbone, BackboneManifest, BackboneRef, BackboneVariant, PromptShape,
     backbone_folder, check_fits, file_entry, read_backbone,
 )
 from training.prompts import PromptedVisionTower
 from training.towers import Preprocess
 
+from .build import EXPORTER, input_spec
 from .onnx_export import export_backbone
 from .variants import DEVICE, NON_SATURATING_INT8, PRECISION, VariantError, build_variant
 
@@ -101,9 +102,8 @@ def _export(
                                         cpu_features=NON_SATURATING_INT8 if name == "int8_vnni" else ())
     return BackboneManifest(
         sha256=sha, student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
-        input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std, resize_mode=pre.resize_mode,
-                        interpolation=pre.interpolation),
+        input=input_spec(pre),
         prompts=prompt_shape(tower), tower_dim=tower.output_dim,
         files={role: file_entry(staging, name) for role, name in files.items()}, variants=entries,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), exporter="promptkd-serve export/1",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), exporter=EXPORTER,
     )

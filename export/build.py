@@ -17,6 +17,8 @@ from bundle import (
 )
 from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
+from training.student import Student
+from training.towers import Preprocess
 from training.transforms import eval_transform
 
 from .calibration import calibration_for, write_reference
@@ -26,6 +28,7 @@ from .variants import VariantError, add_variant
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "student.onnx"
+EXPORTER = "promptkd-serve export/1"
 
 
 def build_bundle(
@@ -40,11 +43,7 @@ def build_bundle(
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
     if parity_set < 0:
         raise ValueError(f"--parity-set must be 0 or more, got {parity_set}")
-    student, pre, cfg = load_checkpoint(checkpoint)
-    vectors = ClassVectors.load(class_vectors or Path(cfg["class_vectors"]))
-    if vectors.vectors.shape[1] != cfg["teacher_dim"]:
-        raise BundleError(f"class vectors are {vectors.vectors.shape[1]}-d, the student projects to "
-                          f"{cfg['teacher_dim']}-d")
+    student, pre, cfg, vectors = load_student(checkpoint, class_vectors)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
@@ -78,8 +77,7 @@ def build_bundle(
                 staging / MODEL_FILE, inputs, ["CPUExecutionProvider"])))
         manifest = Manifest(
             name=name or out.name,
-            input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
-                            resize_mode=pre.resize_mode, interpolation=pre.interpolation),
+            input=input_spec(pre),
             feature_dim=int(vectors.vectors.shape[1]),
             logit_scale=vectors.logit_scale,
             num_labels=len(vectors.classnames),
@@ -87,14 +85,7 @@ def build_bundle(
             parity=parity,
             variants=entries,
             calibration=calibration,
-            provenance=Provenance(
-                teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
-                student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
-                prompt_tokens=cfg["prompt_tokens"], prompt_depth=cfg["prompt_depth"],
-                class_vectors_source=json.dumps(vectors.meta, sort_keys=True),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                exporter="promptkd-serve export/1",
-            ),
+            provenance=provenance(cfg, vectors),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         staging.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
@@ -102,6 +93,33 @@ def build_bundle(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def load_student(checkpoint: Path, class_vectors: Path | None) -> tuple[Student, Preprocess, dict, ClassVectors]:
+    """The distilled student, its preprocessing and run config, and the class vectors it ranks against (default:
+    those it was distilled with), checked to have the width it projects to."""
+    student, pre, cfg = load_checkpoint(checkpoint)
+    vectors = ClassVectors.load(class_vectors or Path(cfg["class_vectors"]))
+    if vectors.vectors.shape[1] != cfg["teacher_dim"]:
+        raise BundleError(f"class vectors are {vectors.vectors.shape[1]}-d, the student projects to "
+                          f"{cfg['teacher_dim']}-d")
+    return student, pre, cfg, vectors
+
+
+def input_spec(pre: Preprocess) -> InputSpec:
+    return InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std, resize_mode=pre.resize_mode,
+                     interpolation=pre.interpolation)
+
+
+def provenance(cfg: dict, vectors: ClassVectors) -> Provenance:
+    """Where a bundle comes from: the towers and weights, the prompt shape, the class vectors' source, when."""
+    return Provenance(
+        teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
+        student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
+        prompt_tokens=cfg["prompt_tokens"], prompt_depth=cfg["prompt_depth"],
+        class_vectors_source=json.dumps(vectors.meta, sort_keys=True),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), exporter=EXPORTER,
+    )
 
 
 def write_parity_set(folder: Path, images: np.ndarray, count: int,

@@ -9,12 +9,10 @@ projector in numpy against the PyTorch student, and each backbone variant agains
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +20,18 @@ import torch
 from torch import nn
 
 from bundle import (
-    MANIFEST_NAME, Backbone, BundleError, Calibration, Head, InputSpec, Manifest, Provenance, Variant, file_entry,
+    MANIFEST_NAME, Backbone, BundleError, Calibration, Head, Manifest, Variant, file_entry,
     publish, write_labels_and_vectors,
 )
 from bundle.manifest import MODEL_NAME
 from bundle.parity import compare
-from training.checkpoint import load_checkpoint
 from training.class_vectors import ClassVectors
 from training.student import Projector, Student
 from training.transforms import eval_transform
 
 from .backbone import ensure_backbone
 from .calibration import calibration_for, write_reference
-from .build import write_parity_set
+from .build import input_spec, load_student, provenance, write_parity_set
 from .parity import check, load_images, run_graph
 from .variants import VariantError, judge, providers_for
 
@@ -100,11 +97,7 @@ def build_domain(
     out = repository / model / str(version)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    student, pre, cfg = load_checkpoint(checkpoint)
-    vectors = ClassVectors.load(class_vectors or Path(cfg["class_vectors"]))
-    if vectors.vectors.shape[1] != cfg["teacher_dim"]:
-        raise BundleError(f"class vectors are {vectors.vectors.shape[1]}-d, the student projects to "
-                          f"{cfg['teacher_dim']}-d")
+    student, pre, cfg, vectors = load_student(checkpoint, class_vectors)
     transform = eval_transform(pre)
     images = load_images(parity_images, transform)
     calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
@@ -177,19 +170,12 @@ def _publish(
             files.update(write_parity_set(staging, images, parity_set, runner.features))
         manifest = Manifest(
             name=model,
-            input=InputSpec(image_size=pre.image_size, mean=pre.mean, std=pre.std,
-                            resize_mode=pre.resize_mode, interpolation=pre.interpolation),
+            input=input_spec(pre),
             feature_dim=int(vectors.vectors.shape[1]), logit_scale=vectors.logit_scale,
             num_labels=len(vectors.classnames),
             files={role: file_entry(staging, name) for role, name in files.items()},
             parity=parity, variants=entries, backbone=runner.backbone.manifest.ref(), calibration=calibration,
-            provenance=Provenance(
-                teacher_model=cfg["teacher_model"], teacher_pretrained=cfg["teacher_pretrained"],
-                student_model=cfg["student_model"], student_pretrained=cfg["student_pretrained"],
-                prompt_tokens=cfg["prompt_tokens"], prompt_depth=cfg["prompt_depth"],
-                class_vectors_source=json.dumps(vectors.meta, sort_keys=True),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), exporter="promptkd-serve export/1",
-            ),
+            provenance=provenance(cfg, vectors),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json())
         staging.chmod(0o755)

@@ -83,6 +83,7 @@ def test_a_served_model_alerts_on_inverted_photos_and_not_on_photos_like_its_own
     with TestClient(create_app(Settings(bundle=reference_bundle, drift_window=80))) as client:
         same = _post_all(client, photos)
         assert same["images"] == 80 and not same["alerting"], same
+        assert same["alert_levels"] == {"confidence_psi": 0.25, "feature_shift": 3.0}  # the documented levels
         assert same["confidence_psi"] < PSI_ALERT and same["feature_shift"] < SHIFT_ALERT
         metrics = client.get("/metrics").text
         assert 'promptkd_drift{figure="feature_shift",model="tiny-test",version="1"}' in metrics
