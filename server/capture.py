@@ -4,11 +4,11 @@ Off unless PROMPTKD_CAPTURE_DIR is set. A classified image is kept with probabil
 when its top probability is under PROMPTKD_CAPTURE_BELOW (the images the model is least sure of teach the next one
 most). The request only draws the lot and puts the image's bytes on a bounded queue (a full queue drops it); one
 writer thread does the rest, so a request never waits on a disk. Each image is written atomically (a hidden
-temporary file renamed in) as `<dir>/<model>/<version>/<day>/<id>.<ext>` with `<id>.json` beside it (model,
-version, top label, its probability, time; nothing about the client). Past PROMPTKD_CAPTURE_MAX_IMAGES or
-PROMPTKD_CAPTURE_MAX_BYTES nothing more is written; files older than PROMPTKD_CAPTURE_RETENTION_DAYS are deleted.
-A folder that cannot be written (read-only, missing, full) never fails a request: capture turns itself off or
-drops the image, counted in promptkd_captured_total{outcome}.
+temporary file renamed in) as `<dir>/<model>/<version>/<day>/<time>-<id>.<ext>` (names sort in arrival order) with
+`<id>.json` beside it (model, version, top label, its probability, time; nothing about the client). Past
+PROMPTKD_CAPTURE_MAX_IMAGES or PROMPTKD_CAPTURE_MAX_BYTES nothing more is written; files older than
+PROMPTKD_CAPTURE_RETENTION_DAYS are deleted. A folder that cannot be written (read-only, missing, full) never fails
+a request: capture turns itself off or drops the image, counted in promptkd_captured_total{outcome}.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ class Capture:
             now = datetime.now(timezone.utc)
             folder = self.folder / item.model / item.version / now.strftime("%Y-%m-%d")
             folder.mkdir(parents=True, exist_ok=True)
-            name = uuid.uuid4().hex
+            name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts in arrival order, never collides
             note = {"model": item.model, "version": item.version, "label": item.label,
                     "probability": round(item.probability, 6), "time": now.isoformat(timespec="seconds")}
             image = folder / f"{name}{extension}"
