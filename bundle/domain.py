@@ -11,13 +11,14 @@ L2-normalised; its BatchNorm is folded into w1 and b1 at export. The int8 varian
 """
 from __future__ import annotations
 
+import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import BundleError, load_npy, read_manifest, verify_files
+from .io import BundleError, load_npy, read_manifest, read_verified, variant_role, verify_files
 from .manifest import BACKBONE_MANIFEST, BACKBONE_SCHEMA, BACKBONES_DIR, BackboneManifest, BackboneRef
 
 HEAD_KEYS = ("w1", "b1", "w2", "b2")
@@ -42,9 +43,10 @@ class Head:
         np.savez(path, **{key: np.ascontiguousarray(getattr(self, key), dtype=np.float32) for key in HEAD_KEYS})
 
     @classmethod
-    def load(cls, path: Path, tower_dim: int, feature_dim: int) -> "Head":
-        """The projector file, checked against the backbone's output width and the bundle's feature width."""
-        values = read_arrays(path, HEAD_KEYS, "projector")
+    def load(cls, source: Path | bytes, tower_dim: int, feature_dim: int) -> "Head":
+        """The projector file (or its verified bytes), checked against the backbone's output width and the bundle's
+        feature width."""
+        values = read_arrays(source, HEAD_KEYS, "projector")
         hidden = values["w1"].shape[0] if values["w1"].ndim == 2 else -1
         expected = {"w1": (hidden, tower_dim), "b1": (hidden,), "w2": (feature_dim, hidden), "b2": (feature_dim,)}
         for key, shape in expected.items():
@@ -57,11 +59,12 @@ class Head:
         return cls(**{key: np.ascontiguousarray(value, dtype=np.float32) for key, value in values.items()})
 
 
-def read_arrays(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    """Exactly `keys` from an uncompressed .npz (what np.savez writes): each member is read as a plain .npy (never a
-    pickle), and only stored members are accepted, so nothing unpacks to more than the file's own size."""
+def read_arrays(source: Path | bytes, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """Exactly `keys` from an uncompressed .npz (what np.savez writes; a path, or the bytes read_verified checked):
+    each member is read as a plain .npy (never a pickle), and only stored members are accepted, so nothing unpacks
+    to more than the file's own size."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
             if sorted(members) != sorted(keys):
                 raise BundleError(f"{what} file must hold exactly {', '.join(keys)}; it holds "
@@ -75,10 +78,10 @@ def read_arrays(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.nd
         raise BundleError(f"{what} file is not a readable .npz of arrays: {err}") from None
 
 
-def load_prompts(path: Path, ref: BackboneRef) -> np.ndarray:
+def load_prompts(source: Path | bytes, ref: BackboneRef) -> np.ndarray:
     """The domain's prompts [depth, tokens, width], float32 and finite, in the shape its manifest declares."""
     shape = (ref.prompts.depth, ref.prompts.tokens, ref.prompts.width)
-    prompts = load_npy(path, "prompts", shape)
+    prompts = load_npy(source, "prompts", shape)
     if not np.issubdtype(prompts.dtype, np.floating) or not np.isfinite(prompts).all():
         raise BundleError(f"prompts must be finite floating point numbers, got {prompts.dtype}")
     return np.ascontiguousarray(prompts, dtype=np.float32)
@@ -89,14 +92,19 @@ class Backbone:
     folder: Path
     manifest: BackboneManifest
 
+    def graph_role(self, variant: str = "fp32") -> str:
+        """The manifest role of a variant's graph ("fp32" is the exported graph itself, role "model")."""
+        return variant_role(self.manifest.variants, variant, f"backbone {self.manifest.sha256[:12]}")
+
     def model_path(self, variant: str = "fp32") -> Path:
-        files = self.manifest.files
-        if variant == "fp32":
-            return self.folder / files["model"].path
-        if variant not in self.manifest.variants:
-            have = ", ".join(["fp32", *self.manifest.variants])
-            raise BundleError(f"backbone {self.manifest.sha256[:12]} has no {variant!r} variant (it has: {have})")
-        return self.folder / files[self.manifest.variants[variant].file].path
+        """Where a variant's graph lies, for tools; what a server loads is `graph_bytes`, verified as it is read."""
+        return self.folder / self.manifest.files[self.graph_role(variant)].path
+
+    def graph_bytes(self, variant: str = "fp32") -> bytes:
+        """A variant's graph as the bytes its manifest entry's size and sha256 describe, read once: read_backbone
+        verified the folder when it was read, and the graph may have been replaced since."""
+        role = self.graph_role(variant)
+        return read_verified(self.folder, role, self.manifest.files[role], "backbone")
 
 
 def backbone_folder(repository: Path, sha256: str) -> Path:

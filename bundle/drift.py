@@ -70,8 +70,9 @@ class Reference:
                  images=np.int64(self.images))
 
     @classmethod
-    def load(cls, path: Path, feature_dim: int) -> "Reference":
-        values = read_arrays(path, KEYS, "drift reference")
+    def load(cls, source: Path | bytes, feature_dim: int) -> "Reference":
+        """The reference file (or the verified bytes of it), checked against the bundle's feature width."""
+        values = read_arrays(source, KEYS, "drift reference")
         shapes = {"edges": (BINS - 1,), "shares": (BINS,), "entropy": (), "mean": (feature_dim,), "trace": (),
                   "images": ()}
         for key, shape in shapes.items():

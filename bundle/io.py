@@ -1,6 +1,8 @@
 """Write and read model bundles: a folder with manifest.json, labels.json, class_vectors.npy and the graph.
 
-Reading verifies every checksum and shape, so a server never starts on a tampered or half-copied bundle.
+Reading verifies every checksum and shape, so a server never starts on a tampered or half-copied bundle. Every file
+is parsed (or handed to a runtime) from the very bytes whose size and sha256 were checked (`read_verified`), never
+opened again by path: a file replaced after its check is refused, not served.
 """
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -21,9 +24,12 @@ from pydantic import BaseModel, ValidationError
 if TYPE_CHECKING:
     from .domain import Head
     from .drift import Reference
-from .manifest import MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, FileEntry, Manifest, Variant
+from .manifest import (
+    MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, BackboneVariant, FileEntry, Manifest, Variant,
+)
 
 M = TypeVar("M", bound=BaseModel)
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; reading one stops here
 REQUIRED_ROLES = ("model", "labels", "class_vectors")
 DOMAIN_ROLES = ("prompts", "projector", "labels", "class_vectors")  # a domain bundle's graph is its backbone's
 
@@ -56,13 +62,16 @@ class Bundle:
     drift: Reference | None = None  # the held-out images' statistics drift is measured against (bundle.drift)
 
     def parity_set(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The bundle's parity set (float32 inputs [n, 3, S, S], fp32 features [n, feature_dim]), or None."""
+        """The bundle's parity set (float32 inputs [n, 3, S, S], fp32 features [n, feature_dim]), or None. Read
+        when asked (at start-up checks), so verified again then: the file may have changed since read_bundle."""
         files = self.manifest.files
         if "parity_inputs" not in files or "parity_features" not in files:
             return None
         size = self.manifest.input.image_size
-        inputs = load_npy(self.folder / files["parity_inputs"].path, "parity inputs")
-        features = load_npy(self.folder / files["parity_features"].path, "parity features")
+        inputs = load_npy(read_verified(self.folder, "parity_inputs", files["parity_inputs"], "bundle"),
+                          "parity inputs")
+        features = load_npy(read_verified(self.folder, "parity_features", files["parity_features"], "bundle"),
+                            "parity features")
         if inputs.ndim != 4 or inputs.shape[1:] != (3, size, size) or inputs.dtype != np.float16:
             raise BundleError(f"parity inputs must be float16 [n, 3, {size}, {size}], got {inputs.dtype} "
                               f"{list(inputs.shape)}")
@@ -71,16 +80,30 @@ class Bundle:
                               f"{list(features.shape)}")
         return inputs.astype(np.float32), features.astype(np.float32, copy=False)
 
-    def model_path(self, variant: str = "fp32") -> Path:
-        """The graph of a variant ("fp32" is the exported graph itself)."""
+    def graph_role(self, variant: str = "fp32") -> str:
+        """The manifest role of a variant's graph ("fp32" is the exported graph itself, role "model")."""
         if self.manifest.backbone is not None:
             raise BundleError("a domain bundle has no graph of its own: its graphs are its backbone's")
-        if variant == "fp32":
-            return self.folder / self.manifest.files["model"].path
-        if variant not in self.manifest.variants:
-            have = ", ".join(["fp32", *self.manifest.variants])
-            raise BundleError(f"bundle has no {variant!r} variant (it has: {have})")
-        return self.folder / self.manifest.files[self.manifest.variants[variant].file].path
+        return variant_role(self.manifest.variants, variant, "bundle")
+
+    def model_path(self, variant: str = "fp32") -> Path:
+        """Where a variant's graph lies, for tools; what a server loads is `graph_bytes`, verified as it is read."""
+        return self.folder / self.manifest.files[self.graph_role(variant)].path
+
+    def graph_bytes(self, variant: str = "fp32") -> bytes:
+        """A variant's graph (or engine) as the bytes its manifest entry's size and sha256 describe, read once:
+        what a runtime loads is what was verified, whatever happens to the file afterwards."""
+        role = self.graph_role(variant)
+        return read_verified(self.folder, role, self.manifest.files[role], "bundle")
+
+
+def variant_role(variants: Mapping[str, Variant | BackboneVariant], variant: str, what: str) -> str:
+    """The files role of a variant's graph: "model" for fp32, else the variant's `file`; BundleError if absent."""
+    if variant == "fp32":
+        return "model"
+    if variant not in variants:
+        raise BundleError(f"{what} has no {variant!r} variant (it has: {', '.join(['fp32', *variants])})")
+    return variants[variant].file
 
 
 def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
@@ -137,28 +160,79 @@ def read_manifest(path: Path, model: type[M], readable: tuple[int, ...], writes:
     if not path.is_file():
         raise BundleError(f"no {path.name} in {path.parent}: is this a {kind}?")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from err
+        with path.open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+        raw = json.loads(data)
+    except OSError as err:
+        raise BundleError(f"{path} cannot be read: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, a number past int()'s digits, too deep
+        raise BundleError(f"{path} is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(raw, dict) or raw.get("schema_version") not in readable:
         found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise BundleError(f"{what} schema version {found!r} is not supported (this server reads "
+        shown = repr(found)[:40] if not isinstance(found, int) or abs(found) < 10**40 else "(a huge number)"
+        raise BundleError(f"{what} schema version {shown} is not supported (this server reads "
                           f"{', '.join(map(str, readable))}; it writes {writes})")
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        raise BundleError(f"{path} is malformed: {err}") from err
+        raise BundleError(f"{path} is malformed: {str(err)[:2000]}") from None
+
+
+def _open_member(folder: Path, role: str, entry: FileEntry, what: str) -> BinaryIO:
+    """A manifest's file opened for reading, refused unless it is a regular file of the recorded size (checked on
+    the open file, so nothing of a larger file is read; opened non-blocking, so a FIFO cannot hang the reader)."""
+    path = safe_member(folder, entry.path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BundleError(f"{what} file for {role!r} is missing: {path}") from None
+    except OSError as err:
+        raise BundleError(f"{what} file for {role!r} ({entry.path}) cannot be read: {err}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BundleError(f"{what} file for {role!r} ({entry.path}) is not a regular file")
+    if info.st_size != entry.bytes:
+        os.close(fd)
+        raise BundleError(f"size mismatch for {role!r} ({entry.path}) of the {what}: {info.st_size} bytes, the "
+                          f"manifest records {entry.bytes}: the file was changed or damaged")
+    return os.fdopen(fd, "rb")
+
+
+def _check_read(role: str, entry: FileEntry, what: str, size: int, sha256: str) -> None:
+    if size != entry.bytes:
+        raise BundleError(f"size mismatch for {role!r} ({entry.path}) of the {what}: it changed while being read "
+                          f"({size} bytes, the manifest records {entry.bytes})")
+    if sha256 != entry.sha256:
+        raise BundleError(f"checksum mismatch for {role!r} ({entry.path}) of the {what}: the file was changed "
+                          "or damaged")
+
+
+def read_verified(folder: Path, role: str, entry: FileEntry, what: str) -> bytes:
+    """A manifest's file (`role` of the `what`, "bundle" or "backbone"), read once into memory and checked against
+    its recorded size and sha256: parse these bytes, never the file again, so a file swapped after the check is
+    never used. At most `entry.bytes` + 1 bytes are read."""
+    with _open_member(folder, role, entry, what) as f:
+        data = f.read(entry.bytes + 1)
+    _check_read(role, entry, what, len(data), hashlib.sha256(data).hexdigest())
+    return data
 
 
 def verify_files(folder: Path, files: dict[str, FileEntry], what: str) -> None:
-    """Every file a manifest lists is inside `folder`, present and has its recorded sha256."""
+    """Every file a manifest lists is inside `folder`, present and has its recorded size and sha256: the bundle is
+    complete and intact now. Hashed in chunks (graphs are large); whatever is parsed later is verified again as it
+    is read (read_verified)."""
     for role, entry in files.items():
-        path = safe_member(folder, entry.path)
-        if not path.is_file():
-            raise BundleError(f"{what} file for {role!r} is missing: {path}")
-        if sha256_file(path) != entry.sha256:
-            raise BundleError(f"checksum mismatch for {role!r} ({entry.path}) of the {what}: the file was changed "
-                              "or damaged")
+        digest, size = hashlib.sha256(), 0
+        with _open_member(folder, role, entry, what) as f:
+            while chunk := f.read(min(1 << 20, entry.bytes + 1 - size)):
+                digest.update(chunk)
+                size += len(chunk)
+                if size > entry.bytes:
+                    break
+        _check_read(role, entry, what, size, digest.hexdigest())
 
 
 def read_bundle(folder: Path) -> Bundle:
@@ -175,14 +249,16 @@ def read_bundle(folder: Path) -> Bundle:
         raise BundleError(f"manifest lists no file for: {', '.join(missing)}")
     verify_files(folder, manifest.files, "bundle")
 
+    def verified(role: str) -> bytes:
+        return read_verified(folder, role, manifest.files[role], "bundle")
+
     try:
-        labels = json.loads(safe_member(folder, manifest.files["labels"].path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"labels file is not valid JSON: {err}") from err
+        labels = json.loads(verified("labels"))
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past the parser's depth
+        raise BundleError(f"labels file is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise BundleError("labels file must be a JSON list of strings")
-    vectors = load_npy(safe_member(folder, manifest.files["class_vectors"].path), "class vectors",
-                       (len(labels), manifest.feature_dim))
+    vectors = load_npy(verified("class_vectors"), "class vectors", (len(labels), manifest.feature_dim))
     check_vectors(vectors, labels, manifest.feature_dim)
     if len(labels) != manifest.num_labels:
         raise BundleError(f"manifest says {manifest.num_labels} labels, labels file has {len(labels)}")
@@ -190,14 +266,13 @@ def read_bundle(folder: Path) -> Bundle:
     if "drift_reference" in manifest.files:
         from .drift import Reference  # drift.py builds on this module
 
-        bundle.drift = Reference.load(safe_member(folder, manifest.files["drift_reference"].path), manifest.feature_dim)
+        bundle.drift = Reference.load(verified("drift_reference"), manifest.feature_dim)
     if domain:
         from .domain import Head, load_prompts  # domain.py builds on this module
 
         ref = manifest.backbone
-        bundle.prompts = load_prompts(safe_member(folder, manifest.files["prompts"].path), ref)
-        bundle.head = Head.load(safe_member(folder, manifest.files["projector"].path), ref.tower_dim,
-                                manifest.feature_dim)
+        bundle.prompts = load_prompts(verified("prompts"), ref)
+        bundle.head = Head.load(verified("projector"), ref.tower_dim, manifest.feature_dim)
     return bundle
 
 

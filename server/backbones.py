@@ -177,14 +177,16 @@ class Backbones:
                               f"({backbone.manifest.input})")
         return backbone
 
-    async def _acquire(self, backbone: Backbone, variant: str, open_graph: Callable[[Path], Session]) -> Engine:
-        """The engine of this graph (a rewritten graph file is another engine), one more domain on it."""
-        role = "model" if variant == "fp32" else backbone.manifest.variants[variant].file
-        key = (backbone.manifest.sha256, variant, backbone.manifest.files[role].sha256)
+    async def _acquire(self, backbone: Backbone, variant: str,
+                       open_graph: Callable[[bytes, str], Session]) -> Engine:
+        """The engine of this graph (a rewritten graph file is another engine), one more domain on it; the graph is
+        loaded from the bytes of the file verified against that sha256, read in the worker thread."""
+        key = (backbone.manifest.sha256, variant, backbone.manifest.files[backbone.graph_role(variant)].sha256)
         async with self._lock:
             engine = self.engines.get(key)
             if engine is None:
-                session = await asyncio.to_thread(open_graph, backbone.model_path(variant))
+                session = await asyncio.to_thread(
+                    lambda: open_graph(backbone.graph_bytes(variant), str(backbone.model_path(variant))))
                 if len(session.extra_shapes) != 1:
                     raise BundleError(f"backbone {key[0][:12]} {variant} graph does not take prompts as an input")
                 max_batch = min(self.settings.max_batch_size, session.max_batch or self.settings.max_batch_size)

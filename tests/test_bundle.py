@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bundle import MANIFEST_NAME, BundleError, read_bundle, sha256_file
+from bundle import MANIFEST_NAME, BundleError, file_entry, read_bundle, sha256_file
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_inconsistent_vectors_are_refused_even_with_a_matching_checksum(copy):
     vectors = np.load(copy / "class_vectors.npy")
     np.save(copy / "class_vectors.npy", vectors[:, :10])
     m = _manifest(copy)
-    m["files"]["class_vectors"]["sha256"] = sha256_file(copy / "class_vectors.npy")
+    m["files"]["class_vectors"] = file_entry(copy, "class_vectors.npy").model_dump()  # its sha256 and size
     _rewrite(copy, m)
     with pytest.raises(BundleError, match=r"shape \(10, 10\), expected \(10, 64\)"):
         read_bundle(copy)

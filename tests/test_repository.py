@@ -26,11 +26,17 @@ TOKEN = "repository-token-0123456789abcdef0123"
 
 
 def corrupt_copy(source: Path, target: Path) -> Path:
-    """A bundle whose graph no longer matches its checksum, as a half-copied or damaged upload would be."""
+    """A bundle whose graph no longer matches its checksum, as a damaged upload would be."""
     shutil.copytree(source, target)
-    with (target / "student.onnx").open("ab") as graph:
-        graph.write(b"damaged")
+    damage(target / "student.onnx")
     return target
+
+
+def damage(path: Path) -> None:
+    """Overwrite a file's last bytes in place: its size stays, its checksum does not."""
+    with path.open("r+b") as graph:
+        graph.seek(-7, os.SEEK_END)
+        graph.write(b"damaged")
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +203,7 @@ def _roll_back_and_forward_and_rewrite_in_place(client, call, version, root: Pat
     time.sleep(1)  # the replaced instance drains
     assert re.search(r'promptkd_serving\{model="fmnist",runtime="[^"]+",variant="fp32",version="2"\} 1.0',
                      client.get("/metrics").text)
-    with (root / "fmnist" / "2" / "student.onnx").open("ab") as graph:
-        graph.write(b"damaged")
+    damage(root / "fmnist" / "2" / "student.onnx")
     assert call("load").status_code == 200 and label().startswith("new:v2:")
     [entry] = [e for e in client.post("/v2/repository/index").json() if e.get("version") == "2"]
     assert entry["state"] == "READY" and "cannot serve" in entry["reason"] and "checksum" in entry["reason"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -116,7 +115,8 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
                           "python export/to_trt.py --bundle ...")
     if engine is not None and (wants_trt or (settings.backend == "auto" and settings.variant == "auto")):
         try:
-            session = TrtSession(bundle.model_path("tensorrt"), engine.built_for)
+            session = TrtSession(lambda: bundle.graph_bytes("tensorrt"), engine.built_for,
+                                 str(bundle.model_path("tensorrt")))
             verdict = verify(session, bundle, "tensorrt", engine, settings, explicit=wants_trt, checks=checks)
             if verdict:
                 log.info("serving the tensorrt engine with %s", session.description)
@@ -132,7 +132,7 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
         path = bundle.model_path(name)
         if variant is not None:
             refuse_misplaced(name, variant, on_gpu)
-        session = open_graph(path)
+        session = open_graph(bundle.graph_bytes(name), str(path))  # the bytes are the session's alone
         verdict = ("the exported graph, the reference every variant is checked against" if variant is None else
                    verify(session, bundle, name, variant, settings, explicit, checks))
         if verdict:
@@ -143,21 +143,22 @@ def open_session(bundle: Bundle, settings: Settings) -> Choice:
     raise AssertionError("fp32 is always accepted")
 
 
-def open_runtime(settings: Settings) -> tuple[Callable[[Path], Session], bool]:
-    """What opens the ONNX graphs, and whether it runs them on a GPU: onnxruntime on a GPU provider when one is
-    configured and installed, else OpenVINO on CPU when installed (or asked for), else onnxruntime on CPU."""
+def open_runtime(settings: Settings) -> tuple[Callable[[bytes, str], Session], bool]:
+    """What opens an ONNX graph from its verified bytes (and its file's name, for errors), and whether it runs
+    graphs on a GPU: onnxruntime on a GPU provider when one is configured and installed, else OpenVINO on CPU when
+    installed (or asked for), else onnxruntime on CPU."""
     threads = settings.engine_threads()
     spin = settings.model_repository is None
     if settings.backend == "openvino":
         if not OpenVinoSession.installed():
             raise BundleError("PROMPTKD_BACKEND=openvino needs the openvino package "
                               "(pip install promptkd-serve[openvino])")
-        return (lambda path: OpenVinoSession(path, threads)), False
+        return (lambda graph, name: OpenVinoSession(graph, threads, name)), False
     providers = providers_for(settings)
     on_gpu = providers[0] in GPU_PROVIDERS
     if settings.backend == "auto" and not on_gpu and OpenVinoSession.installed():
-        return (lambda path: OpenVinoSession(path, threads)), False
-    return (lambda path: OrtSession(path, providers, threads, spin)), on_gpu
+        return (lambda graph, name: OpenVinoSession(graph, threads, name)), False
+    return (lambda graph, name: OrtSession(graph, providers, threads, spin, name)), on_gpu
 
 
 def verify(session: Session, bundle: Bundle, name: str, variant: Variant, settings: Settings, explicit: bool,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .graph import graph_label, refuse_external_data
+
 
 class OpenVinoSession:
     max_batch: int | None = None  # the graph's batch axis is dynamic
@@ -26,12 +28,16 @@ class OpenVinoSession:
     def installed() -> bool:
         return importlib.util.find_spec("openvino") is not None
 
-    def __init__(self, model_path: Path, threads: int) -> None:
+    def __init__(self, graph: Path | bytes, threads: int, name: str | None = None) -> None:
+        """`graph`: the verified bytes of a bundle's graph (a path only for tools); `name`: its file, for errors."""
         import openvino as ov
 
+        model_path = graph_label(graph, name)
+        if isinstance(graph, bytes):
+            refuse_external_data(graph, model_path)
         core = ov.Core()
         try:
-            model = core.read_model(str(model_path))
+            model = core.read_model(graph if isinstance(graph, bytes) else str(graph))  # ONNX from memory
             common = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
             latency = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **common})
             streams = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **common})

@@ -7,6 +7,7 @@ here before anything is loaded. `close` frees the buffers and the stream when a 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,11 @@ def _check(result):
 
 
 class TrtSession:
-    def __init__(self, engine_path: Path, built_for: dict[str, str]) -> None:
+    def __init__(self, engine: Path | Callable[[], bytes], built_for: dict[str, str], name: str | None = None) -> None:
+        """`engine`: what gives the engine's verified bytes (Bundle.graph_bytes; a path only for tools), called
+        once TensorRT and the GPU are known to fit, so a machine that cannot run it never reads it; `name`: its
+        file, for errors."""
+        engine_path = name or (str(engine) if isinstance(engine, Path) else "the engine")
         try:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
@@ -48,7 +53,8 @@ class TrtSession:
                                       f"{trt.__version__}: rebuild it here")
         self._cudart = cudart
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(engine.read_bytes() if isinstance(engine, Path)
+                                                           else engine())  # kept no longer than this call
         if self.engine is None:
             raise RuntimeError(f"TensorRT cannot deserialise {engine_path}")
         self.context = self.engine.create_execution_context()
