@@ -3,24 +3,38 @@
 Off unless PROMPTKD_CAPTURE_DIR is set. A classified image is kept with probability PROMPTKD_CAPTURE_RATE, or always
 when its top probability is under PROMPTKD_CAPTURE_BELOW (the images the model is least sure of teach the next one
 most). The request only draws the lot and puts the image's bytes on a bounded queue (a full queue drops it); one
-writer thread does the rest, so a request never waits on a disk. Each image is written atomically (a hidden
-temporary file renamed in) as `<dir>/<model>/<version>/<day>/<time>-<id>.<ext>` (names sort in arrival order) with
-`<id>.json` beside it (model, version, top label, its probability, time; nothing about the client). Past
-PROMPTKD_CAPTURE_MAX_IMAGES or PROMPTKD_CAPTURE_MAX_BYTES nothing more is written; files older than
-PROMPTKD_CAPTURE_RETENTION_DAYS are deleted. A folder that cannot be written (read-only, missing, full) never fails
-a request: capture turns itself off or drops the image, counted in promptkd_captured_total{outcome}.
+writer thread does the rest, so a request never waits on a disk.
+
+Capture writes only inside its own folder, `<dir>/promptkd-capture/`, marked by a `.promptkd-capture` file made when
+the folder is first used (a folder of that name without the marker holds something else: capture leaves it alone
+and stays off). Each image is written atomically (a hidden temporary file renamed in) as
+`promptkd-capture/<model>/<version>/<day>/<time>-<id>.<ext>` (names sort in arrival order) with `<time>-<id>.json`
+beside it (model, version, top label, its probability, time; nothing about the client). Only capture's own files
+count and are ever deleted: regular files named by that scheme, in that layout, in the marked folder, found without
+following a symbolic link. Anything else under `<dir>` (an operator's photos, a link, a file that only looks like a
+capture) is never counted nor touched. Past PROMPTKD_CAPTURE_MAX_IMAGES images or PROMPTKD_CAPTURE_MAX_BYTES (images
+and notes) nothing more is written; files older than PROMPTKD_CAPTURE_RETENTION_DAYS are deleted.
+
+A folder that cannot be written never fails a request: at start-up capture turns itself off; later (a read-only
+remount, a full disk, a vanished folder) the image is dropped and counted in promptkd_captured_total{outcome}, and
+the writer goes on, so capture resumes by itself once the folder can be written again.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import queue
 import random
+import re
+import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +48,17 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TI
 QUEUE_IMAGES = 64
 QUEUE_BYTES = 64 << 20  # images waiting for the writer hold at most this much memory
 SWEEP_S = 600
+SUBFOLDER = "promptkd-capture"  # capture's own folder inside PROMPTKD_CAPTURE_DIR
+MARKER = ".promptkd-capture"  # in SUBFOLDER: what wrote it; without it capture writes and deletes nothing there
+MARKER_NOTE = json.dumps({"written_by": "promptkd server capture (server/capture.py)",
+                          "layout": "<model>/<version>/<YYYY-MM-DD>/<20-digit time>-<8-hex id>.<ext> and .json",
+                          "note": "capture counts and deletes only files of this layout in this folder"}).encode()
+_STEM = r"[0-9]{20}-[0-9a-f]{8}"
+_EXT = "|".join(extension.lstrip(".") for extension in EXTENSIONS.values())
+_IMAGE = re.compile(rf"{_STEM}\.(?:{_EXT})")
+_NOTE = re.compile(rf"{_STEM}\.json")
+_TEMPORARY = re.compile(rf"\.{_STEM}\.(?:{_EXT}|json)\.tmp")  # a write cut short (a remount mid-write)
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclass
@@ -49,13 +74,14 @@ class Capture:
     def __init__(self, folder: Path, metrics: Metrics, rate: float, below: float, max_images: int, max_bytes: int,
                  retention_days: float) -> None:
         self.folder, self.metrics = folder, metrics
+        self.root, self.marker = folder / SUBFOLDER, folder / SUBFOLDER / MARKER
         self.rate, self.below = rate, below
         self.max_images, self.max_bytes, self.retention_s = max_images, max_bytes, retention_days * 86400
         self._queue: queue.Queue[_Item | None] = queue.Queue(QUEUE_IMAGES)
         self._queued_bytes = 0
         self._lock = threading.Lock()  # the queued bytes: added on the event loop, removed by the writer
         self._random = random.Random()
-        self.images, self.bytes = 0, 0
+        self.images, self.bytes = 0, 0  # capture's own images, and their bytes with their notes'
         self.enabled = self._usable()
         self._thread = threading.Thread(target=self._write_loop, name="capture", daemon=True)
         if self.enabled:
@@ -63,31 +89,67 @@ class Capture:
             self._thread.start()
 
     def _usable(self) -> bool:
-        """Whether the folder can be written: a trial file is created and removed."""
+        """Whether capture's own folder can be made (or is marked as its own) and written: a trial file is created
+        and removed."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".probe-{uuid.uuid4().hex}"
+            self._claim()
+            probe = self.root / f".probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
             return True
         except OSError as err:
-            log.error("PROMPTKD_CAPTURE_DIR %s cannot be written (%s): capture is off", self.folder, err.strerror)
+            log.error("PROMPTKD_CAPTURE_DIR %s cannot be used (%s): capture is off", self.root, err.strerror or err)
             return False
 
-    def _count_existing(self) -> None:
-        """The folder's images and bytes as they are on disk (files removed by others included)."""
-        images = size = 0
-        for path in self._captured():
-            try:
-                size += path.stat().st_size
-                images += 1
-            except OSError:
-                continue
-        self.images, self.bytes = images, size
+    def _claim(self) -> None:
+        """Make capture's own folder, marked, unless it already bears the marker. A folder of that name that holds
+        anything but no marker was not made by capture, and a link could not be swept without following it: OSError,
+        and nothing is written there."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.is_symlink():
+            raise OSError(errno.EEXIST, f"{self.root} is a link, not a folder of capture's own")
+        if self.marker.is_file():
+            return
+        if any(self.root.iterdir()):
+            raise OSError(errno.EEXIST, f"{self.root} holds files but no {MARKER} marker: not capture's own folder")
+        self.marker.write_bytes(MARKER_NOTE)
 
-    def _captured(self) -> list[Path]:
-        return [p for p in self.folder.rglob("*") if p.is_file() and p.suffix in EXTENSIONS.values()
-                and not p.name.startswith(".")]
+    def _own_files(self) -> Iterator[tuple[int, str, str, os.stat_result]]:
+        """Capture's own files as (folder descriptor, name, kind, stat): regular files named by its scheme in its
+        <model>/<version>/<day>/ folders. The walk never follows a link (a link is never counted nor deleted
+        through, whatever its name), and works on folder descriptors, so a folder swapped for a link midway is
+        not followed either."""
+        if not self.marker.is_file():
+            return
+        top = len(self.root.parts)
+        for folder, subfolders, names, fd in os.fwalk(self.root, follow_symlinks=False):
+            if len(Path(folder).parts) - top < 3:
+                continue
+            subfolders.clear()  # a day folder is the deepest capture writes
+            if not _DAY.fullmatch(os.path.basename(folder)):
+                continue
+            for name in names:
+                if (kind := _kind(name)) is None:
+                    continue
+                try:
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:  # gone meanwhile
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield fd, name, kind, info
+
+    def _count_existing(self) -> None:
+        """Capture's own images, and their bytes with the notes', as they are on disk (files others removed
+        included); kept as they were if the folder cannot be read."""
+        images = size = 0
+        try:
+            for _, _, kind, info in self._own_files():
+                images += kind == "image"
+                size += info.st_size if kind != "temporary" else 0
+        except Exception as err:  # counting must never stop the writer
+            log.warning("could not count the captured files in %s: %s", self.root, err)
+            return
+        self.images, self.bytes = images, size
 
     def wants(self, probability: float) -> bool:
         """The lot of one classified image with this top probability: always under `below`, else at `rate`."""
@@ -118,51 +180,65 @@ class Capture:
             self._thread.join(timeout=10)
 
     def _write_loop(self) -> None:
+        """The writer. It never dies: whatever one image or one sweep raises is logged (and the image counted as
+        failed), and the next image is written as if nothing happened, so capture resumes once the disk can."""
         swept = 0.0
         while (item := self._queue.get()) is not None:
-            if time.time() - swept > SWEEP_S:
-                self._sweep()
-                swept = time.time()
-            self.metrics.captured.labels(self._write(item)).inc()
-            with self._lock:
-                self._queued_bytes -= len(item.data)
+            outcome = "failed"
+            try:
+                if time.time() - swept > SWEEP_S:
+                    swept = time.time()  # a sweep that fails is not retried on every image
+                    self._sweep()
+                outcome = self._write(item)
+            except Exception:  # _sweep and _write catch their own; this is the writer's last line
+                log.exception("capture could not write an image into %s", self.root)
+            finally:
+                with self._lock:
+                    self._queued_bytes -= len(item.data)
+            self.metrics.captured.labels(outcome).inc()
 
     def _write(self, item: _Item) -> str:
         """Write one image, then its note (a note never lacks its image); the outcome for the metric."""
         image = None
         try:
             data, extension = _encoded(item.data)
-            if self.images >= self.max_images or self.bytes + len(data) > self.max_bytes:
-                return "dropped_full"
             now = datetime.now(timezone.utc)
-            folder = self.folder / item.model / item.version / now.strftime("%Y-%m-%d")
+            note = json.dumps({"model": item.model, "version": item.version, "label": item.label,
+                               "probability": round(item.probability, 6),
+                               "time": now.isoformat(timespec="seconds")}).encode()
+            if self.images >= self.max_images or self.bytes + len(data) + len(note) > self.max_bytes:
+                return "dropped_full"
+            if not self.marker.is_file():
+                self._claim()  # the folder was removed (or a fresh volume mounted) since start-up
+            folder = self.root / item.model / item.version / now.strftime("%Y-%m-%d")
             folder.mkdir(parents=True, exist_ok=True)
             name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts in arrival order, never collides
-            note = {"model": item.model, "version": item.version, "label": item.label,
-                    "probability": round(item.probability, 6), "time": now.isoformat(timespec="seconds")}
             image = folder / f"{name}{extension}"
             _write_atomic(image, data)
-            _write_atomic(folder / f"{name}.json", json.dumps(note).encode())
-        except Exception as err:  # a full disk, a vanished folder, an image Pillow cannot reopen: the writer goes on
+            _write_atomic(folder / f"{name}.json", note)
+        except Exception as err:  # a full disk, a read-only remount, an image Pillow cannot reopen: the writer goes on
             if image is not None:
-                image.unlink(missing_ok=True)
-            log.warning("could not capture an image into %s: %s", self.folder, err)
+                _remove(image)
+            log.warning("could not capture an image into %s: %s", self.root, err)
             return "failed"
         self.images += 1
-        self.bytes += len(data)
+        self.bytes += len(data) + len(note)
         return "saved"
 
     def _sweep(self) -> None:
-        """Delete images (and their notes) older than the retention, then count what is left on disk."""
+        """Delete capture's own images older than the retention with their notes (and notes left without one,
+        and temporary files of writes cut short), then recount. Never raises: a disk that cannot be read or
+        written (a read-only remount) leaves the files for the next sweep."""
         limit = time.time() - self.retention_s
-        for path in self._captured():
-            try:
-                if path.stat().st_mtime < limit:
-                    path.unlink()
-                    path.with_suffix(".json").unlink(missing_ok=True)
-            except OSError:
-                continue
-        self._count_existing()
+        try:
+            for fd, name, kind, info in self._own_files():
+                if kind == "temporary" or info.st_mtime < limit:  # the writer runs the sweep: no write is under way
+                    _remove_at(name, fd)
+                    if kind == "image":
+                        _remove_at(f"{name.rsplit('.', 1)[0]}.json", fd)
+            self._count_existing()
+        except Exception as err:  # the sweep must never stop the writer
+            log.warning("capture's sweep of %s stopped: %s", self.root, err)
 
 
 def _encoded(data: bytes) -> tuple[bytes, str]:
@@ -176,11 +252,36 @@ def _encoded(data: bytes) -> tuple[bytes, str]:
         return out.getvalue(), ".png"
 
 
+def _kind(name: str) -> str | None:
+    """What a file of capture's naming scheme is: "image", "note", "temporary"; None for any other name."""
+    if _IMAGE.fullmatch(name):
+        return "image"
+    if _NOTE.fullmatch(name):
+        return "note"
+    return "temporary" if _TEMPORARY.fullmatch(name) else None
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary name, then rename it in: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("wb") as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file if it can be: cleaning up after a failed write must not raise over that write's own error (on a
+    read-only remount, unlink fails too); what is left is the sweep's."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _remove_at(name: str, fd: int) -> None:
+    """Remove a regular file of the folder open as fd, never through a link; a file that is gone or cannot be
+    removed is left."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=fd)

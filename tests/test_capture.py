@@ -1,11 +1,13 @@
-"""Opt-in capture: off by default, every bound respected, files written whole with their notes, old ones swept,
-and a folder that cannot be written (missing, not a folder, a full disk) never failing a request."""
+"""Opt-in capture: off by default, every bound respected (the notes' bytes included), files written whole with their
+notes in capture's own marked folder, old ones swept, and a folder that cannot be written (missing, not a folder, a
+full disk) never failing a request. tests/test_capture_hostile.py: read-only remounts, foreign files, links."""
 from __future__ import annotations
 
 import errno
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from PIL import Image
 from server import capture as capture_module
 from server.config import Settings
 from server.main import create_app
+from server.metrics import Metrics
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,11 @@ def test_every_image_is_written_whole_with_its_note(bundle_dir, photos, tmp_path
     metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=folder, capture_rate=1.0), photos)
     images = captured(folder)
     assert len(images) == len(photos) and {p.read_bytes() for p in images} == set(photos)
-    assert not [p for p in folder.rglob(".*")], "no temporary file is left behind"
-    for image in images:
-        assert image.relative_to(folder).parts[:2] == ("tiny-test", "1")
+    assert [p.name for p in folder.rglob(".*")] == [".promptkd-capture"], "only the marker, no temporary file"
+    for image in images:  # <dir>/promptkd-capture/<model>/<version>/<day>/<20-digit time>-<8-hex id>.png
+        parts = image.relative_to(folder).parts
+        assert parts[:3] == ("promptkd-capture", "tiny-test", "1") and len(parts) == 5
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", parts[3]) and re.fullmatch(r"\d{20}-[0-9a-f]{8}\.png", parts[4])
         note = json.loads(image.with_suffix(".json").read_text())
         assert set(note) == {"model", "version", "label", "probability", "time"} and 0 < note["probability"] <= 1
     assert f'promptkd_captured_total{{outcome="saved"}} {float(len(photos))}' in metrics
@@ -89,16 +94,15 @@ def test_a_folder_that_cannot_be_written_never_fails_a_request(bundle_dir, photo
 
 
 def test_old_images_are_swept_and_gifs_kept_as_png(tmp_path):
-    from server.metrics import Metrics
-
-    folder = tmp_path / "capture" / "m" / "1" / "2026-01-01"
+    keeper = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
+    folder = tmp_path / "capture" / "promptkd-capture" / "m" / "1" / "2026-01-01"
     folder.mkdir(parents=True)
-    old, new = folder / "old.png", folder / "new.png"
+    old, new = folder / f"{1:020d}-0000000a.png", folder / f"{2:020d}-0000000b.png"
     for path in (old, new):
         path.write_bytes(b"x" * 10)
         path.with_suffix(".json").write_text("{}")
     os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
-    keeper = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
+    keeper._count_existing()
     assert keeper.images == 2
     keeper._sweep()
     assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and keeper.images == 1
@@ -107,3 +111,23 @@ def test_old_images_are_swept_and_gifs_kept_as_png(tmp_path):
     data, extension = capture_module._encoded(gif.getvalue())
     assert extension == ".png" and Image.open(io.BytesIO(data)).format == "PNG"
     keeper.stop()
+
+
+def test_the_notes_count_toward_the_byte_bound(tmp_path):
+    """PROMPTKD_CAPTURE_MAX_BYTES bounds the images and their notes, when writing and when recounting the folder."""
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(image, format="PNG")
+    data = image.getvalue()
+    metrics = Metrics()
+    tight = capture_module.Capture(tmp_path / "tight", metrics, 1.0, 0.5, 100, len(data) + 10, retention_days=2)
+    tight.offer(data, "m", "1", "shirt", 0.9)
+    tight.stop()
+    assert metrics.registry.get_sample_value("promptkd_captured_total", {"outcome": "dropped_full"}) == 1.0
+    keeper = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
+    keeper.offer(data, "m", "1", "shirt", 0.9)
+    keeper.stop()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "capture").rglob("*") if p.suffix in (".png", ".json"))
+    assert on_disk > len(data) and keeper.bytes == on_disk
+    again = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
+    again.stop()
+    assert (again.images, again.bytes) == (1, on_disk)

@@ -83,8 +83,8 @@ def test_the_next_version_is_distilled_on_captured_photos_and_serves(tmp_path, c
         kept = list(captured.rglob("*.png"))
         assert len(kept) == len(photos)
 
-        out = pipeline(work, models, "export.version=2", f"data.unlabelled={captured / 'demo' / '1'}",
-                       "stage2.max_images=null")
+        unlabelled = captured / "promptkd-capture" / "demo" / "1"  # capture's own folder, then model and version
+        out = pipeline(work, models, "export.version=2", f"data.unlabelled={unlabelled}", "stage2.max_images=null")
         assert "stage 1: PromptSRC teacher on few-shot labelled images: up to date" in out  # the teacher is kept
         entries = wait_for_version(url, "2")
         assert entries["2"]["state"] == "READY" and "passed the start-up check" in entries["2"]["reason"]
