@@ -76,7 +76,8 @@ class _Runner:
 
 
 def next_version(model_folder: Path) -> int:
-    versions = [int(p.name) for p in model_folder.iterdir() if p.name.isdigit()] if model_folder.is_dir() else []
+    versions = ([int(p.name) for p in model_folder.iterdir() if p.name.isascii() and p.name.isdigit()]
+                if model_folder.is_dir() else [])  # ASCII: isdigit() alone takes "²", which int() refuses
     return max(versions, default=0) + 1
 
 

@@ -11,6 +11,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from .numbers import ascii_int
+
 
 class OverBudget(RuntimeError):
     """The request or image would take the server over its memory budget right now; retry later."""
@@ -49,8 +51,9 @@ def memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
             text = path.read_text().strip()
         except OSError:
             continue
-        if text.isdigit() and int(text) < 1 << 60:  # v1 reports "unlimited" as a huge number
-            return int(text)
+        number = ascii_int(text, 19)
+        if number is not None and number < 1 << 60:  # v1 reports "unlimited" as a huge number
+            return number
     return None
 
 

@@ -13,19 +13,25 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, File, Query, Request, Response, UploadFile
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import APIRouter, FastAPI, File, Path as PathParam, Query, Request, Response, UploadFile
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from . import admin, v2
+from . import admin, openapi, v2
 from .config import Settings
 from .metrics import Metrics
+from .auth import admin_paths
 from .middleware import AdminGate, BodyLimit, RequestMetrics, error_body
-from .schemas import ClassifyResponse, EmbedResponse, ErrorResponse, Health, Labels, ModelInfo, Ready
+from .numbers import VERSION_PATTERN
+from .repository import MODEL_NAME
+from .schemas import (
+    ClassifyResponse, EmbedResponse, ErrorResponse, Health, InvalidRequest, Labels, ModelInfo, Ready,
+)
 from .errors import RequestError
 from .service import Service
 
@@ -36,7 +42,7 @@ IMAGE_ERRORS = {
     400: {"model": ErrorResponse, "description": "no image could be classified: empty, truncated or corrupt"},
     413: {"model": ErrorResponse, "description": "request body, image file, pixel count or image count over a limit"},
     415: {"model": ErrorResponse, "description": "no image could be classified: not a format the server decodes"},
-    422: {"model": ErrorResponse, "description": "missing or misnamed form field, or a bad query parameter"},
+    422: {"model": InvalidRequest, "description": "missing or misnamed form field, or a bad query parameter"},
     503: {"model": ErrorResponse, "description": "overloaded (queue full) or timed out; see Retry-After"},
 }
 routes = APIRouter()
@@ -75,37 +81,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "encoder runs, its features are ranked against stored class vectors.",
     )
     app.state.metrics = Metrics()
-    app.add_middleware(AdminGate)
+    app.add_middleware(AdminGate, patterns=admin_paths([admin.router, v2.router]))
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(routes)
     app.include_router(admin.router)
     app.include_router(v2.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = lambda: openapi.document(app)
     return app
 
 
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, err.detail), status_code=err.status, headers=err.headers)
+    return JSONResponse(error_body(request.scope, err.detail), status_code=err.status, headers=err.headers)
 
 
 async def _http_error(request: Request, err: HTTPException) -> Response:
     """FastAPI's own answer (unknown route, wrong method, body over the limit mid-stream), but in the protocol's
     {"error": ...} under /v2."""
-    body = error_body(request.url.path, err.detail)
+    body = error_body(request.scope, err.detail)
     if "detail" in body:
         return await http_exception_handler(request, err)
     return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> Response:
+    """A parameter outside its declared constraints: FastAPI's 422 on the native routes, and under /v2 the
+    protocol's 400 {"error": ...} naming the first one, as Triton answers a malformed request."""
+    body = error_body(request.scope, "")
+    if "detail" in body:
+        return await request_validation_exception_handler(request, err)
+    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"[:500]}, status_code=400)
 
 
 def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-MODEL = Query(None, description="the model to use (default: the only one; required when there are several)")
-VERSION_Q = Query(None, description="the model version (default: the model's default version)")
+MODEL = Query(None, pattern=MODEL_NAME.pattern,
+              description="the model to use (default: the only one; required when there are several)")
+VERSION_Q = Query(None, pattern=VERSION_PATTERN, description="the model version, 1 to 10 ASCII digits (default: the "
+                                                             "model's default version)")
+NAME = PathParam(pattern=MODEL_NAME.pattern, description="the model's name")
 FILES = File(..., description="one or more images: repeat the `file` field")
 TOP_K = Query(None, ge=1, description="labels per image (default PROMPTKD_TOP_K, at most PROMPTKD_MAX_TOP_K)")
 MIN_CONFIDENCE = Query(None, ge=0, le=1, description="abstain (label null, abstained true) when the top probability "
@@ -113,6 +135,9 @@ MIN_CONFIDENCE = Query(None, ge=0, le=1, description="abstain (label null, absta
 PRECISION = Query(None, gt=0, le=1, description="abstain under the model's calibrated threshold for this precision "
                                                 "target (one of those its card lists under calibration)")
 MODEL_ERRORS = {404: {"model": ErrorResponse, "description": "no such model, or no such version ready"},
+                503: {"model": ErrorResponse, "description": "the model has no version ready (loading, failed or "
+                                                             "unloaded), or the server is overloaded; see "
+                                                             "Retry-After"},
                 400: {"model": ErrorResponse, "description": "several models and none named, or no image could "
                                                              "be classified"}}
 
@@ -130,7 +155,7 @@ async def classify(request: Request, file: list[UploadFile] = FILES, top_k: int 
 
 
 @routes.post("/models/{name}/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
-async def classify_model(request: Request, name: str, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
+async def classify_model(request: Request, name: str = NAME, file: list[UploadFile] = FILES, top_k: int | None = TOP_K,
                          version: str | None = VERSION_Q, min_confidence: float | None = MIN_CONFIDENCE,
                          precision: float | None = PRECISION) -> ClassifyResponse:
     """POST /classify?model={name}, with the model in the path."""
@@ -147,7 +172,7 @@ async def embed(request: Request, file: list[UploadFile] = FILES, model: str | N
 
 
 @routes.post("/models/{name}/embed", response_model=EmbedResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
-async def embed_model(request: Request, name: str, file: list[UploadFile] = FILES,
+async def embed_model(request: Request, name: str = NAME, file: list[UploadFile] = FILES,
                       version: str | None = VERSION_Q) -> EmbedResponse:
     """POST /embed?model={name}, with the model in the path."""
     return await _service(request).embed(file, name, version, request.is_disconnected)
@@ -159,10 +184,11 @@ def labels(request: Request, model: str | None = MODEL, version: str | None = VE
     return _service(request).labels(model, version)
 
 
-@routes.get("/", response_model=ModelInfo, responses={200: {"content": {"text/html": {}}, "description": "the model "
-                                                          "card as JSON, or the web page for browsers"}})
-def info(request: Request, model: str | None = Query(None, description="whose card (default: the only model, "
-                                                                           "else the first ready one)")) -> Response:
+@routes.get("/", response_model=ModelInfo, responses={**MODEL_ERRORS, 200: {
+    "content": {"text/html": {}}, "description": "the model card as JSON, or the web page for browsers"}})
+def info(request: Request, model: str | None = Query(None, pattern=MODEL_NAME.pattern,
+                                                    description="whose card (default: the only model, else the "
+                                                                "first ready one)")) -> Response:
     """What is being served: the manifest's model description, the graph, the runtime running it and why, and
     every model held. A browser (Accept: text/html without application/json) gets the web page instead, which
     reads this as JSON."""

@@ -3,61 +3,50 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
 
 from fastapi import HTTPException
 
+from .auth import admin_refusal, is_admin_path, route_path
 from .budget import OverBudget
 from .metrics import Metrics
+from .numbers import ascii_int
 
-ADMIN_PREFIX = "/admin"
 V2_PREFIX = "/v2"
-REPOSITORY_CONTROL = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)/?$")  # Triton's load and unload
 
 
-def is_admin(path: str) -> bool:
-    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or bool(REPOSITORY_CONTROL.match(path))
-
-
-def error_body(path: str, message: str) -> dict[str, str]:
+def error_body(scope, message) -> dict:
     """The Open Inference Protocol's error object under /v2 ({"error": ...}: what its clients read), FastAPI's
-    ({"detail": ...}) everywhere else."""
+    ({"detail": ...}) everywhere else; /v2 as routing sees it (behind a root path too)."""
+    path = route_path(scope)
     return {"error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail": message}
 
 
 async def _answer(scope, send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(error_body(scope.get("path", ""), detail)).encode()
+    body = json.dumps(error_body(scope, detail)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
-def token_matches(authorization: str | None, token: str) -> bool:
-    """A `Bearer <token>` header against the configured token, in constant time; empty never matches."""
-    scheme, _, given = (authorization or "").partition(" ")
-    given = given.strip()
-    return scheme.lower() == "bearer" and bool(given) and secrets.compare_digest(given.encode(), token.encode())
-
-
 class AdminGate:
-    """/admin routes and the repository's load and unload answer 404 when admin is disabled and 401 without the
-    right bearer token, from the headers alone: an unauthenticated caller never gets a byte of its body read,
-    spooled or parsed."""
+    """Admin routes (those that depend on auth.require_admin: /admin and the repository's load and unload) answer
+    404 when admin is disabled and 401 without the right bearer token, from the headers alone: an unauthenticated
+    caller never gets a byte of its body read, spooled or parsed. The path is the one routing matches (the root
+    path and any mount prefix taken off as routing takes them off), against the admin routes' own templates."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, app, patterns: list[re.Pattern]) -> None:
+        self.app, self.patterns = app, patterns
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not is_admin(path):
+        if scope["type"] != "http" or not is_admin_path(scope, self.patterns):
             return await self.app(scope, receive, send)
-        token = scope["app"].state.service.settings.admin_token
-        if token is None:
-            return await _answer(scope, send, 404, "Not Found")
+        secret = scope["app"].state.service.settings.admin_token
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if not token_matches(authorization, token.get_secret_value()):
-            return await _answer(scope, send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+        refusal = admin_refusal(None if secret is None else secret.get_secret_value(), authorization)
+        if refusal is not None:
+            headers = [(k.lower().encode(), v.encode()) for k, v in (refusal.headers or {}).items()]
+            return await _answer(scope, send, refusal.status, refusal.detail, headers)
         await self.app(scope, receive, send)
 
 
@@ -103,11 +92,14 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = scope["app"].state.service.settings.max_request_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        header = dict(scope["headers"]).get(b"content-length")
+        length = None if header is None else ascii_int(header.decode("latin-1"))
+        if header is not None and length is None:
+            return await _answer(scope, send, 400, "Content-Length must be a number in ASCII digits")
+        if length is not None and length > limit:
             return await _answer(scope, send, 413, f"request body over the {limit}-byte limit")
         budget = scope["app"].state.service.budget
-        reserved = 2 * int(length) if length is not None else 0
+        reserved = 2 * length if length is not None else 0
         try:
             budget.take(reserved, "this request's body")
         except OverBudget as err:

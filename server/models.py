@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,13 +31,15 @@ from .config import Settings
 from .drift import DriftMonitor
 from .errors import RequestError
 from .metrics import Metrics
+from .numbers import version_number
 from .sessions.choice import open_session
 from .repository import (
-    MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, read_model, single_bundle,
+    MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, single_bundle,
 )
 
 log = logging.getLogger("promptkd.server")
 LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
+HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)+")  # the folders of an absolute path: /srv/x/ in /srv/x/y
 
 
 @dataclass
@@ -149,8 +152,13 @@ class Models:
         for name in names:
             model = self.models.setdefault(name, Model(ModelFolder(name, ModelConfig())))
             async with model.lock:
-                model.folder = await asyncio.to_thread(read, name)
-                await self._reconcile(model)
+                try:
+                    model.folder = await asyncio.to_thread(read, name)
+                    await self._reconcile(model)
+                except Exception as err:  # noqa: BLE001 - one model's failure is that model's alone
+                    log.exception("model %s: its folder could not be brought in line; serving what is loaded", name)
+                    model.folder = ModelFolder(name, model.folder.config, model.folder.versions,
+                                               error=f"{type(err).__name__}: {str(err)[:300]}")
 
     async def _poll_loop(self) -> None:
         while True:
@@ -211,8 +219,8 @@ class Models:
         try:
             loaded = await self._load(model.name, folder)
         except Exception as err:  # whatever the bundle or runtime raised, this version alone fails
+            log.warning("model %s version %d cannot serve: %s", model.name, version, str(err) or type(err).__name__)
             reason = self._public(str(err) or type(err).__name__)
-            log.warning("model %s version %d cannot serve: %s", model.name, version, reason)
             if served is not None:
                 self._set_status(model, version, Status(READY, f"serving the files loaded before; the folder's new "
                                                                f"contents cannot serve: {reason}", folder.fingerprint))
@@ -303,13 +311,14 @@ class Models:
         self.metrics.record_state(model.name, str(version), status.state)
 
     def _public(self, message: str) -> str:
-        """Reasons are shown to clients: the repository's own path is left out."""
-        if self.root is None:
-            return message
-        for prefix in sorted({f"{self.root.resolve()}/", f"{self.root.absolute()}/", f"{self.root}/"}, key=len,
-                             reverse=True):
-            message = message.replace(prefix, "")
-        return message
+        """Reasons are shown to clients: paths inside the repository are told relative to it, and every other
+        absolute path of this host (a model folder linked from elsewhere, a bundle's own folder) by its file name
+        alone."""
+        if self.root is not None:
+            for prefix in sorted({f"{self.root.resolve()}/", f"{self.root.absolute()}/", f"{self.root}/"}, key=len,
+                                 reverse=True):
+                message = message.replace(prefix, "")
+        return HOST_PATH.sub("", message)
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -322,8 +331,10 @@ class Models:
                 raise RequestError(503, f"model {model.name!r} has no version ready: {self._why(model)}",
                                    {"Retry-After": "5"})
             return model.default
-        number = int(version) if version.isdigit() else None
-        served = model.served.get(number) if number is not None else None
+        number = version_number(version)
+        if number is None:
+            raise RequestError(400, "a version is a number of 1 to 10 ASCII digits")
+        served = model.served.get(number)
         if served is None:
             ready = ", ".join(map(str, sorted(model.served))) or "none"
             raise RequestError(404, f"model {model.name!r} has no version {version!r} ready (ready: {ready})")
@@ -343,7 +354,7 @@ class Models:
 
     def _why(self, model: Model) -> str:
         if model.folder.error:
-            return model.folder.error
+            return self._public(model.folder.error)
         if not model.folder.versions:
             return "its folder has no version folders (1/, 2/, ...)"
         return "; ".join(f"version {v}: {s.state.lower()} ({s.reason})" for v, s in sorted(model.status.items())) \
@@ -370,7 +381,7 @@ class Models:
             policy = model.folder.config.version_policy
             versions = sorted(set(model.folder.versions) | set(model.status) | set(policy.specific or ()))
             if model.folder.error or not versions:
-                entries.append({"name": name, "state": UNAVAILABLE, "reason": self._why(model)})
+                entries.append({"name": _shown(name), "state": UNAVAILABLE, "reason": self._why(model)})
             for version in versions:
                 status = model.status.get(version)
                 if status is None:
@@ -378,7 +389,7 @@ class Models:
                               "unloaded by request" if version in model.held else
                               f"not loaded: the version policy ({policy.describe()}) serves newer versions")
                     status = Status(UNAVAILABLE, reason)
-                entries.append({"name": name, "version": str(version), "state": status.state,
+                entries.append({"name": _shown(name), "version": str(version), "state": status.state,
                                 "reason": status.reason})
         return entries
 
@@ -430,12 +441,19 @@ class Models:
 
     async def _rescan(self, name: str) -> ModelFolder:
         if self.root is None:
-            single = single_bundle(self.settings.bundle)
+            try:
+                single = single_bundle(self.settings.bundle)
+            except BundleError as err:
+                raise RequestError(400, f"failed to load {name!r}: {err}") from None
             if name not in single:
                 raise RequestError(404, f"unknown model {name!r}; this server serves {next(iter(single))!r}")
             return single[name]
         path = self.root / name
         if not MODEL_NAME.match(name) or not path.is_dir():
             raise RequestError(404, f"no model folder {name!r} in the repository")
-        return await asyncio.to_thread(read_model, path)
+        return await asyncio.to_thread(read_entry, path)
 
+
+def _shown(name: str) -> str:
+    """A folder name as JSON can carry it: bytes that are not UTF-8 (kept by Python as lone surrogates) escaped."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
+from .numbers import ascii_int
 from .schemas import InferenceRequest, ModelMetadata, Parameters, TensorMetadata
 
 INPUT = "IMAGE"
@@ -175,10 +176,11 @@ def output_tensors(outputs: list[Requested], top_k: int, probabilities: np.ndarr
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
-        raise ProtocolError(400, f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the "
-                                 f"body's {len(body)}; got {header_length!r}")
-    return body[: int(header_length)], body[int(header_length) :]
+    length = ascii_int(header_length.strip())
+    if length is None or length > len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} must be the JSON header's length in ASCII digits, at most the "
+                                 f"body's {len(body)} bytes; got {header_length[:40]!r}")
+    return body[:length], body[length:]
 
 
 def _batch_size(shape: list[int]) -> int:

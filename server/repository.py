@@ -18,17 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bundle import BACKBONES_DIR, MANIFEST_NAME
+from bundle import BACKBONES_DIR, MANIFEST_NAME, BundleError
 from bundle.manifest import MODEL_NAME
 
+from .numbers import MAX_VERSION, version_number
+
 POLICY_FILE = "model.yaml"
-MAX_VERSION = 2**31 - 1
+MAX_POLICY_BYTES = 64 << 10  # a version policy is a line or two; anything near this is not one
+MAX_POLICY_DEPTH = 8  # nesting of mappings and lists: the deepest valid policy has 2
+MAX_MANIFEST_BYTES = 16 << 20  # read whole only to name and fingerprint a version; reading it properly is bundle's
+NAME_RULE = "letters, digits, '_', '.' and '-' (at most 64), starting with a letter or digit"
 
 
 class VersionPolicy(BaseModel):
@@ -36,7 +42,8 @@ class VersionPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    latest: int | None = Field(None, ge=1, description="serve the N highest versions that pass their checks")
+    latest: int | None = Field(None, ge=1, le=MAX_VERSION,
+                               description="serve the N highest versions that pass their checks")
     specific: tuple[int, ...] | None = Field(None, min_length=1, description="serve exactly these versions")
     all: bool = Field(False, description="serve every version")
 
@@ -105,11 +112,15 @@ def model_names(root: Path) -> list[str]:
 
 
 def read_entry(folder: Path) -> ModelFolder:
-    """A model folder as `scan` reads it: a name that cannot be a model is that model's error."""
+    """A model folder as `scan` reads it: a name that cannot be a model, or anything at all that goes wrong while
+    reading its files, is that model's error and never reaches another model, the start-up or the poll."""
     if not MODEL_NAME.match(folder.name):
-        return ModelFolder(folder.name, ModelConfig(), error=(
-            "model folder names are letters, digits, '_', '.' and '-' (at most 64), starting with a letter or digit"))
-    return read_model(folder)
+        return ModelFolder(folder.name, ModelConfig(), error=f"model folder names are {NAME_RULE}")
+    try:
+        return read_model(folder)
+    except Exception as err:  # noqa: BLE001 - one model's bad files must not stop the repository
+        return ModelFolder(folder.name, ModelConfig(), error=f"its folder cannot be read: {type(err).__name__}: "
+                                                             f"{str(err)[:300]}")
 
 
 def read_model(folder: Path) -> ModelFolder:
@@ -125,9 +136,9 @@ def read_model(folder: Path) -> ModelFolder:
         model.error = f"cannot list {folder.name}: {err.strerror}"
         return model
     for child in children:
-        if child.name.isdigit() and not child.name.startswith("0") and child.is_dir() \
-                and int(child.name) <= MAX_VERSION:
-            model.versions[int(child.name)] = VersionFolder(int(child.name), child, fingerprint(child))
+        number = version_number(child.name)
+        if number is not None and not child.name.startswith("0") and number <= MAX_VERSION and child.is_dir():
+            model.versions[number] = VersionFolder(number, child, fingerprint(child))
     return model
 
 
@@ -136,14 +147,48 @@ def read_config(path: Path) -> ModelConfig:
     if not path.exists():
         return ModelConfig()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{POLICY_FILE} cannot be read: {err}") from None
+        data = read_small(path, MAX_POLICY_BYTES)
+    except OSError as err:
+        raise ValueError(f"{POLICY_FILE} cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise ValueError(f"{POLICY_FILE} is over {MAX_POLICY_BYTES >> 10} KiB: it cannot be a version policy")
+    try:
+        text = data.decode("utf-8")
+        _check_depth(text)
+        raw = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as err:
+        raise ValueError(f"{POLICY_FILE} cannot be read: {str(err)[:300]}") from None
     try:
         return ModelConfig.model_validate(raw or {})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{POLICY_FILE} is invalid: {problems}") from None
+        raise ValueError(f"{POLICY_FILE} is invalid: {problems[:500]}") from None
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a regular file. Opened without blocking and checked before reading, so a FIFO or
+    a device planted under a model's name cannot hang the scan (OSError says what it is instead)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse YAML nested deeper than MAX_POLICY_DEPTH before it is built into objects (building and validating
+    thousands of levels recurses past Python's limit). PyYAML's parser is a loop, so this pass is safe."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_POLICY_DEPTH:
+                raise ValueError(f"nested more than {MAX_POLICY_DEPTH} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def single_bundle(path: Path) -> dict[str, ModelFolder]:
@@ -154,11 +199,18 @@ def single_bundle(path: Path) -> dict[str, ModelFolder]:
 
 
 def _manifest_name(path: Path) -> str:
+    """The model name a single bundle serves under: its manifest's name, which must be a valid model name (it
+    names routes, metrics and capture folders). An unreadable manifest leaves the name to the folder's, and the
+    load says what is wrong with the bundle."""
     try:
-        name = json.loads((path / MANIFEST_NAME).read_text()).get("name")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    return name if isinstance(name, str) and name else path.name
+        name = json.loads(read_small(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)).get("name")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return path.name if MODEL_NAME.match(path.name) else "model"
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        shown = repr(name)[:80]
+        raise BundleError(f"the bundle's manifest names the model {shown}; a model name is {NAME_RULE}. Export it "
+                          f"again with --name, or serve it from a model repository, where its folder names it")
+    return name
 
 
 def fingerprint(folder: Path, manifest: str = MANIFEST_NAME) -> str:
@@ -172,7 +224,7 @@ def fingerprint(folder: Path, manifest: str = MANIFEST_NAME) -> str:
                 stat = os.stat(os.path.join(dirpath, name))
                 digest.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:{stat.st_size}:"
                               f"{stat.st_mtime_ns}\n".encode())
-        digest.update((folder / manifest).read_bytes())
+        digest.update(read_small(folder / manifest, MAX_MANIFEST_BYTES))
     except OSError:
         digest.update(b"unreadable")
     return digest.hexdigest()[:16]

@@ -124,6 +124,12 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class InvalidRequest(BaseModel):
+    """422: FastAPI's list of parameter errors, or the server's own message (a checksum, a top_k over the limit)."""
+
+    detail: str | list[dict]
+
+
 # The Open Inference Protocol (KServe v2 / Triton HTTP), served under /v2 by v2.py.
 Parameters = dict[str, str | int | float | bool]
 
@@ -200,7 +206,7 @@ class RepositoryModel(BaseModel):
 
 
 class RepositoryRequest(BaseModel):
-    parameters: dict[str, str | int] = Field(default_factory=dict, description="`version`: the one version to "
+    parameters: Parameters = Field(default_factory=dict, description="`version`: the one version to "
                                              "load (and serve by default until the next load: a rollback) or "
                                              "unload; without it, load follows the model's policy and unload "
                                              "takes every version")

@@ -34,6 +34,7 @@ from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
+from .numbers import version_number
 from .models import Models, Served
 from .open_inference import INPUT, ProtocolError
 from .schemas import (
@@ -173,9 +174,12 @@ class Service:
         model = self.models.model(name)
         if version is None:
             return model.default is not None
-        if not version.isdigit() or int(version) not in set(model.folder.versions) | set(model.served):
+        number = version_number(version)
+        if number is None:
+            raise RequestError(400, "a version is a number of 1 to 10 ASCII digits")
+        if number not in set(model.folder.versions) | set(model.served):
             raise RequestError(404, f"model {name!r} has no version {version!r}")
-        return int(version) in model.served
+        return number in model.served
 
     async def infer(self, name: str, version: str | None, body: bytes, headers: Mapping[str, str],
                     disconnected: Callable[[], Awaitable[bool]]) -> tuple[bytes, int | None]:
@@ -259,8 +263,8 @@ class Service:
                 raise RequestError(422, f"{what} file does not match its sha256: damaged in transfer?")
         try:
             new_labels = json.loads(labels_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(422, f"labels file is not JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested past the parser's depth
+            raise RequestError(422, f"labels file is not JSON: {str(err)[:200]}") from None
         width = classifier.bundle.manifest.feature_dim
         try:
             count = len(new_labels) if isinstance(new_labels, list) else -1

@@ -9,20 +9,27 @@ JSON, outputs) is open_inference.py's; the work is the Service's and the models'
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from .auth import require_admin
 from .open_inference import EXTENSIONS, HEADER_LENGTH
 from .schemas import (
     InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, RepositoryIndexRequest, RepositoryModel,
     RepositoryRequest, ServerLive, ServerMetadata, ServerReady, V2Error,
 )
 from .errors import RequestError
+from .numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
+from .repository import MODEL_NAME
 from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 SERVER_NAME = "promptkd"
+NAME = Path(pattern=MODEL_NAME.pattern, description="the model's name")
+VERSION = Path(pattern=VERSION_PATTERN, description="the model version: 1 to 10 ASCII digits")
 UNKNOWN = {404: {"model": V2Error, "description": "no such model (or version) here"}}
+NOT_READY = {503: {"model": V2Error, "description": "the model has no version ready (loading, failed or unloaded); "
+                                                   "see Retry-After"}}
 INFER_ERRORS = {
     **UNKNOWN,
     400: {"model": V2Error, "description": "malformed request, or an image is empty, truncated or corrupt (the "
@@ -85,33 +92,33 @@ def server_ready(request: Request) -> JSONResponse:
     return JSONResponse(ServerReady(ready=ready).model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=UNKNOWN)
-def model_metadata(request: Request, name: str) -> ModelMetadata:
+@router.get("/models/{name}", response_model=ModelMetadata, responses={**UNKNOWN, **NOT_READY})
+def model_metadata(request: Request, name: str = NAME) -> ModelMetadata:
     """Inputs and outputs: IMAGE (BYTES: encoded image files) in; LABELS, PROBABILITIES and EMBEDDING out."""
     return _service(request).model_metadata(name, None)
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=UNKNOWN)
-def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses={**UNKNOWN, **NOT_READY})
+def model_version_metadata(request: Request, name: str = NAME, version: str = VERSION) -> ModelMetadata:
     return _service(request).model_metadata(name, version)
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady,
             responses={**UNKNOWN, 503: {"model": ModelReady, "description": "still warming up"}})
-def model_ready(request: Request, name: str) -> JSONResponse:
+def model_ready(request: Request, name: str = NAME) -> JSONResponse:
     """Readiness of the model: whether it has a version ready (its default)."""
     return _model_ready(_service(request), name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady,
             responses={**UNKNOWN, 503: {"model": ModelReady, "description": "still warming up"}})
-def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
+def model_version_ready(request: Request, name: str = NAME, version: str = VERSION) -> JSONResponse:
     return _model_ready(_service(request), name, version)
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
              responses={**INFER_RESPONSE, **INFER_ERRORS})
-async def infer(request: Request, name: str) -> Response:
+async def infer(request: Request, name: str = NAME) -> Response:
     """Classify IMAGE's elements (encoded image files, as binary data or base64 JSON strings) into top-k LABELS and
     PROBABILITIES, top_k from the request's parameters (default PROMPTKD_TOP_K); EMBEDDING on request. The same
     limits, decoding and batching as POST /classify; one bad image fails the request, naming the element."""
@@ -120,7 +127,7 @@ async def infer(request: Request, name: str) -> Response:
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
              responses={**INFER_RESPONSE, **INFER_ERRORS})
-async def infer_version(request: Request, name: str, version: str) -> Response:
+async def infer_version(request: Request, name: str = NAME, version: str = VERSION) -> Response:
     return await _infer(request, name, version)
 
 
@@ -140,7 +147,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 ADMIN = {401: {"model": V2Error, "description": "missing or wrong bearer token"},
          404: {"model": V2Error, "description": "admin routes are disabled (no PROMPTKD_ADMIN_TOKEN), or no such "
                                                 "model or version"}}
-AUTHORIZATION = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked by AdminGate before the body is read")
+AUTHORIZATION = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked before the body is read")
 
 
 @router.post("/repository/index", response_model=list[RepositoryModel])
@@ -151,9 +158,9 @@ def repository_index(request: Request, body: RepositoryIndexRequest | None = Bod
     return [e for e in entries if e.state == "READY"] if body is not None and body.ready else entries
 
 
-@router.post("/repository/models/{name}/load", responses={
+@router.post("/repository/models/{name}/load", dependencies=[Depends(require_admin)], responses={
     **ADMIN, 400: {"model": V2Error, "description": "the model (or version) failed to load: the reason"}})
-async def repository_load(request: Request, name: str, body: RepositoryRequest | None = Body(None),
+async def repository_load(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
                           authorization: str | None = AUTHORIZATION) -> JSONResponse:
     """Load the model as its folder is now (new versions per its policy, calls' unloads forgotten). With
     parameters.version: load that version whatever the policy and make it the default until the next load
@@ -162,9 +169,9 @@ async def repository_load(request: Request, name: str, body: RepositoryRequest |
     return JSONResponse({})
 
 
-@router.post("/repository/models/{name}/unload", responses={
+@router.post("/repository/models/{name}/unload", dependencies=[Depends(require_admin)], responses={
     **ADMIN, 409: {"model": V2Error, "description": "the version is pinned by the model's version policy"}})
-async def repository_unload(request: Request, name: str, body: RepositoryRequest | None = Body(None),
+async def repository_unload(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
                             authorization: str | None = AUTHORIZATION) -> JSONResponse:
     """Stop serving the model (or parameters.version alone) until a load call; requests in flight finish on it.
     With latest-N policies the next passing older version takes over."""
@@ -176,7 +183,8 @@ def _version(body: RepositoryRequest | None) -> int | None:
     value = None if body is None else body.parameters.get("version")
     if value is None:
         return None
-    text = str(value)
-    if not text.isdigit() or int(text) < 1:
-        raise RequestError(400, f"parameters.version must be a positive integer, not {value!r}")
-    return int(text)
+    number = version_parameter(value)
+    if number is None:
+        raise RequestError(400, f"parameters.version must be a positive integer of at most 10 digits (up to "
+                                f"{MAX_VERSION}), as a number or a string of ASCII digits")
+    return number

@@ -31,14 +31,15 @@ def serve_bundle(bundle_dir: Path, process_env: dict | None = None, **env: str) 
     return serve(process_env, bundle=str(bundle_dir), **env)
 
 
-def serve(process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen, str]:
-    """A real uvicorn on loopback with these PROMPTKD_* settings (bundle=... or model_repository=...); waits until
-    ready (or exits)."""
+def serve(process_env: dict | None = None, uvicorn_args: tuple[str, ...] = (), ready_path: str = "/readyz",
+          **env: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn on loopback with these PROMPTKD_* settings (bundle=... or model_repository=...) and extra
+    uvicorn options; waits until `ready_path` answers 200 (or the process exits)."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
     environment.update({f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO, env=environment,
+                             "--port", str(port), "--log-level", "warning", *uvicorn_args], cwd=REPO, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -46,7 +47,7 @@ def serve(process_env: dict | None = None, **env: str) -> tuple[subprocess.Popen
         if proc.poll() is not None:
             return proc, url
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
