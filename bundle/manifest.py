@@ -16,7 +16,8 @@ BACKBONE_MANIFEST = "backbone.json"
 BACKBONE_SCHEMA = 1
 BACKBONES_DIR = "_backbones"  # in a model repository: _backbones/<sha256>/, one per distinct student tower
 SHA256 = r"^[0-9a-f]{64}$"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a model's folder name in a repository
+# A model's folder name in a repository. Match with fullmatch: re's `$` also matches before a final newline.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Strict(BaseModel):

@@ -89,7 +89,7 @@ def build_domain(
 ) -> DomainExport:
     """Export the backbone when the repository lacks it, prove this domain's parity on it, then publish
     `<repository>/<model>/<version>` (default: the next version); nothing is published unless every check holds."""
-    if not MODEL_NAME.match(model):
+    if not MODEL_NAME.fullmatch(model):
         raise BundleError(f"model name {model!r}: use letters, digits, '_', '.' and '-' (at most 64), starting with "
                           "a letter or digit")
     if parity_set < 0:

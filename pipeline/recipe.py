@@ -221,7 +221,7 @@ class Recipe(Section):
             raise ValueError(f"stage1.gpa_mean must be within the {self.stage1.epochs} epochs")
         if self.export.repository is not None and self.export.out is not None:
             raise ValueError("give export.out (a folded bundle) or export.repository (a domain bundle), not both")
-        if self.export.repository is not None and not MODEL_NAME.match(self.export.name or self.name):
+        if self.export.repository is not None and not MODEL_NAME.fullmatch(self.export.name or self.name):
             raise ValueError(f"model name {self.export.name or self.name!r} cannot be a repository folder: set "
                              "export.name to letters, digits, '_', '.' and '-' (at most 64)")
         workdir, out = self.run.workdir.absolute(), self.bundle_dir.absolute()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .budget import MemoryBudget, OverBudget
 from .metrics import Metrics
 
 log = logging.getLogger("promptkd.server")
@@ -72,8 +73,8 @@ class _Item:
 
 class Capture:
     def __init__(self, folder: Path, metrics: Metrics, rate: float, below: float, max_images: int, max_bytes: int,
-                 retention_days: float) -> None:
-        self.folder, self.metrics = folder, metrics
+                 retention_days: float, budget: MemoryBudget | None = None) -> None:
+        self.folder, self.metrics, self.budget = folder, metrics, budget
         self.root, self.marker = folder / SUBFOLDER, folder / SUBFOLDER / MARKER
         self.rate, self.below = rate, below
         self.max_images, self.max_bytes, self.retention_s = max_images, max_bytes, retention_days * 86400
@@ -198,10 +199,12 @@ class Capture:
             self.metrics.captured.labels(outcome).inc()
 
     def _write(self, item: _Item) -> str:
-        """Write one image, then its note (a note never lacks its image); the outcome for the metric."""
-        image = None
+        """Write one image, then its note (a note never lacks its image); the outcome for the metric. Folders and
+        files are made and opened without following a link (descriptors all the way down from capture's folder),
+        so a link planted in the tree is never written through."""
+        folder, image = None, None
         try:
-            data, extension = _encoded(item.data)
+            data, extension = self._encoded(item.data)
             now = datetime.now(timezone.utc)
             note = json.dumps({"model": item.model, "version": item.version, "label": item.label,
                                "probability": round(item.probability, 6),
@@ -210,20 +213,37 @@ class Capture:
                 return "dropped_full"
             if not self.marker.is_file():
                 self._claim()  # the folder was removed (or a fresh volume mounted) since start-up
-            folder = self.root / item.model / item.version / now.strftime("%Y-%m-%d")
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = _open_tree(self.root, (item.model, item.version, now.strftime("%Y-%m-%d")))
             name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts in arrival order, never collides
-            image = folder / f"{name}{extension}"
-            _write_atomic(image, data)
-            _write_atomic(folder / f"{name}.json", note)
+            image = f"{name}{extension}"
+            _write_atomic(folder, image, data)
+            _write_atomic(folder, f"{name}.json", note)
+        except OverBudget:
+            return "dropped_busy"
         except Exception as err:  # a full disk, a read-only remount, an image Pillow cannot reopen: the writer goes on
-            if image is not None:
-                _remove(image)
+            if folder is not None and image is not None:
+                _remove_at(image, folder)
             log.warning("could not capture an image into %s: %s", self.root, err)
             return "failed"
+        finally:
+            if folder is not None:
+                os.close(folder)
         self.images += 1
         self.bytes += len(data) + len(note)
         return "saved"
+
+    def _encoded(self, data: bytes) -> tuple[bytes, str]:
+        """The upload's own bytes with its format's extension; formats training folders do not read (GIF) as PNG,
+        their decoding charged to the server's memory budget like any decoding (OverBudget: dropped)."""
+        with Image.open(io.BytesIO(data)) as image:
+            extension = EXTENSIONS.get(image.format or "")
+            if extension is not None:
+                return data, extension
+            cost = image.width * image.height * 5 + (2 << 20)  # the frame (1 byte a pixel) and its RGB copy (4)
+            with self.budget.hold(cost, "re-encoding a captured image") if self.budget else contextlib.nullcontext():
+                out = io.BytesIO()
+                image.convert("RGB").save(out, format="PNG")
+                return out.getvalue(), ".png"
 
     def _sweep(self) -> None:
         """Delete capture's own images older than the retention with their notes (and notes left without one,
@@ -241,15 +261,21 @@ class Capture:
             log.warning("capture's sweep of %s stopped: %s", self.root, err)
 
 
-def _encoded(data: bytes) -> tuple[bytes, str]:
-    """The upload's own bytes with its format's extension; formats training folders do not read (GIF) as PNG."""
-    with Image.open(io.BytesIO(data)) as image:
-        extension = EXTENSIONS.get(image.format or "")
-        if extension is not None:
-            return data, extension
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format="PNG")
-        return out.getvalue(), ".png"
+def _open_tree(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of root/parts..., each folder made when missing and opened without following a link (OSError
+    at a link, wherever it was planted)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _kind(name: str) -> str | None:
@@ -261,22 +287,18 @@ def _kind(name: str) -> str | None:
     return "temporary" if _TEMPORARY.fullmatch(name) else None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary name, then rename it in: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_atomic(folder: int, name: str, data: bytes) -> None:
+    """Write `name` in the folder open as `folder` through a hidden temporary file, new (never an existing file or
+    a link), renamed in: a reader never sees half a file. Cleaning up after a failure never raises over the
+    failure itself (on a read-only remount, unlink fails too): what is left is the sweep's."""
+    tmp = f".{name}.tmp"
     try:
-        with tmp.open("wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
     finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file if it can be: cleaning up after a failed write must not raise over that write's own error (on a
-    read-only remount, unlink fails too); what is left is the sweep's."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+        _remove_at(tmp, folder)
 
 
 def _remove_at(name: str, fd: int) -> None:

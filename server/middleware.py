@@ -6,6 +6,7 @@ import re
 import time
 
 from fastapi import HTTPException
+from python_multipart.multipart import parse_options_header
 
 from .auth import admin_refusal, is_admin_path, route_path
 from .budget import OverBudget
@@ -59,11 +60,10 @@ class PartCounter:
 
     def __init__(self, content_type: bytes, limit: int) -> None:
         boundary = None
-        if content_type.lower().startswith(b"multipart/"):
-            for item in content_type.split(b";")[1:]:
-                key, _, value = item.strip().partition(b"=")
-                if key.lower() == b"boundary":
-                    boundary = value.strip(b'"')
+        if content_type.lower().lstrip().startswith(b"multipart/"):
+            # The multipart parser's own reading of the header (spaces around '=', quoting, escapes): the parts
+            # counted here are the parts it would build.
+            boundary = parse_options_header(content_type)[1].get(b"boundary")
         self.delimiter = b"--" + boundary if boundary else None
         self.limit = limit
         self.seen = 0

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -220,7 +221,8 @@ class Models:
             loaded = await self._load(model.name, folder)
         except Exception as err:  # whatever the bundle or runtime raised, this version alone fails
             log.warning("model %s version %d cannot serve: %s", model.name, version, str(err) or type(err).__name__)
-            reason = self._public(str(err) or type(err).__name__)
+            reason = self._public(str(err) or type(err).__name__, folder.path,
+                                  f"{model.name}/{version}" if self.root is not None else folder.path.name)
             if served is not None:
                 self._set_status(model, version, Status(READY, f"serving the files loaded before; the folder's new "
                                                                f"contents cannot serve: {reason}", folder.fingerprint))
@@ -310,14 +312,14 @@ class Models:
         model.status[version] = status
         self.metrics.record_state(model.name, str(version), status.state)
 
-    def _public(self, message: str) -> str:
-        """Reasons are shown to clients: paths inside the repository are told relative to it, and every other
-        absolute path of this host (a model folder linked from elsewhere, a bundle's own folder) by its file name
-        alone."""
+    def _public(self, message: str, folder: Path | None = None, name: str = "") -> str:
+        """Reasons are shown to clients: a version's own folder (wherever a link leads) is told by `name`, paths
+        inside the repository relative to it, and any other absolute path of this host by its file name alone."""
+        known = {} if folder is None else {f"{p}/": f"{name}/" for p in (folder.resolve(), folder.absolute(), folder)}
         if self.root is not None:
-            for prefix in sorted({f"{self.root.resolve()}/", f"{self.root.absolute()}/", f"{self.root}/"}, key=len,
-                                 reverse=True):
-                message = message.replace(prefix, "")
+            known |= {f"{p}/": "" for p in (self.root.resolve(), self.root.absolute(), self.root)}
+        for prefix in sorted(known, key=len, reverse=True):
+            message = message.replace(prefix, known[prefix])
         return HOST_PATH.sub("", message)
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ class Models:
             policy = model.folder.config.version_policy
             versions = sorted(set(model.folder.versions) | set(model.status) | set(policy.specific or ()))
             if model.folder.error or not versions:
-                entries.append({"name": _shown(name), "state": UNAVAILABLE, "reason": self._why(model)})
+                entries.append({"name": name, "state": UNAVAILABLE, "reason": self._why(model)})
             for version in versions:
                 status = model.status.get(version)
                 if status is None:
@@ -389,7 +391,7 @@ class Models:
                               "unloaded by request" if version in model.held else
                               f"not loaded: the version policy ({policy.describe()}) serves newer versions")
                     status = Status(UNAVAILABLE, reason)
-                entries.append({"name": _shown(name), "version": str(version), "state": status.state,
+                entries.append({"name": name, "version": str(version), "state": status.state,
                                 "reason": status.reason})
         return entries
 
@@ -449,11 +451,7 @@ class Models:
                 raise RequestError(404, f"unknown model {name!r}; this server serves {next(iter(single))!r}")
             return single[name]
         path = self.root / name
-        if not MODEL_NAME.match(name) or not path.is_dir():
+        if not MODEL_NAME.fullmatch(name) or not path.is_dir():
             raise RequestError(404, f"no model folder {name!r} in the repository")
         return await asyncio.to_thread(read_entry, path)
 
-
-def _shown(name: str) -> str:
-    """A folder name as JSON can carry it: bytes that are not UTF-8 (kept by Python as lone surrogates) escaped."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")

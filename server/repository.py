@@ -106,15 +106,21 @@ def scan(root: Path) -> dict[str, ModelFolder]:
 
 def model_names(root: Path) -> list[str]:
     """The model folders under `root` (dot-folders, the shared backbones' folder and files left out); OSError when
-    it cannot be listed."""
-    return sorted(entry.name for entry in root.iterdir()
+    it cannot be listed. A name that is not UTF-8 is escaped (`\\xff`): it can never be a model's, and so it can
+    be shown in the index and in any message."""
+    return sorted(shown(entry.name) for entry in root.iterdir()
                   if not entry.name.startswith(".") and entry.name != BACKBONES_DIR and entry.is_dir())
+
+
+def shown(name: str) -> str:
+    """A file name as text can carry it: bytes that are not UTF-8 (kept by Python as lone surrogates) escaped."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_entry(folder: Path) -> ModelFolder:
     """A model folder as `scan` reads it: a name that cannot be a model, or anything at all that goes wrong while
     reading its files, is that model's error and never reaches another model, the start-up or the poll."""
-    if not MODEL_NAME.match(folder.name):
+    if not MODEL_NAME.fullmatch(folder.name):
         return ModelFolder(folder.name, ModelConfig(), error=f"model folder names are {NAME_RULE}")
     try:
         return read_model(folder)
@@ -183,6 +189,8 @@ def _check_depth(text: str) -> None:
     thousands of levels recurses past Python's limit). PyYAML's parser is a loop, so this pass is safe."""
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError("anchors and aliases are not allowed (a version policy never needs them)")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_POLICY_DEPTH:
@@ -205,8 +213,8 @@ def _manifest_name(path: Path) -> str:
     try:
         name = json.loads(read_small(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)).get("name")
     except (OSError, ValueError, AttributeError, RecursionError):
-        return path.name if MODEL_NAME.match(path.name) else "model"
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        return path.name if MODEL_NAME.fullmatch(path.name) else "model"
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         shown = repr(name)[:80]
         raise BundleError(f"the bundle's manifest names the model {shown}; a model name is {NAME_RULE}. Export it "
                           f"again with --name, or serve it from a model repository, where its folder names it")

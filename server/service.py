@@ -69,7 +69,7 @@ class Service:
                                            initializer=preprocess.yield_to_the_engine)
         self.capture = None if settings.capture_dir is None else Capture(
             settings.capture_dir, metrics, settings.capture_rate, settings.capture_below,
-            settings.capture_max_images, settings.capture_max_bytes, settings.capture_retention_days)
+            settings.capture_max_images, settings.capture_max_bytes, settings.capture_retention_days, self.budget)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> "Service":

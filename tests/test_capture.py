@@ -108,7 +108,7 @@ def test_old_images_are_swept_and_gifs_kept_as_png(tmp_path):
     assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and keeper.images == 1
     gif = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(gif, format="GIF")
-    data, extension = capture_module._encoded(gif.getvalue())
+    data, extension = keeper._encoded(gif.getvalue())
     assert extension == ".png" and Image.open(io.BytesIO(data)).format == "PNG"
     keeper.stop()
 

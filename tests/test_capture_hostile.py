@@ -258,3 +258,42 @@ def test_links_are_never_followed_nor_counted(tmp_path):
     capture.stop()
     assert all(p.exists() for p in [*elsewhere, photo]), "nothing is deleted through a link"
     assert all(p.is_symlink() for p in [root / "m", root / "n" / "1" / OLD_DAY, *links]), "nor the link itself"
+
+
+def test_links_in_the_tree_are_never_written_through(tmp_path):
+    """A model (or day) folder inside capture's folder replaced by a link leading out: the write fails and is
+    counted, nothing lands outside, and the bounds cannot be undone by a sweep that does not see such files."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "capture"
+    metrics = Metrics()
+    capture = keeper(folder, metrics)
+    (folder / "promptkd-capture" / "m").symlink_to(outside, target_is_directory=True)
+    offer(capture, 1, 2)
+    wait_for(metrics, "failed", 2)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    (folder / "promptkd-capture" / "n" / "1").mkdir(parents=True)
+    (folder / "promptkd-capture" / "n" / "1" / day).symlink_to(outside, target_is_directory=True)
+    capture.offer(png(3), "n", "1", "shirt", 0.9)
+    wait_for(metrics, "failed", 3)
+    capture.stop()
+    assert not any(outside.rglob("*")), sorted(outside.rglob("*"))
+
+
+def test_a_gif_is_re_encoded_only_within_the_memory_budget(tmp_path):
+    """GIFs are kept as PNG, which decodes them whole: that decoding is charged to the server's budget, and an image
+    that does not fit now is dropped like any other that would take the server past it."""
+    from server.budget import MemoryBudget
+
+    gif = io.BytesIO()
+    Image.new("P", (2000, 2000)).save(gif, format="GIF")
+    metrics = Metrics()
+    budget = MemoryBudget(8 << 20)  # 2000 x 2000 x 5 bytes do not fit
+    capture = Capture(tmp_path / "capture", metrics, rate=1.0, below=0.5, max_images=10, max_bytes=1 << 30,
+                      retention_days=2, budget=budget)
+    capture.offer(gif.getvalue(), "m", "1", "shirt", 0.9)
+    capture.offer(png(1), "m", "1", "shirt", 0.9)
+    wait_for(metrics, "dropped_busy", 1)
+    wait_for(metrics, "saved", 1)
+    capture.stop()
+    assert budget.used == 0

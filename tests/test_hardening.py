@@ -185,18 +185,23 @@ def _hostile_policies(root: Path) -> None:
     (root / "fifo").mkdir(exist_ok=True)
     os.mkfifo(root / "fifo" / "model.yaml")  # reading it would block the scan forever
     (root / "digits" / "²").mkdir(parents=True)  # isdigit() said version; int() said no
+    (root / "anchors" / "model.yaml").write_text("a: &x [[[[1]]]]\nb: [*x, *x, *x]\nversion_policy: all\n")
+    os.makedirs(bytes(root) + b"/not-utf8-\xff/1")  # a name JSON cannot carry as it is
 
 
 def test_one_models_bad_files_affect_that_model_alone(repository, bundle_dir, photo, tmp_path):
     root = tmp_path / "repo"
     shutil.copytree(repository, root)
-    for name in ("deep", "bigint", "huge", "binary", "folderpolicy", "fifo", "digits"):
+    for name in ("deep", "bigint", "huge", "binary", "folderpolicy", "fifo", "digits", "anchors"):
         derive_bundle(bundle_dir, root / name / "1", f"{name}:")
     _hostile_policies(root)
     settings = Settings(model_repository=root, admin_token=TOKEN, repository_poll_s=0.2)
     with TestClient(create_app(settings)) as client:  # the start-up survives every one of them
         index = {(e["name"], e.get("version")): e for e in client.post("/v2/repository/index").json()}
-        for name in ("deep", "bigint", "huge", "binary", "folderpolicy", "fifo"):
+        assert index[("not-utf8-\\xff", None)]["state"] == "UNAVAILABLE"
+        for path in ("/", "/labels?model=alpha", "/labels"):  # every message naming the models can be sent
+            assert client.get(path).status_code in (200, 400), path
+        for name in ("deep", "bigint", "huge", "binary", "folderpolicy", "fifo", "anchors"):
             assert index[(name, None)]["state"] == "UNAVAILABLE", index[(name, None)]
             assert "model.yaml" in index[(name, None)]["reason"]
             answer = client.post(f"/v2/repository/models/{name}/load", headers=AUTH)
@@ -214,7 +219,7 @@ def test_one_models_bad_files_affect_that_model_alone(repository, bundle_dir, ph
 
 def test_reasons_never_show_a_host_path(bundle_dir, tmp_path):
     """A model folder linked from elsewhere on the host: its failures are told without the host's folders."""
-    outside = tmp_path / "secret-place" / "elsewhere"
+    outside = tmp_path / "secret place" / "else where"  # spaces: a path is not one word
     shutil.copytree(bundle_dir, outside / "1")
     (outside / "1" / "labels.json").unlink()
     root = tmp_path / "repo"
@@ -225,13 +230,13 @@ def test_reasons_never_show_a_host_path(bundle_dir, tmp_path):
         linked = [e for e in index if e["name"] == "linked"]
         assert linked and linked[0]["state"] == "UNAVAILABLE"
         text = json.dumps(index)
-        assert "secret-place" not in text and str(tmp_path) not in text, text
+        assert "secret" not in text and "else where" not in text and str(tmp_path) not in text, text
         assert "labels" in linked[0]["reason"]
 
 
 def test_a_single_bundles_name_must_be_a_model_name(bundle_dir, tmp_path):
     """The manifest's name names capture's folder: `../escaped` once made capture write outside its folder."""
-    for name in ("../escaped", "a/b", "", "x" * 65, ".hidden"):
+    for name in ("../escaped", "a/b", "", "x" * 65, ".hidden", "tiny-test\n"):
         copy = tmp_path / "bundle"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(bundle_dir, copy)
@@ -243,3 +248,16 @@ def test_a_single_bundles_name_must_be_a_model_name(bundle_dir, tmp_path):
             with TestClient(create_app(Settings(bundle=copy, capture_dir=capture, capture_rate=1.0))):
                 pass
         assert not (tmp_path / "escaped").exists()
+
+
+def test_the_part_limit_reads_the_boundary_as_the_multipart_parser_does(bundle_dir, photo):
+    """`boundary = X` (spaces around '=') or a quoted boundary with an escape: the parts are still counted, so a
+    body of 900 parts is refused before they are built (the counter once missed these and the parser built them)."""
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        for header, boundary in (("boundary = XyZ", "XyZ"), ('boundary="X\\"yZ"', 'X"yZ'), ("BOUNDARY=XyZ", "XyZ")):
+            parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+                             f"Content-Type: image/png\r\n\r\n".encode() + photo + b"\r\n" for i in range(900))
+            body = parts + f"--{boundary}--\r\n".encode()
+            answer = client.post("/classify", content=body,
+                                 headers={"Content-Type": f"multipart/form-data; {header}"})
+            assert answer.status_code == 413 and "parts" in answer.json()["detail"], (header, answer.text[:200])
