@@ -53,15 +53,21 @@ print(json.dumps({"charged": budget.taken, "peak": status("VmHWM:") - before}))
 """
 
 
-def image_bytes(mode: str, fmt: str, side: int) -> bytes:
-    """An all-zero side x side image of this mode, saved as this format (TIFFs deflate-compressed)."""
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    """The image saved as this format (TIFFs deflate-compressed)."""
     buffer = io.BytesIO()
-    Image.new(mode, (side, side)).save(buffer, fmt, **({"compression": "tiff_adobe_deflate"} if fmt == "TIFF" else {}))
+    image.save(buffer, fmt, **({"compression": "tiff_adobe_deflate"} if fmt == "TIFF" else {}), **options)
     return buffer.getvalue()
 
 
+def image_bytes(mode: str, fmt: str, side: int) -> bytes:
+    """An all-zero side x side image of this mode, saved as this format."""
+    return saved(Image.new(mode, (side, side)), fmt)
+
+
 def measure(data: bytes, warm_up: bytes, size: int) -> dict:
-    """Budget charged and peak RSS increase (bytes) of preparing `data`, in a fresh process."""
+    """Budget charged and peak RSS increase (bytes) of preparing `data` for a `size` model, in a fresh process
+    (tests/test_decode_memory.py checks the charge against the peak with it)."""
     with tempfile.TemporaryDirectory() as tmp:
         path, warm = Path(tmp) / "image", Path(tmp) / "warm"
         path.write_bytes(data)

@@ -1,11 +1,7 @@
 """Decoding memory: what the budget is charged covers what Pillow really allocates, one 16-bit PNG at the pixel
 limit costs well under 100 MB (not 420), and the streamed 16-bit PNG decoder reads every PNG filter exactly."""
 import io
-import json
-import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -16,53 +12,17 @@ from PIL import Image
 from bundle import InputSpec
 from server.preprocess import DRAFT_TOLERANCE, ImageError, decode, prepare, to_tensor
 
+from bench.decode_memory import measure, saved as _saved
 from conftest import foolbox_jpegs
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 MIB = 1 << 20
-# One upload prepared in a fresh process (after a warm-up on a small image of its kind, so library start-up is not
-# counted): the budget it was charged and its peak RSS increase, from /proc (high-water mark reset just before).
-CHILD = """
-import json, sys
-from pathlib import Path
-from bundle import InputSpec
-from server.budget import MemoryBudget
-from server.preprocess import prepare
-
-def status(key):
-    return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith(key))
-
-class Recording(MemoryBudget):
-    def take(self, amount, what):
-        self.taken = amount
-        super().take(amount, what)
-
-spec = InputSpec(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-budget = Recording(1 << 62)
-prepare(Path(sys.argv[2]).read_bytes(), spec, 10**9, budget=budget)
-data = Path(sys.argv[1]).read_bytes()
-open("/proc/self/clear_refs", "w").write("5")
-before = status("VmRSS:")
-prepare(data, spec, 10**9, budget=budget)
-print(json.dumps({"charged": budget.taken, "peak": status("VmHWM:") - before}))
-"""
 needs_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from /proc")
 
 
-def _saved(image: Image.Image, fmt: str, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"compression": "tiff_adobe_deflate"} if fmt == "TIFF" else {}), **kw)
-    return buffer.getvalue()
-
-
-def _charged_and_peak(data: bytes, warm_up: bytes, tmp_path: Path) -> tuple[int, int]:
-    (tmp_path / "image").write_bytes(data)
-    (tmp_path / "warm").write_bytes(warm_up)
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072")  # as the server image sets them
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "image"), str(tmp_path / "warm")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
+def _charged_and_peak(data: bytes, warm_up: bytes) -> tuple[int, int]:
+    """Budget charged and peak RSS increase of preparing `data` for a 224px model, in a fresh process."""
+    result = measure(data, warm_up, 224)
     return result["charged"], result["peak"]
 
 
@@ -73,10 +33,10 @@ def _rotated(exif_orientation: int) -> bytes:
 
 
 @needs_proc
-def test_one_sixteen_bit_png_at_the_pixel_limit_costs_well_under_100_mb(tmp_path, capsys):
+def test_one_sixteen_bit_png_at_the_pixel_limit_costs_well_under_100_mb(capsys):
     """6324 x 6324 16-bit greyscale (40 Mpx, the default limit) compresses to 78 KB; it used to cost 420 MB."""
     data = _saved(Image.new("I;16", (6324, 6324)), "PNG")
-    charged, peak = _charged_and_peak(data, _saved(Image.new("I;16", (300, 300)), "PNG"), tmp_path)
+    charged, peak = _charged_and_peak(data, _saved(Image.new("I;16", (300, 300)), "PNG"))
     with capsys.disabled():
         print(f"\n6324x6324 16-bit PNG of {len(data):,} bytes: peak RSS +{peak / MIB:.1f} MiB, "
               f"charged {charged / MIB:.1f} MiB")
@@ -100,13 +60,13 @@ KINDS = {  # name: (mode, size, format, save options)
 
 @needs_proc
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_budget_charge_covers_the_real_peak_and_stays_near_it(kind, tmp_path):
+def test_the_budget_charge_covers_the_real_peak_and_stays_near_it(kind):
     """What the budget is charged, from the header, is at least what preparing the image really allocates: Pillow's
     real bytes per pixel (RGB and two-band modes take 4, 16-bit greyscale 2), rotations and conversions included;
     and not much more, so the budget admits what the memory can hold (it charged 1.5x an RGBA PNG's peak)."""
     mode, size, fmt, options = KINDS[kind]
     data, warm_up = _saved(Image.new(mode, size), fmt, **options), _saved(Image.new(mode, (64, 64)), fmt)
-    charged, peak = _charged_and_peak(data, warm_up, tmp_path)
+    charged, peak = _charged_and_peak(data, warm_up)
     figures = f"{kind}: charged {charged / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB"
     assert peak <= charged, figures
     assert charged <= 1.2 * peak + 12 * MIB, figures  # 12 MiB: the model input, one band, the allocator
