@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,8 @@ from export import to_trt
 from server.sessions.choice import open_session
 from server.sessions.openvino import OpenVinoSession
 from server.sessions.ort import OrtSession
+
+from test_trt_logic import FakeCuda, fake_tensorrt, install_fakes
 
 RUNTIMES = ["onnxruntime", *(["openvino"] if OpenVinoSession.installed() else [])]
 
@@ -197,21 +198,11 @@ def test_onnxruntime_keeps_no_copy_of_the_graph_on_cpu(bundle_dir):
 
 
 def _fake_tensorrt(monkeypatch, received: list[bytes]) -> None:
-    """tensorrt and cuda-python as far as TrtSession goes before deserialising (which records what it was given
-    and fails: no engine runs here)."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "11.0.0"
-    trt.Logger = type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None})
+    """test_trt_logic's fake tensorrt and cuda-python, whose runtime records what it is asked to deserialise and
+    fails (no engine runs here)."""
+    trt = fake_tensorrt(11)
     trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: received.append(data))
-    cudart = types.SimpleNamespace(
-        cudaError_t=types.SimpleNamespace(cudaSuccess=0),
-        cudaGetDeviceProperties=lambda device: (0, types.SimpleNamespace(major=9, minor=0, name=b"Fake GPU")))
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = cudart
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    install_fakes(monkeypatch, trt, FakeCuda())
 
 
 def test_a_tensorrt_engine_swapped_after_its_checksum_is_never_deserialised(copy, monkeypatch):
@@ -219,7 +210,7 @@ def test_a_tensorrt_engine_swapped_after_its_checksum_is_never_deserialised(copy
 
     parity = Parity(images=4, min_cosine=0.9995, mean_cosine=0.9999, top1_agreement=1.0, max_abs_diff=1e-3)
     to_trt.record_engine(copy, b"the verified engine", "fp16", parity,
-                         {"gpu": "H100", "compute_capability": "9.0", "tensorrt": "11.0.0"}, forced=False)
+                         {"gpu": "H100", "compute_capability": "9.0", "tensorrt": "11.4.0"}, forced=False)
     received: list[bytes] = []
     _fake_tensorrt(monkeypatch, received)
     settings = Settings(bundle=copy, backend="tensorrt")

@@ -188,16 +188,21 @@ class FakeContext:
         return True
 
 
+def install_fakes(monkeypatch, trt: types.ModuleType, cuda: FakeCuda) -> None:
+    """The fakes as the modules TensorRT sessions and export import (tensorrt, cuda.bindings.runtime)."""
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda)
+
+
 @pytest.fixture
 def fakes(monkeypatch):
     def install(major: int = 11, capability=(9, 0), **engine) -> tuple[types.ModuleType, FakeCuda]:
         trt, cuda = fake_tensorrt(major, **engine), FakeCuda(capability)
-        bindings = types.ModuleType("cuda.bindings")
-        bindings.runtime = cuda
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
-        monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda)
+        install_fakes(monkeypatch, trt, cuda)
         return trt, cuda
     return install
 
