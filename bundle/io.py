@@ -160,8 +160,7 @@ def read_manifest(path: Path, model: type[M], readable: tuple[int, ...], writes:
     if not path.is_file():
         raise BundleError(f"no {path.name} in {path.parent}: is this a {kind}?")
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
+        data = read_small(path, MAX_MANIFEST_BYTES)
         if len(data) > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
         raw = json.loads(data)
@@ -180,20 +179,41 @@ def read_manifest(path: Path, model: type[M], readable: tuple[int, ...], writes:
         raise BundleError(f"{path} is malformed: {str(err)[:2000]}") from None
 
 
+class NotARegularFile(OSError):
+    """A FIFO, a device or a folder where a file was expected."""
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """A descriptor of `path` and its stat, opened without blocking (a FIFO planted in a file's place cannot hang
+    the reader) and refused (NotARegularFile) unless it is a regular file; other OSErrors as os.open raises them."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotARegularFile(f"{path.name} is not a regular file")
+    return fd, info
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a regular file (open_regular's refusals as OSError): the caller tells a file
+    over its limit by the length."""
+    fd, _ = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit + 1)
+
+
 def _open_member(folder: Path, role: str, entry: FileEntry, what: str) -> BinaryIO:
     """A manifest's file opened for reading, refused unless it is a regular file of the recorded size (checked on
     the open file, so nothing of a larger file is read; opened non-blocking, so a FIFO cannot hang the reader)."""
     path = safe_member(folder, entry.path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd, info = open_regular(path)
     except FileNotFoundError:
         raise BundleError(f"{what} file for {role!r} is missing: {path}") from None
+    except NotARegularFile:
+        raise BundleError(f"{what} file for {role!r} ({entry.path}) is not a regular file") from None
     except OSError as err:
         raise BundleError(f"{what} file for {role!r} ({entry.path}) cannot be read: {err}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise BundleError(f"{what} file for {role!r} ({entry.path}) is not a regular file")
     if info.st_size != entry.bytes:
         os.close(fd)
         raise BundleError(f"size mismatch for {role!r} ({entry.path}) of the {what}: {info.st_size} bytes, the "

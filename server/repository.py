@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bundle import BACKBONES_DIR, MANIFEST_NAME, BundleError
+from bundle.io import MAX_MANIFEST_BYTES, read_small
 from bundle.manifest import MODEL_NAME
 
 from .numbers import MAX_VERSION, version_number
@@ -33,7 +33,6 @@ from .numbers import MAX_VERSION, version_number
 POLICY_FILE = "model.yaml"
 MAX_POLICY_BYTES = 64 << 10  # a version policy is a line or two; anything near this is not one
 MAX_POLICY_DEPTH = 8  # nesting of mappings and lists: the deepest valid policy has 2
-MAX_MANIFEST_BYTES = 16 << 20  # read whole only to name and fingerprint a version; reading it properly is bundle's
 NAME_RULE = "letters, digits, '_', '.' and '-' (at most 64), starting with a letter or digit"
 
 
@@ -171,19 +170,6 @@ def read_config(path: Path) -> ModelConfig:
         raise ValueError(f"{POLICY_FILE} is invalid: {problems[:500]}") from None
 
 
-def read_small(path: Path, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of a regular file. Opened without blocking and checked before reading, so a FIFO or
-    a device planted under a model's name cannot hang the scan (OSError says what it is instead)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path.name} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    finally:
-        os.close(fd)
-
-
 def _check_depth(text: str) -> None:
     """Refuse YAML nested deeper than MAX_POLICY_DEPTH before it is built into objects (building and validating
     thousands of levels recurses past Python's limit). PyYAML's parser is a loop, so this pass is safe."""
@@ -215,9 +201,9 @@ def _manifest_name(path: Path) -> str:
     except (OSError, ValueError, AttributeError, RecursionError):
         return path.name if MODEL_NAME.fullmatch(path.name) else "model"
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
-        shown = repr(name)[:80]
-        raise BundleError(f"the bundle's manifest names the model {shown}; a model name is {NAME_RULE}. Export it "
-                          f"again with --name, or serve it from a model repository, where its folder names it")
+        raise BundleError(f"the bundle's manifest names the model {repr(name)[:80]}; a model name is {NAME_RULE}. "
+                          f"Export it again with --name, or serve it from a model repository, where its folder "
+                          f"names it")
     return name
 
 
