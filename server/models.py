@@ -333,10 +333,7 @@ class Models:
                 raise RequestError(503, f"model {model.name!r} has no version ready: {self._why(model)}",
                                    {"Retry-After": "5"})
             return model.default
-        number = version_number(version)
-        if number is None:
-            raise RequestError(400, "a version is a number of 1 to 10 ASCII digits")
-        served = model.served.get(number)
+        served = model.served.get(requested_version(version))
         if served is None:
             ready = ", ".join(map(str, sorted(model.served))) or "none"
             raise RequestError(404, f"model {model.name!r} has no version {version!r} ready (ready: {ready})")
@@ -455,3 +452,10 @@ class Models:
             raise RequestError(404, f"no model folder {name!r} in the repository")
         return await asyncio.to_thread(read_entry, path)
 
+
+def requested_version(text: str) -> int:
+    """A version as a request names it; RequestError 400 unless it is 1 to 10 ASCII digits."""
+    number = version_number(text)
+    if number is None:
+        raise RequestError(400, "a version is a number of 1 to 10 ASCII digits")
+    return number

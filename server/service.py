@@ -34,8 +34,7 @@ from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
-from .numbers import version_number
-from .models import Models, Served
+from .models import Models, Served, requested_version
 from .open_inference import INPUT, ProtocolError
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
@@ -174,9 +173,7 @@ class Service:
         model = self.models.model(name)
         if version is None:
             return model.default is not None
-        number = version_number(version)
-        if number is None:
-            raise RequestError(400, "a version is a number of 1 to 10 ASCII digits")
+        number = requested_version(version)
         if number not in set(model.folder.versions) | set(model.served):
             raise RequestError(404, f"model {name!r} has no version {version!r}")
         return number in model.served
