@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bulk.job import Options, open_classifier, run_local
+from bulk.job import Options, identity, open_classifier, run_local
+from bulk.sources import Inputs
 from bulk.writers import open_writer
 from server.config import Settings
 from server.preprocess import prepare
@@ -64,8 +65,9 @@ def main() -> int:
             for start in range(0, len(arrays), args.batch_size):
                 classifier.features(arrays[start:start + args.batch_size])
             bare.append(len(arrays) / (time.perf_counter() - started))
-            writer = open_writer(Path(tmp) / f"round{round_}.jsonl", "jsonl")
-            outcome = run_local(inputs, settings, writer, Options(batch_size=args.batch_size), classifier=classifier)
+            options = Options(batch_size=args.batch_size)
+            writer = open_writer(Path(tmp) / f"round{round_}.jsonl", "jsonl", identity(classifier.bundle, options))
+            outcome = run_local(Inputs(inputs), settings, writer, options, classifier)
             bulk.append(outcome.images_per_second)
     figures = {"bundle": classifier.name, "variant": classifier.variant, "runtime": classifier.session.description,
                "images": args.images, "batch_size": args.batch_size, "decode_threads": settings.decode_threads,

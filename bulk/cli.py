@@ -1,10 +1,17 @@
 """`python -m bulk SOURCE --bundle B --out OUT`: classify every image of a folder or list into a results file.
 
 SOURCE is a folder (its images, recursively) or a text file with one path, file:// URI or http(s):// URL per line.
-OUT ends in .csv, .jsonl or .parquet (a folder of part files). A rerun skips the inputs OUT already holds, so an
-interrupted job continues where it stopped. Inputs that cannot be read or decoded get a row with their error and
-never stop the job. The bundle runs as in the server: PROMPTKD_BACKEND / PROMPTKD_VARIANT and the other PROMPTKD_*
-session settings apply, and so do its image limits.
+OUT ends in .csv, .jsonl or .parquet (a folder of part files). Every input gets exactly one row: inputs that cannot
+be read or decoded (a folder that cannot be listed included) get a row with their error and never stop the job.
+A rerun skips the inputs whose rows are whole and redoes the rest, so an interrupted job (Ctrl-C, SIGTERM, a kill,
+a full disk) continues where it stopped. Bulk writes only into results it wrote (its ledger, OUT.bulk.json or
+_bulk.json in a Parquet folder, proves it): any other file at OUT is refused and left as it is, and so is a results
+file of another model or other options. The bundle runs as in the server: PROMPTKD_BACKEND / PROMPTKD_VARIANT and
+the other PROMPTKD_* session settings apply, and so do its image limits and memory budget.
+
+exit codes: 0 every input has its row; 1 the output could not be written (permissions, a full disk): rows
+committed are kept, rerun to finish; 2 nothing was done (bad arguments, no inputs, an output that is not bulk's, a
+bundle that cannot run); 130 interrupted: rerun to finish.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding", action="store_true", help="also write each image's embedding")
     parser.add_argument("--batch-size", type=int, default=8, help="images per engine run (default 8)")
     parser.add_argument("--decode-threads", type=int, help="decoding threads (default: available cores)")
+    parser.add_argument("--memory-budget", type=int, metavar="MIB",
+                        help="MiB of decoded pixels in flight; decoding waits for room (default: "
+                             "PROMPTKD_MAX_INFLIGHT_BYTES, else half the memory, at most 1024)")
     ray = parser.add_argument_group("Ray (the same job on a cluster; Parquet only)")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data: decode in tasks, classify in actors")
     ray.add_argument("--ray-address", help="cluster to join, e.g. 10.0.0.5:6379 or 'auto' (default: a local one)")
@@ -38,59 +48,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop(signum, frame) -> None:
-    raise KeyboardInterrupt
+class StopRequest:
+    """SIGINT and SIGTERM (Ctrl-C, docker stop) ask the job to stop after the batch it is writing, so that a row is
+    never cut by the signal; a second signal stops it at once (what was committed is still kept)."""
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.requested = at_once  # a Ray job has no batch of its own to finish: its parts are settled on a rerun
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (signal again to stop at once)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _check(args: argparse.Namespace) -> str:
+    """The output format, once the numbers are sane; BulkError otherwise."""
+    from .sources import BulkError
+    from .writers import format_of
+
+    for name in ("top_k", "batch_size", "actors", "decode_threads", "memory_budget"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BulkError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    fmt = format_of(args.out, args.format)
+    if args.ray and fmt != "parquet":
+        raise BulkError("--ray writes Parquet: give an --out ending in .parquet (or --format parquet)")
+    return fmt
+
+
+def _settings(args: argparse.Namespace):
+    from server.config import Settings
+
+    overrides = {"decode_threads": args.decode_threads} if args.decode_threads else {}
+    if args.memory_budget:
+        overrides["max_inflight_bytes"] = args.memory_budget << 20
+    return Settings(bundle=args.bundle, **overrides)
+
+
+def _open(settings):
+    """The classifier, any failure to open the bundle's graph (a corrupt file whose checksum was updated too)
+    reported as the bundle's fault, not a traceback."""
+    from bundle import BundleError
+
+    from .job import open_classifier
+    from .sources import BulkError
+
+    try:
+        return open_classifier(settings)
+    except BundleError:
+        raise
+    except Exception as err:  # onnxruntime / OpenVINO / TensorRT refusing the graph
+        raise BulkError(f"the bundle's graph cannot be run: {type(err).__name__}: {str(err)[:500]}") from None
+
+
+def _run_local(args, fmt: str, settings, inputs, options, stop) -> dict:
+    from tqdm import tqdm
+
+    from .job import identity, run_local
+    from .writers import open_writer
+
+    classifier = _open(settings)
+    writer = open_writer(args.out, fmt, identity(classifier.bundle, options))
+    with tqdm(total=len(inputs.names), initial=sum(uri in writer.done for uri in inputs.names), unit="img",
+              desc="classify", disable=None) as bar:
+        outcome = run_local(inputs, settings, writer, options, classifier, bar, stop)
+    return {"images": outcome.images, "errors": outcome.errors, "skipped": outcome.skipped,
+            "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),
+            "out": str(args.out)}
+
+
+def _run_ray(args, settings, inputs, options) -> dict:
+    from bundle import read_bundle
+
+    from .job import identity
+    from .ray_job import run_ray
+    from .writers import ParquetWriter
+
+    writer = ParquetWriter(args.out, identity(read_bundle(settings.bundle), options))
+    todo = [uri for uri in inputs.names if uri not in writer.done]
+    if todo:
+        staging = writer.staging()
+        run_ray(todo, inputs.unreadable, settings, staging, options, args.ray_address, args.actors,
+                args.cpus_per_actor)
+        writer.adopt(staging)
+    return {"images": len(todo), "skipped": len(inputs.names) - len(todo), "out": str(args.out)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop)  # docker stop, kill: stop like Ctrl-C, keeping the rows written
+    stop = StopRequest(at_once=args.ray)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bundle import BundleError
-    from server.config import Settings
+    from server.budget import return_freed_memory
 
-    from .job import Options, run_local
+    return_freed_memory()  # before the decoding threads start: the budget bounds the peak only if freed memory returns
+
+    from .job import Options
     from .sources import BulkError, list_inputs
-    from .writers import format_of, open_writer, read_done_parquet
 
     try:
-        for name in ("top_k", "batch_size", "actors", "decode_threads"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise BulkError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        fmt = format_of(args.out, args.format)
-        if args.ray and fmt != "parquet":
-            raise BulkError("--ray writes Parquet: give an --out ending in .parquet (or --format parquet)")
-        overrides = {"decode_threads": args.decode_threads} if args.decode_threads else {}
-        settings = Settings(bundle=args.bundle, **overrides)
+        fmt = _check(args)
+        settings = _settings(args)
         inputs = list_inputs(args.source)
-        if not inputs:
+        if not inputs.names:
             raise BulkError(f"no images in {args.source}")
         options = Options(top_k=args.top_k, embedding=args.embedding, batch_size=args.batch_size)
-        if args.ray:
-            from .ray_job import run_ray
-
-            done = read_done_parquet(args.out) if args.out.is_dir() else set()
-            todo = [uri for uri in inputs if uri not in done]
-            if todo:
-                run_ray(todo, settings, args.out, options, args.ray_address, args.actors, args.cpus_per_actor)
-            summary = {"images": len(todo), "skipped": len(inputs) - len(todo), "out": str(args.out)}
-        else:
-            from tqdm import tqdm
-
-            writer = open_writer(args.out, fmt)
-            with tqdm(total=len(inputs), initial=sum(uri in writer.done for uri in inputs), unit="img",
-                      desc="classify", disable=None) as bar:
-                outcome = run_local(inputs, settings, writer, options, bar)
-            summary = {"images": outcome.images, "errors": outcome.errors, "skipped": outcome.skipped,
-                       "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),
-                       "out": str(args.out)}
+        summary = (_run_ray(args, settings, inputs, options) if args.ray
+                   else _run_local(args, fmt, settings, inputs, options, stop))
     except (BulkError, BundleError, ValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the output cannot be written: a folder in the way, permissions, a full disk
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # the output cannot be written: permissions, a full disk, a read-only folder
+        print(f"error: {err}; rows committed so far are kept: rerun the same command to finish", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue; rows written so far are kept", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ import numpy as np
 from bundle import InputSpec, read_bundle
 from server.config import Settings
 
-from .job import Options, batch_size, classify, load, open_classifier
+from .job import Options, batch_size, classify, decode_budget, load_or_known, open_classifier
 from .writers import parquet_schema
 
 # What an actor needs to open the same session as the server would (the rest of Settings is the HTTP server's).
@@ -23,14 +23,16 @@ SESSION_FIELDS = ("bundle", "backend", "variant", "providers", "startup_check", 
 RETRIES = 4
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec, settings: Settings) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec, settings: Settings,
+                 unreadable: dict[str, str]) -> dict[str, np.ndarray]:
     """A Ray task: inputs -> model arrays (zeros where the input failed) and the error texts ('' when none), as
     the local job decodes them."""
     size = spec.image_size
     pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
     errors = []
+    budget = decode_budget(settings)
     for i, uri in enumerate(batch["path"]):
-        loaded = load(str(uri), spec, settings)
+        loaded = load_or_known(str(uri), spec, settings, budget, unreadable)
         if isinstance(loaded, str):
             errors.append(loaded)
         else:
@@ -58,10 +60,10 @@ class ClassifyActor:
         return pa.Table.from_pylist(rows, schema=parquet_schema())
 
 
-def run_ray(todo: list[str], settings: Settings, out: Path, options: Options, address: str | None, actors: int,
-            cpus_per_actor: float) -> None:
+def run_ray(todo: list[str], unreadable: dict[str, str], settings: Settings, out: Path, options: Options,
+            address: str | None, actors: int, cpus_per_actor: float) -> None:
     """Classify `todo` on the cluster at `address` (None: a local one started for this job), into Parquet parts
-    under `out`."""
+    under `out` (a staging folder the local ParquetWriter then adopts)."""
     import ray
 
     ray.init(address=address, log_to_driver=False, include_dashboard=False)
@@ -72,7 +74,8 @@ def run_ray(todo: list[str], settings: Settings, out: Path, options: Options, ad
             session["intra_op_threads"] = max(1, int(cpus_per_actor))
         dataset = ray.data.from_items([{"path": uri} for uri in todo])
         decoded = dataset.map_batches(decode_batch, batch_size=options.batch_size, max_retries=RETRIES,
-                                      fn_kwargs={"spec": bundle.manifest.input, "settings": settings})
+                                      fn_kwargs={"spec": bundle.manifest.input, "settings": settings,
+                                                 "unreadable": unreadable})
         classified = decoded.map_batches(
             ClassifyActor, batch_size=options.batch_size, fn_constructor_kwargs={"session": session,
                                                                                  "options": options},

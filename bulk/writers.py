@@ -1,25 +1,43 @@
-"""Where bulk results go: CSV, JSON lines or Parquet, appended as the job runs, and what is already there, so a
-rerun skips the inputs already written.
+"""Where bulk results go: CSV, JSON lines or Parquet, appended as the job runs and committed to the ledger
+(bulk/ledger.py) about once a second, so that a rerun skips exactly the inputs whose rows are whole and redoes
+the rest.
 
 Every format has the same columns: path, labels (top-k, most probable first), probabilities, embedding (only with
---embedding) and error (empty when the input was classified). CSV cells holding lists are JSON. Parquet is a
-folder of part files, each written whole and renamed into place, as Ray Data and Spark write it.
+--embedding) and error (empty when the input was classified). CSV cells holding lists are JSON; a text cell that
+a spreadsheet would run as a formula (starting with = + - @, a tab or a line break, or their full-width forms) is
+written with a leading ' as OWASP recommends, and so is one starting with ' itself, so that reading a cell back
+is one rule: a leading ' is dropped. Parquet is a folder of part files, each written whole and renamed into place.
+
+Bulk writes only into results it can prove it wrote (a ledger that matches them): anything else at --out is
+refused and left exactly as it is, and nothing but bulk's own files is ever renamed or deleted.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
 import os
+import shutil
+import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Protocol
 
+from bundle import sha256_file
+
+from .ledger import PARQUET_NAME, Identity, Ledger, ledger_path
 from .sources import BulkError
 
 log = logging.getLogger(__name__)
 COLUMNS = ("path", "labels", "probabilities", "embedding", "error")
 FORMATS = ("csv", "jsonl", "parquet")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "'", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+COMMIT_EVERY_S = 1.0  # rows written since the last commit are redone after a crash
+KEEP_POINTS = 32  # the last commit points kept, and the first two: a file cut short falls back to one of them
+EMPTY = hashlib.sha256().hexdigest()
 
 
 class Writer(Protocol):
@@ -40,92 +58,208 @@ def format_of(out: Path, given: str | None) -> str:
                     "--format")
 
 
-def open_writer(out: Path, fmt: str) -> Writer:
-    return ParquetWriter(out) if fmt == "parquet" else LineWriter(out, fmt)
+def open_writer(out: Path, fmt: str, identity: Identity) -> Writer:
+    return ParquetWriter(out, identity) if fmt == "parquet" else LineWriter(out, fmt, identity)
+
+
+def csv_cell(text: str) -> str:
+    """A text cell no spreadsheet runs as a formula (OWASP's CSV injection advice)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def csv_text(cell: str) -> str:
+    """csv_cell undone."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def _existing(out: Path, kind: int) -> bool:
+    """Whether `out` exists; BulkError when it is not of the expected kind (a FIFO would block, a symlink could
+    point at anything)."""
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_IFMT(mode) != kind:
+        want = "a folder" if kind == stat.S_IFDIR else "a regular file"
+        raise BulkError(f"{out} is not {want} (a link, a FIFO, a device or a folder): bulk writes only its own "
+                        "results; choose another --out")
+    return True
 
 
 class LineWriter:
-    """CSV or JSON lines in one file, appended and flushed per batch; a last line cut short by a crash is dropped
-    (and its input redone) on the next run."""
+    """CSV or JSON lines in one file, appended per batch and committed (length and sha256) to its ledger."""
 
-    def __init__(self, out: Path, fmt: str) -> None:
-        self.fmt = fmt
-        self.done: set[str] = set()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.is_file() and out.stat().st_size:
-            self._recover(out)
-        self.file = out.open("a", newline="", encoding="utf-8", errors="surrogateescape")
-        if self.fmt == "csv" and self.file.tell() == 0:
-            csv.writer(self.file).writerow(COLUMNS)
+    def __init__(self, out: Path, fmt: str, identity: Identity) -> None:
+        self.out, self.fmt, self.done, self._committed_at = out, fmt, set(), 0.0
+        ledger = Ledger.read(ledger_path(out, fmt))
+        if _existing(out, stat.S_IFREG):
+            if ledger is None:
+                raise BulkError(f"{out} exists and is not a bulk result (no {ledger_path(out, fmt).name} beside "
+                                "it): it is left as it is; choose another --out")
+            ledger.check(identity, fmt, out)
+            self.ledger = ledger
+            self._resume()
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.ledger = Ledger(ledger_path(out, fmt), identity, fmt, {"bytes": 0, "sha256": EMPTY})
+            self.ledger.save()  # first: a file bulk creates is known as its own from its first byte
+            self.fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            self.mark = (0, hashlib.sha256())  # the whole bytes written: their length and digest, set at once
+        if fmt == "csv" and self.mark[0] == 0:
+            self._append(self._csv_lines([COLUMNS]))
+        self._commit(force=True)
 
-    def _recover(self, out: Path) -> None:
-        """Read what an earlier run wrote; a file that is not a bulk result is refused before anything is changed,
-        and only then is a last line cut short by a crash removed."""
-        with out.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
-            first = f.readline()
+    def _resume(self) -> None:
+        """Verify the committed bytes are bulk's, cut off what came after them, and read which inputs they hold."""
+        self.fd = os.open(self.out, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+        total = os.fstat(self.fd).st_size
+        try:
+            size, digest = self._verified(total)
+        except BulkError:
+            os.close(self.fd)
+            raise
+        self.mark = (size, digest)
+        if total > size:
+            log.warning("%s: %d bytes after the last whole commit are cut off; their inputs are redone", self.out,
+                        total - size)
+            os.ftruncate(self.fd, size)
+        with self.out.open(encoding="utf-8", newline="") as f:
             if self.fmt == "csv":
-                header = next(csv.reader([first]), [])
-                if tuple(header) != COLUMNS:
-                    raise BulkError(f"{out} is not a bulk result (its header is {header[:5]}); choose another --out")
-                lines = csv.reader(f)
-                self.done = {row[0] for row in lines if row}
+                reader = csv.reader(f)
+                next(reader, None)  # the header
+                self.done = {csv_text(row[0]) for row in reader if row}
             else:
-                for number, line in enumerate([first, *f]):
-                    try:
-                        self.done.add(json.loads(line)["path"])
-                    except (ValueError, KeyError, TypeError):
-                        if number and not line.endswith("\n"):
-                            break  # the last line, cut short
-                        raise BulkError(f"{out} is not a bulk result (a line reads {line[:80]!r}); choose another "
-                                        "--out") from None
-        _drop_partial_last_line(out)
+                self.done = {json.loads(line)["path"] for line in f}
+
+    def _verified(self, total: int) -> tuple[int, hashlib._Hash]:
+        """The longest commit point the file still holds, checked by its sha256: the last commit, or an earlier one
+        when the file was cut below it (a copy cut short, a file system that lost its last writes); the empty start
+        when it is shorter than bulk's first write."""
+        committed = self.ledger.committed
+        points = sorted({(n, h) for n, h in [(committed.get("bytes"), committed.get("sha256")),
+                                             *committed.get("earlier", [])]
+                         if isinstance(n, int) and isinstance(h, str) and 0 <= n <= total})
+        if not points:
+            raise BulkError(f"{self.out} is shorter than anything bulk committed to it: it is left as it is; choose "
+                            "another --out")
+        size, expected = points[-1]
+        digest, left = hashlib.sha256(), size
+        with os.fdopen(os.dup(self.fd), "rb") as f:
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                digest.update(chunk)
+                left -= len(chunk)
+        if left or digest.hexdigest() != expected:
+            raise BulkError(f"{self.out} changed since bulk wrote it (its ledger {self.ledger.path.name} does not "
+                            "match): it is left as it is; choose another --out")
+        return size, digest
 
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "csv":
-            writer = csv.writer(self.file)
-            for row in rows:
-                writer.writerow([row["path"], json.dumps(row["labels"]), json.dumps(row["probabilities"]),
-                                 json.dumps(row["embedding"]) if row["embedding"] is not None else "",
-                                 row["error"] or ""])
+            data = self._csv_lines([csv_cell(row["path"]), json.dumps(row["labels"]), json.dumps(row["probabilities"]),
+                                    json.dumps(row["embedding"]) if row["embedding"] is not None else "",
+                                    csv_cell(row["error"] or "")] for row in rows)
         else:
-            for row in rows:
-                self.file.write(json.dumps({k: row[k] for k in COLUMNS}) + "\n")
-        self.file.flush()
+            data = "".join(json.dumps({k: row[k] for k in COLUMNS}) + "\n" for row in rows).encode("utf-8")
+        self._append(data)
         self.done.update(row["path"] for row in rows)
+        self._commit()
+
+    @staticmethod
+    def _csv_lines(rows) -> bytes:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(rows)
+        return text.getvalue().encode("utf-8")
+
+    def _append(self, data: bytes) -> None:
+        """Write all of `data`; only then does the mark move (one assignment), so that a write cut short by a full
+        disk or a second signal is never committed."""
+        size, digest = self.mark
+        digest = digest.copy()
+        digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.mark = (size + len(data), digest)
+
+    def _commit(self, force: bool = False) -> None:
+        """Record what is whole on disk; at most once a second (each commit is an fsync)."""
+        if not force and time.monotonic() - self._committed_at < COMMIT_EVERY_S:
+            return
+        size, digest = self.mark
+        os.fsync(self.fd)
+        last = self.ledger.committed
+        points = sorted({(n, h) for n, h in [(last["bytes"], last["sha256"]), *last.get("earlier", [])] if n < size},
+                        reverse=True)  # what is past a cut is gone
+        earlier = points[:KEEP_POINTS] + [p for p in points[-2:] if p not in points[:KEEP_POINTS]]
+        self.ledger.committed = {"bytes": size, "sha256": digest.hexdigest(), "earlier": earlier}
+        self.ledger.save()
+        self._committed_at = time.monotonic()
 
     def close(self) -> None:
-        self.file.close()
-
-
-def _drop_partial_last_line(path: Path) -> None:
-    """Cut the file after its last newline (a crash can leave half a row), reading only its tail."""
-    with path.open("r+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        position = end
-        while position > 0:
-            start = max(0, position - 65536)
-            f.seek(start)
-            chunk = f.read(position - start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                if start + newline + 1 != end:
-                    f.truncate(start + newline + 1)
-                return
-            position = start
-        f.truncate(0)
+        try:
+            self._commit(force=True)
+        finally:
+            os.close(self.fd)
 
 
 class ParquetWriter:
-    """A folder of Parquet part files; rows are gathered and written a part at a time."""
+    """A folder of Parquet part files listed in its ledger; rows are gathered and written a part at a time. A
+    part is named in the ledger ("pending") before it is written, so that one left by a crash is known as bulk's."""
 
     PART_ROWS = 1024
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, identity: Identity) -> None:
         self.out, self.rows = out, []
-        if out.exists() and not out.is_dir():
-            raise BulkError(f"{out} is a file; Parquet output is a folder of part files")
-        out.mkdir(parents=True, exist_ok=True)
-        self.done = read_done_parquet(out)
+        if not _existing(out, stat.S_IFDIR):
+            out.mkdir(parents=True)
+        ledger = Ledger.read(ledger_path(out, "parquet"))
+        if ledger is None:
+            if any(out.iterdir()):
+                raise BulkError(f"{out} holds files and is not a bulk result (no {PARQUET_NAME} in it): it is left "
+                                "as it is; choose another --out")
+            ledger = Ledger(ledger_path(out, "parquet"), identity, "parquet", {"parts": {}})
+        ledger.check(identity, "parquet", out)
+        self.ledger = ledger
+        self._settle()
+        self.done = self._check_parts()
+
+    @property
+    def parts(self) -> dict[str, str]:
+        return self.ledger.committed.setdefault("parts", {})
+
+    def _settle(self) -> None:
+        """Finish what a crash interrupted: a pending part renamed into place is kept, its temporary file is
+        removed; a Ray job's staging folder gives up its whole parts and is removed."""
+        pending = self.ledger.committed.pop("pending", None)
+        if pending:
+            (self.out / f".{pending}.tmp").unlink(missing_ok=True)
+            if (self.out / pending).is_file() and _parquet_paths(self.out / pending) is not None:
+                self.parts[pending] = sha256_file(self.out / pending)
+        staging = self.ledger.committed.pop("staging", None)
+        if staging and (self.out / staging).is_dir():
+            self.adopt(self.out / staging)
+        self.ledger.save()
+
+    def _check_parts(self) -> set[str]:
+        """The inputs the listed parts hold; BulkError when a part changed or the folder holds other files."""
+        ours = {PARQUET_NAME, f".{PARQUET_NAME}.tmp", *self.parts}
+        foreign = sorted(p.name for p in self.out.iterdir() if p.name not in ours)
+        if foreign:
+            raise BulkError(f"{self.out} holds files bulk did not write ({', '.join(foreign[:3])}): they are left "
+                            "as they are; move them, or choose another --out")
+        done: set[str] = set()
+        for name, digest in list(self.parts.items()):
+            part = self.out / name
+            if not part.is_file():
+                log.warning("%s is missing: its rows are redone", part)
+                del self.parts[name]
+                continue
+            paths = _parquet_paths(part)
+            if paths is None or sha256_file(part) != digest:
+                raise BulkError(f"{part} changed since bulk wrote it: it is left as it is; choose another --out")
+            done.update(paths)
+        self.ledger.save()
+        return done
 
     def write(self, rows: list[dict]) -> None:
         self.rows += rows
@@ -140,14 +274,64 @@ class ParquetWriter:
 
         table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in self.rows], schema=parquet_schema())
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+        self.ledger.committed["pending"] = name
+        self.ledger.save()
         tmp = self.out / f".{name}.tmp"
         pq.write_table(table, tmp)
-        os.replace(tmp, self.out / name)
+        _fsync(tmp)
+        self._commit_part(tmp, name)
         self.done.update(row["path"] for row in self.rows)
         self.rows = []
 
+    def _commit_part(self, written: Path, name: str) -> None:
+        """Rename a whole part into place and list it; named pending first, so a crash in between is settled."""
+        digest = sha256_file(written)
+        self.ledger.committed["pending"] = name
+        self.ledger.save()
+        os.replace(written, self.out / name)
+        self.parts[name] = digest
+        self.ledger.committed.pop("pending", None)
+        self.ledger.save()
+
+    def staging(self) -> Path:
+        """A folder for a Ray job's parts, recorded first so that a crash leaves nothing unknown behind."""
+        name = f".ray-{uuid.uuid4().hex[:12]}"
+        self.ledger.committed["staging"] = name
+        self.ledger.save()
+        (self.out / name).mkdir()
+        return self.out / name
+
+    def adopt(self, staging: Path) -> None:
+        """A Ray job's whole parts listed as this folder's; the rest of its staging folder,
+        which it wrote, removed."""
+        for part in sorted(staging.rglob("*.parquet")):
+            if _parquet_paths(part) is not None:
+                self._commit_part(part, f"part-{uuid.uuid4().hex[:12]}.parquet")
+        shutil.rmtree(staging)
+        self.ledger.committed.pop("staging", None)
+        self.ledger.save()
+
     def close(self) -> None:
         self._flush()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parquet_paths(part: Path) -> list[str] | None:
+    """The inputs a part file holds, or None when it is not a whole Parquet file with a path column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(part, columns=["path"]).column("path").to_pylist()
+    except (pa.ArrowException, OSError, KeyError):
+        return None
 
 
 def parquet_schema():
@@ -156,19 +340,3 @@ def parquet_schema():
     return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
                       ("probabilities", pa.list_(pa.float32())), ("embedding", pa.list_(pa.float32())),
                       ("error", pa.string())])
-
-
-def read_done_parquet(folder: Path) -> set[str]:
-    """Inputs already written to a Parquet folder. A part that cannot be read (cut short by a killed job) is
-    renamed *.broken and its rows are redone."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    done: set[str] = set()
-    for part in sorted(folder.glob("*.parquet")):
-        try:
-            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
-        except (pa.ArrowException, OSError) as err:
-            log.warning("%s cannot be read (%s): renamed %s.broken, its rows will be redone", part, err, part.name)
-            part.rename(part.with_name(part.name + ".broken"))
-    return done
