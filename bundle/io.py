@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
@@ -200,6 +201,36 @@ def read_small(path: Path, limit: int) -> bytes:
     fd, _ = open_regular(path)
     with os.fdopen(fd, "rb") as f:
         return f.read(limit + 1)
+
+
+def load_yaml(text: str, *, max_depth: int, what: str) -> object:
+    """Untrusted YAML as plain data (safe_load), bounded before anything is built: nested at most `max_depth`
+    mappings and lists deep (building thousands of levels recurses past Python's limit) and without anchors or
+    aliases (a few aliases expand to billions of nodes; `what`, e.g. "a version policy", never needs them). Every
+    problem is one ValueError line, numbers past int()'s digit limit included. PyYAML's parser is a loop, so the
+    bounding pass is safe."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ValueError(f"anchors and aliases are not allowed ({what} never needs them)")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"nested more than {max_depth} levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{err.problem or err.context}{where}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as err:  # ours above, or a number past int()'s digit limit (its advice to raise the limit cut)
+        raise ValueError(str(err).split("; use sys.")[0]) from None
 
 
 def _open_member(folder: Path, role: str, entry: FileEntry, what: str) -> BinaryIO:

@@ -1,23 +1,28 @@
 """The recipe: one YAML file that says everything a run needs, from data to bundle, checked whole before any work.
 
 Every mistake is reported at once with its field path (pydantic). Relative paths are relative to the folder the
-command runs in, as on a command line. Defaults are the training commands' (tests/test_pipeline.py keeps them
-equal): the published PromptKD settings, except that stage 2 keeps its last epoch unless `selection: best_val`
-(published; the paper recipes set it).
+command runs in, as on a command line; `~` and $VAR / ${VAR} in a path are expanded here, once, so that every step
+sees the same folder (an unset variable is refused). The file and `--set` values are read by one bounded YAML
+reader (size, nesting, no anchors), so no value of either ends in a traceback. Defaults are the training commands'
+(tests/test_pipeline.py keeps them equal): the published PromptKD settings, except that stage 2 keeps its last
+epoch unless `selection: best_val` (published; the paper recipes set it).
 """
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, DirectoryPath, Field, FilePath, NonNegativeInt, PositiveFloat,
-    PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, DirectoryPath, Field, FilePath, PositiveFloat,
+    ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
+from bundle.io import NotARegularFile, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
+from training.data.fashion_mnist import CLASSNAMES as FASHION_MNIST_CLASSES
 from training.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from training.data.names import DATASETS
 
@@ -25,6 +30,10 @@ STAND_IN = "stand-in"  # a tower's `pretrained` value: weights made here by pret
 VARIANTS = ("optimized", "int8", "int8_vnni", "fp16")
 # The run folder's own subfolders (steps.py writes them); a bundle may not go there.
 STEP_FOLDERS = ("data", "weights", "stage1", "class_vectors", "teacher_cache", "stage2", "evaluate")
+MAX_COUNT = 10**9  # epochs, images, tokens, batch sizes: far past any run, short of overflowing a float or a tensor
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a file (or a device) past this is not one
+MAX_RECIPE_DEPTH = 16  # nesting of mappings and lists, in the file, in a --set value, and of a --set key; recipes use 4
 
 
 class RecipeError(ValueError):
@@ -50,18 +59,45 @@ def _fraction(value: float) -> float:
     return value
 
 
+def _expand(value: object) -> object:
+    """`~` and $VAR / ${VAR} expanded, as a shell would on a command line but does not in a YAML file or after
+    `--set KEY=`; a variable left unset is refused rather than becoming a folder named after it."""
+    if not isinstance(value, (str, Path)):
+        return value
+    text = os.path.expandvars(os.path.expanduser(str(value)))
+    unset = re.search(r"\$(\w+|\{[^}]*\})", text)
+    if unset:
+        raise ValueError(f"environment variable {unset.group()} is not set")
+    return text
+
+
+def _not_a_file(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder")
+    return path
+
+
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 ModelName = Annotated[str, AfterValidator(_known_model)]
 Fraction = Annotated[float, AfterValidator(_fraction)]
+Expanded = BeforeValidator(_expand)  # on every path (and on `pretrained`, which may be a file)
+AnyPath = Annotated[Path, Expanded]
+File = Annotated[FilePath, Expanded]
+Folder = Annotated[DirectoryPath, Expanded]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: an infinite learning rate, KD weight or weight decay passes any bound and trains nothing
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Tower(Section):
     model: ModelName
-    pretrained: str = Field("openai", description="open_clip tag, local checkpoint file, or 'stand-in'")
-    weights: FilePath | None = Field(None, description="local file holding the weights of the `pretrained` tag")
+    pretrained: Annotated[str, Expanded] = Field("openai",
+                                                 description="open_clip tag, local checkpoint file, or 'stand-in'")
+    weights: File | None = Field(None, description="local file holding the weights of the `pretrained` tag")
 
     @field_validator("pretrained")
     @classmethod
@@ -87,7 +123,7 @@ class StandIn(Section):
 
 
 class CoOp(Section):
-    root: DirectoryPath
+    root: Folder
     dataset: Literal[DATASETS]  # type: ignore[valid-type]
 
 
@@ -97,8 +133,8 @@ class FashionMNIST(Section):
 
     train_per_class: PositiveInt = 400
     test_per_class: PositiveInt = 50
-    seed: int = 0
-    source: DirectoryPath = Field(FASHION_MNIST_ROOT, validate_default=True)
+    seed: Seed = 0
+    source: Folder = Field(FASHION_MNIST_ROOT, validate_default=True)
 
 
 class Data(Section):
@@ -106,11 +142,11 @@ class Data(Section):
     photos."""
 
     coop: CoOp | None = None
-    image_folder: DirectoryPath | None = None
+    image_folder: Folder | None = None
     fashion_mnist: FashionMNIST | None = None
-    unlabelled: DirectoryPath | None = Field(
+    unlabelled: Folder | None = Field(
         None, description="stage 2's images, searched recursively (default: the labelled train split)")
-    classnames: FilePath | None = Field(
+    classnames: File | None = Field(
         None, description="one class name per line: the classes served (default: the labelled data's)")
 
     @model_validator(mode="after")
@@ -125,7 +161,7 @@ class Data(Section):
 class Stage1(Section):
     """The teacher: PromptSRC prompt tuning on few-shot labelled images, or an imported authors' checkpoint."""
 
-    authors_checkpoint: FilePath | None = Field(
+    authors_checkpoint: File | None = Field(
         None, description="import this PromptSRC teacher released by PromptKD's authors instead of training")
     data: Data | None = Field(None, description="labelled data for stage 1 when it differs (cross-dataset)")
     subset: Literal["base", "all"] = "all"
@@ -153,7 +189,7 @@ class Stage2(Section):
     prompt_depth: PositiveInt = 9
     projector_hidden: PositiveInt | None = None
     epochs: PositiveInt = 20
-    batch_size: int = Field(8, ge=2, description="global; at least 2 images per process (BatchNorm)")
+    batch_size: int = Field(8, ge=2, le=MAX_COUNT, description="global; at least 2 images per process (BatchNorm)")
     lr: PositiveFloat = 0.005
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -177,21 +213,21 @@ class Evaluation(Section):
 
 class Export(Section):
     name: str | None = Field(None, description="model name in the manifest (default: the recipe's name)")
-    out: Path | None = Field(None, description="bundle folder (default: <workdir>/bundle)")
+    out: AnyPath | None = Field(None, description="bundle folder (default: <workdir>/bundle)")
     variants: list[Literal[VARIANTS]] = []  # type: ignore[valid-type]
     parity_count: PositiveInt = 64
     parity_set: NonNegativeInt = 32
     calibration_count: PositiveInt = 512
     skip_failing_variants: bool = False
-    repository: Path | None = Field(None, description="write a domain bundle into this model repository, at "
+    repository: AnyPath | None = Field(None, description="write a domain bundle into this model repository, at "
                                     "<repository>/<name>/<version>, on the repository's shared backbone (exported "
                                     "there by the first domain of the student tower), instead of a folded bundle")
     version: PositiveInt = Field(1, description="with repository: the version folder to write")
 
 
 class Run(Section):
-    workdir: Path
-    seed: int = 1
+    workdir: Annotated[AnyPath, AfterValidator(_not_a_file)]
+    seed: Seed = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     workers: NonNegativeInt = 4
     device: str = "auto"
@@ -224,13 +260,31 @@ class Recipe(Section):
         if self.export.repository is not None and not MODEL_NAME.fullmatch(self.export.name or self.name):
             raise ValueError(f"model name {self.export.name or self.name!r} cannot be a repository folder: set "
                              "export.name to letters, digits, '_', '.' and '-' (at most 64)")
-        workdir, out = self.run.workdir.absolute(), self.bundle_dir.absolute()
+        # Compared resolved: WD/bundle/../stage1 and a symlink into the run folder are the folders they name.
+        workdir, out = Path(os.path.realpath(self.run.workdir)), Path(os.path.realpath(self.bundle_dir))
         owned = [workdir / name for name in STEP_FOLDERS]
         if out == workdir or out in workdir.parents or any(out == f or f in out.parents for f in owned):
             raise ValueError(f"export.out {self.bundle_dir} would replace the run folder or one of its steps' "
                              "folders: choose a folder outside run.workdir, or leave it unset (<workdir>/bundle)")
         if self.stage2.warmup_epochs >= self.stage2.epochs:
             raise ValueError("stage2.warmup_epochs must be fewer than stage2.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> Recipe:
+        """A batch larger than its images trains nothing (full batches only); refused here where the count is known
+        without reading the data (the demo photos, stage2.max_images), and by the step itself otherwise."""
+        demo = self.data.fashion_mnist
+        photos = demo.train_per_class * len(FASHION_MNIST_CLASSES) if demo is not None else None
+        known = [n for n in (None if self.data.unlabelled else photos, self.stage2.max_images) if n is not None]
+        if known and self.stage2.batch_size > min(known):
+            raise ValueError(f"stage2.batch_size {self.stage2.batch_size} is more than the {min(known)} images "
+                             "stage 2 trains on (data.fashion_mnist.train_per_class x 10 classes, or "
+                             "stage2.max_images)")
+        if self.stand_in is not None and photos is not None and self.stage1.data is None \
+                and self.stand_in.batch_size > photos:
+            raise ValueError(f"stand_in.batch_size {self.stand_in.batch_size} is more than the {photos} training "
+                             "photos (data.fashion_mnist.train_per_class x 10 classes)")
         return self
 
     @property
@@ -242,17 +296,28 @@ class Recipe(Section):
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """`a.b.c=value` (value read as YAML) set in the raw recipe, creating sections as needed."""
+    """`a.b.c=value` (value read as YAML, as the file is) set in the raw recipe, creating sections as needed."""
     path, sep, text = assignment.partition("=")
     if not sep or not path:
-        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stage2.epochs=5")
+        raise RecipeError(f"--set {assignment[:80]!r}: expected KEY=VALUE, e.g. stage2.epochs=5")
     *parents, leaf = path.split(".")
+    if len(parents) >= MAX_RECIPE_DEPTH or len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"--set {path[:80]}: a key of at most {MAX_RECIPE_DEPTH} parts and a value of at most "
+                          f"{MAX_RECIPE_BYTES >> 20} MiB")
     node = raw
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {assignment!r}: {key} is not a section")
-    node[leaf] = yaml.safe_load(text)
+            raise RecipeError(f"--set {assignment[:80]!r}: {key} is not a section")
+    try:
+        node[leaf] = load_yaml(text, max_depth=MAX_RECIPE_DEPTH, what="a recipe")
+    except ValueError as err:
+        raise RecipeError(f"--set {path[:80]}: the value is not valid YAML: {err}") from None
+
+
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**80 else "a number of over 80 digits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def describe(err: ValidationError) -> list[str]:
@@ -262,23 +327,38 @@ def describe(err: ValidationError) -> list[str]:
         where = ".".join(str(part) for part in problem["loc"]) or "(recipe)"
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
-        shown = "" if isinstance(given, (dict, list)) or problem["type"] == "missing" else f" (got {given!r})"
+        shown = "" if isinstance(given, (dict, list)) or problem["type"] == "missing" else f" (got {_short(given)})"
         lines.append(f"{where}: {message}{shown}")
     return lines
 
 
-def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe; RecipeError lists every problem at once."""
+def read_recipe_file(path: Path) -> dict:
+    """The recipe file as raw data: a regular file only (a FIFO would hang the reader, a device never ends), at most
+    MAX_RECIPE_BYTES, read as bounded YAML."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = read_small(path, MAX_RECIPE_BYTES)
+    except NotARegularFile:
+        raise RecipeError(f"cannot read recipe {path}: not a regular file") from None
     except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path} is over {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not a text file") from None
-    except yaml.YAMLError as err:
+    try:
+        raw = load_yaml(text, max_depth=MAX_RECIPE_DEPTH, what="a recipe")
+    except ValueError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, run:, teacher:, ...)")
+    return raw
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; RecipeError lists every problem at once."""
+    raw = read_recipe_file(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
@@ -286,3 +366,5 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     except ValidationError as err:
         problems = describe(err)
         raise RecipeError(f"{path}: {len(problems)} problem(s), nothing was run:\n  " + "\n  ".join(problems)) from None
+    except RecursionError:  # not expected within MAX_RECIPE_DEPTH; never a traceback all the same
+        raise RecipeError(f"{path}: nested too deeply") from None

@@ -1,7 +1,8 @@
 """What a recipe run remembers between invocations: per step, the key of the settings it ran with, whether it
 finished, and the sha256 of what it wrote. A step is up to date when it finished with the same key and its
 outputs are unchanged; a key covers the step's own settings and its inputs' keys, so a changed setting reruns
-that step and everything downstream of it, and nothing else."""
+that step and everything downstream of it, and nothing else. It also names the recipe the run folder belongs to
+(`owner`, the recipe's name): a recipe of another name may not take the folder over unless told to."""
 from __future__ import annotations
 
 import hashlib
@@ -38,12 +39,23 @@ class PipelineState:
         self.workdir = workdir
         self.path, self.events = workdir / STATE_FILE, workdir / EVENTS_FILE
         self.records: dict[str, Record] = {}
+        self.owner: str | None = None  # None in a new folder, or one written before run folders had owners
         if self.path.is_file():
             try:
                 raw = json.loads(self.path.read_text())
                 self.records = {name: Record(**entry) for name, entry in raw["steps"].items()}
-            except (ValueError, KeyError, TypeError):
+                self.owner = raw.get("recipe") if isinstance(raw.get("recipe"), str) else None
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 self.records = {}  # unreadable: every step counts as not done, which is always safe
+
+    def done(self) -> list[str]:
+        return [name for name, record in self.records.items() if record.status == "done"]
+
+    def claim(self, owner: str) -> None:
+        """Record the recipe the folder belongs to from now on."""
+        if self.owner != owner:
+            self.owner = owner
+            self._save()
 
     def up_to_date(self, name: str, key: str) -> bool:
         record = self.records.get(name)
@@ -86,5 +98,5 @@ class PipelineState:
         return str(path.relative_to(self.workdir)) if path.is_relative_to(self.workdir) else str(path.absolute())
 
     def _save(self) -> None:
-        payload = {"steps": {name: vars(record) for name, record in self.records.items()}}
+        payload = {"recipe": self.owner, "steps": {name: vars(record) for name, record in self.records.items()}}
         write_atomic(self.path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))

@@ -40,6 +40,14 @@ def labelled(data: Data, workdir: Path) -> Callable[[str], Split]:
     return lambda split: load_image_folder(folder / split)
 
 
+def full_batches(images: int, batch_size: int, setting: str) -> None:
+    """Refuse a batch larger than the images it is drawn from: training keeps full batches only, so it would
+    train nothing (or fail deep inside with a message that names no setting)."""
+    if batch_size > images:
+        raise ValueError(f"{setting} {batch_size} is more than the {images} images it trains on: lower it or give "
+                         "more images")
+
+
 def _dump(section) -> dict:
     return section.model_dump(mode="json") if section is not None else {}
 
@@ -154,9 +162,9 @@ class Plan:
         def action(resume: bool) -> dict:
             from training.pretrain import pretrain_clip
 
-            s = self.recipe.stand_in
-            loss = pretrain_clip(model, self.stage1_data("train"), out, epochs=s.epochs, batch_size=s.batch_size,
-                                 lr=s.lr)
+            s, split = self.recipe.stand_in, self.stage1_data("train")
+            full_batches(len(split), s.batch_size, "stand_in.batch_size")
+            loss = pretrain_clip(model, split, out, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
             return {"result": f"{model} stand-in weights, final loss {loss:.3f}", "final_loss": loss}
 
         settings = {"model": model, "stand_in": _dump(self.recipe.stand_in),
@@ -235,6 +243,8 @@ class Plan:
         from training.distill import DistillConfig, distill
 
         r, s = self.recipe, self.recipe.stage2
+        images = self.student_images()
+        full_batches(len(images), s.batch_size, "stage2.batch_size")
         model, pretrained, weights = self._tower("student")
         cfg = DistillConfig(
             teacher_model=r.teacher.model, teacher_pretrained=None, teacher_checkpoint=str(self.teacher_file),
@@ -254,7 +264,7 @@ class Plan:
         val_split = None
         if s.selection == "best_val":
             _, val_split = few_shot_splits(self.data, r.stage1.shots, r.stage1.val_shots, r.run.seed, "all")
-        report = distill(cfg, self.student_images(), eval_split, resume=resume, val_split=val_split)
+        report = distill(cfg, images, eval_split, resume=resume, val_split=val_split)
         figures = {"images": report["train_images"], **{f"{k}_after": v for k, v in report["after"].items()
                                                          if k.endswith(("_acc", "agreement"))}}
         text = (f"student {report['after']['student_acc']:.1f}%, teacher {report['after']['teacher_acc']:.1f}%, "

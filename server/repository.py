@@ -21,11 +21,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bundle import BACKBONES_DIR, MANIFEST_NAME, BundleError
-from bundle.io import MAX_MANIFEST_BYTES, read_small
+from bundle.io import MAX_MANIFEST_BYTES, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
 
 from .numbers import MAX_VERSION, version_number
@@ -158,31 +157,14 @@ def read_config(path: Path) -> ModelConfig:
     if len(data) > MAX_POLICY_BYTES:
         raise ValueError(f"{POLICY_FILE} is over {MAX_POLICY_BYTES >> 10} KiB: it cannot be a version policy")
     try:
-        text = data.decode("utf-8")
-        _check_depth(text)
-        raw = yaml.safe_load(text)
-    except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as err:
+        raw = load_yaml(data.decode("utf-8"), max_depth=MAX_POLICY_DEPTH, what="a version policy")
+    except ValueError as err:  # UnicodeDecodeError is one
         raise ValueError(f"{POLICY_FILE} cannot be read: {str(err)[:300]}") from None
     try:
         return ModelConfig.model_validate(raw or {})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())
         raise ValueError(f"{POLICY_FILE} is invalid: {problems[:500]}") from None
-
-
-def _check_depth(text: str) -> None:
-    """Refuse YAML nested deeper than MAX_POLICY_DEPTH before it is built into objects (building and validating
-    thousands of levels recurses past Python's limit). PyYAML's parser is a loop, so this pass is safe."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise ValueError("anchors and aliases are not allowed (a version policy never needs them)")
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_POLICY_DEPTH:
-                raise ValueError(f"nested more than {MAX_POLICY_DEPTH} levels deep")
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
 
 
 def single_bundle(path: Path) -> dict[str, ModelFolder]:

@@ -149,7 +149,9 @@ def load_run_state(path: Path, config: dict) -> dict:
 
 
 class Interrupt:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can save and exit cleanly."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can save and exit cleanly. An
+    Interrupt around this one (a pipeline running the loop as one of its steps) gets the request too: a signal after
+    the loop's last check would otherwise be lost when the loop ends."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -163,6 +165,9 @@ class Interrupt:
     def _handle(self, signum, frame) -> None:
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self.requested = True
+        outer = getattr(self._previous.get(signum), "__self__", None)
+        if isinstance(outer, Interrupt):
+            outer.requested = True
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
