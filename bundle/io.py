@@ -205,21 +205,12 @@ def read_small(path: Path, limit: int) -> bytes:
 
 def load_yaml(text: str, *, max_depth: int, what: str) -> object:
     """Untrusted YAML as plain data (safe_load), bounded before anything is built: nested at most `max_depth`
-    mappings and lists deep (building thousands of levels recurses past Python's limit) and without anchors or
-    aliases (a few aliases expand to billions of nodes; `what`, e.g. "a version policy", never needs them). Every
-    problem is one ValueError line, numbers past int()'s digit limit included. PyYAML's parser is a loop, so the
-    bounding pass is safe."""
+    mappings and lists deep (building thousands of levels recurses past Python's limit), without anchors or aliases
+    (a few aliases expand to billions of nodes; `what`, e.g. "a version policy", never needs them) and without a
+    key given twice in one mapping (YAML would keep the last silently). Every problem is one ValueError line:
+    numbers past int()'s digit limit and tags PyYAML cannot build (`!!int ''`, `!!timestamp x`) included."""
     try:
-        depth = 0
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise ValueError(f"anchors and aliases are not allowed ({what} never needs them)")
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > max_depth:
-                    raise ValueError(f"nested more than {max_depth} levels deep")
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
+        _check_events(text, max_depth, what)
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -229,8 +220,31 @@ def load_yaml(text: str, *, max_depth: int, what: str) -> object:
         raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
     except RecursionError:
         raise ValueError("nested too deeply") from None
-    except ValueError as err:  # ours above, or a number past int()'s digit limit (its advice to raise the limit cut)
+    except ValueError as err:  # ours, or a number past int()'s digit limit (its advice to raise the limit cut)
         raise ValueError(str(err).split("; use sys.")[0]) from None
+    except Exception as err:  # PyYAML's constructors raise IndexError, KeyError, ... on some tagged scalars
+        raise ValueError(f"a value cannot be read ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def _check_events(text: str, max_depth: int, what: str) -> None:
+    """load_yaml's bounds, on the parser's events (a loop, so no depth is too deep to check)."""
+    stack: list[list | None] = []  # per open collection: a mapping's [keys seen, next node is a key], or None
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError(f"anchors and aliases are not allowed ({what} never needs them)")
+        if isinstance(event, yaml.NodeEvent) and stack and stack[-1] is not None:
+            keys = stack[-1]
+            if keys[1] and isinstance(event, yaml.ScalarEvent):
+                if event.value in keys[0]:
+                    raise ValueError(f"the key {event.value[:80]!r} is given twice in one mapping")
+                keys[0].add(event.value)
+            keys[1] = not keys[1]
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([set(), True] if isinstance(event, yaml.MappingStartEvent) else None)
+            if len(stack) > max_depth:
+                raise ValueError(f"nested more than {max_depth} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            stack.pop()
 
 
 def _open_member(folder: Path, role: str, entry: FileEntry, what: str) -> BinaryIO:

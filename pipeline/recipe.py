@@ -30,6 +30,7 @@ STAND_IN = "stand-in"  # a tower's `pretrained` value: weights made here by pret
 VARIANTS = ("optimized", "int8", "int8_vnni", "fp16")
 # The run folder's own subfolders (steps.py writes them); a bundle may not go there.
 STEP_FOLDERS = ("data", "weights", "stage1", "class_vectors", "teacher_cache", "stage2", "evaluate")
+RUN_FILES = ("pipeline_state.json", "metrics.jsonl", "recipe.yaml", "curves.png")  # the run's own records
 MAX_COUNT = 10**9  # epochs, images, tokens, batch sizes: far past any run, short of overflowing a float or a tensor
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a file (or a device) past this is not one
@@ -64,14 +65,21 @@ def _expand(value: object) -> object:
     `--set KEY=`; a variable left unset is refused rather than becoming a folder named after it."""
     if not isinstance(value, (str, Path)):
         return value
-    text = os.path.expandvars(os.path.expanduser(str(value)))
-    unset = re.search(r"\$(\w+|\{[^}]*\})", text)
-    if unset:
-        raise ValueError(f"environment variable {unset.group()} is not set")
+    text = str(value)
+    if "${" in text and "}" not in text.split("${", 1)[1]:
+        raise ValueError("a ${ is not closed")
+    for match in re.finditer(r"\$(\w+)|\$\{([^}]*)\}", text):  # checked before expanding: a value may hold a $
+        if (match.group(1) or match.group(2)) not in os.environ:
+            raise ValueError(f"environment variable {match.group()} is not set")
+    text = os.path.expandvars(os.path.expanduser(text))
+    if text.startswith("~"):
+        raise ValueError(f"{text.split('/')[0]} names no user here")
     return text
 
 
 def _not_a_file(path: Path) -> Path:
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{path} is a link to nothing")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a folder")
     return path
@@ -262,7 +270,7 @@ class Recipe(Section):
                              "export.name to letters, digits, '_', '.' and '-' (at most 64)")
         # Compared resolved: WD/bundle/../stage1 and a symlink into the run folder are the folders they name.
         workdir, out = Path(os.path.realpath(self.run.workdir)), Path(os.path.realpath(self.bundle_dir))
-        owned = [workdir / name for name in STEP_FOLDERS]
+        owned = [workdir / name for name in STEP_FOLDERS + RUN_FILES]
         if out == workdir or out in workdir.parents or any(out == f or f in out.parents for f in owned):
             raise ValueError(f"export.out {self.bundle_dir} would replace the run folder or one of its steps' "
                              "folders: choose a folder outside run.workdir, or leave it unset (<workdir>/bundle)")

@@ -2,8 +2,13 @@
 and end with a summary table and the training curves."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import yaml
@@ -71,6 +76,11 @@ def check_workdir(recipe: Recipe, force: bool = False) -> str | None:
         raise ValueError(f"run.workdir {work} holds files but is not a run folder (no {STATE_FILE}): steps "
                          "empty their folders there, so choose a new or empty folder")
     state = PipelineState(work)
+    if state.unreadable:
+        what = f"run.workdir {work} has a {STATE_FILE} that cannot be read, so whose run folder it is is unknown"
+        if not force:
+            raise ValueError(f"{what}: restore or remove it, or pass --force to start over there (nothing was run)")
+        return f"warning: {what}: starting over (--force)"
     if state.owner is None or state.owner == recipe.name:
         return None
     what = (f"run.workdir {work} belongs to recipe {state.owner!r} (steps done there: "
@@ -97,9 +107,35 @@ class StopRequest(Interrupt):
         log.warning("signal %d: stopping before the next step", signum)
 
 
+@contextmanager
+def workdir_lock(work: Path) -> Iterator[None]:
+    """One run at a time in a run folder (a second would empty the folders the first is writing): an exclusive
+    lock on the folder itself, refused at once when taken. A folder made here and left empty is removed."""
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"run.workdir {work} is in use by another run of the pipeline (nothing was run)") from None
+        yield
+    except BaseException:
+        if created and not any(work.iterdir()):
+            work.rmdir()
+        raise
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 def run(recipe: Recipe, from_step: str | None = None, echo=print, force: bool = False) -> list[Row]:
     """Do the work a recipe describes, as little of it as its run folder still needs. Raises Stopped on SIGINT or
     SIGTERM, after recording where to continue; nothing is written before the checks pass."""
+    with workdir_lock(recipe.run.workdir):
+        return _run_locked(recipe, from_step, echo, force)
+
+
+def _run_locked(recipe: Recipe, from_step: str | None, echo, force: bool) -> list[Row]:
     work = recipe.run.workdir
     warning = check_workdir(recipe, force)
     plan = statuses(recipe, from_step)
@@ -110,15 +146,14 @@ def run(recipe: Recipe, from_step: str | None = None, echo=print, force: bool = 
                           "or choose another export.out (nothing was run)")
     if warning:
         echo(warning)
-    work.mkdir(parents=True, exist_ok=True)
     state.claim(recipe.name)
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    again = "rerun it without --from to continue" if from_step else "rerun the same command to continue"
     rows = []
     with StopRequest() as stop:
         for number, (step, key, todo) in enumerate(plan, 1):
             if stop.requested:
-                raise Stopped(f"stopped before {step.name}; finished steps are kept: rerun the same command to "
-                              "continue")
+                raise Stopped(f"stopped before {step.name}; finished steps are kept: {again}")
             rows.append(_run_step(step, key, todo, f"[{number}/{len(plan)}] {step.title}", state, plan, stop,
                                   echo, from_step))
     plot_curves(work, work / "curves.png")
@@ -149,7 +184,8 @@ def _run_step(step: Step, key: str, todo: str, header: str, state: PipelineState
     except (Interrupted, KeyboardInterrupt):
         stop.in_step = False
         state.log(step.name, "interrupted", seconds=round(time.time() - started, 1))
-        how = ("rerun the same command to redo it" if not step.resumable
+        how = ("rerun it without --from to redo it" if from_step and not step.resumable
+               else "rerun the same command to redo it" if not step.resumable
                else "rerun it without --from to resume it where it stopped" if from_step
                else "rerun the same command to resume it where it stopped")
         raise Stopped(f"interrupted in {step.name}; finished steps are kept: {how}") from None

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundle import sha256_file, write_atomic
+from bundle.io import read_small
 
 STATE_FILE = "pipeline_state.json"
 EVENTS_FILE = "metrics.jsonl"
+MAX_STATE_BYTES = 16 << 20
 
 
 def step_key(name: str, settings: dict, upstream: list[str]) -> str:
@@ -32,6 +34,25 @@ class Record:
     summary: dict = field(default_factory=dict)
 
 
+def _parse(data: bytes) -> tuple[dict[str, Record], str | None]:
+    """The records and owner of a state file, every field of the type it must have; ValueError otherwise."""
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError("too large")
+    raw = json.loads(data)
+    owner = raw.get("recipe")
+    records = {}
+    for name, entry in raw["steps"].items():
+        record = Record(**entry)
+        if not (isinstance(record.key, str) and isinstance(record.status, str) and isinstance(record.outputs, dict)
+                and all(isinstance(v, str) for v in record.outputs.values()) and isinstance(record.summary, dict)
+                and isinstance(record.seconds, (int, float))):
+            raise ValueError(f"step {name!r} has fields of the wrong type")
+        records[name] = record
+    if owner is not None and not isinstance(owner, str):
+        raise ValueError("the recipe name is not text")
+    return records, owner
+
+
 class PipelineState:
     """pipeline_state.json in the run folder (rewritten atomically) and metrics.jsonl, the run's event log."""
 
@@ -40,13 +61,12 @@ class PipelineState:
         self.path, self.events = workdir / STATE_FILE, workdir / EVENTS_FILE
         self.records: dict[str, Record] = {}
         self.owner: str | None = None  # None in a new folder, or one written before run folders had owners
-        if self.path.is_file():
+        self.unreadable = False  # a state file there that cannot be trusted: its folder's owner is unknown
+        if self.path.exists() or self.path.is_symlink():
             try:
-                raw = json.loads(self.path.read_text())
-                self.records = {name: Record(**entry) for name, entry in raw["steps"].items()}
-                self.owner = raw.get("recipe") if isinstance(raw.get("recipe"), str) else None
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                self.records = {}  # unreadable: every step counts as not done, which is always safe
+                self.records, self.owner = _parse(read_small(self.path, MAX_STATE_BYTES))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                self.records, self.unreadable = {}, True  # every step counts as not done, which is always safe
 
     def done(self) -> list[str]:
         return [name for name, record in self.records.items() if record.status == "done"]

@@ -232,6 +232,10 @@ HOSTILE_VALUES = {
     "python object": ('!!python/object/apply:os.system ["touch {tmp}/ran"]', "could not determine a constructor"),
     "unclosed list": ("[", "expected the node content"),
     "billion laughs": ("{a: &a [x, x], b: &b [*a, *a], c: [*b, *b]}", "anchors and aliases are not allowed"),
+    "empty int": ("!!int ''", "a value cannot be read"),
+    "bad timestamp": ("!!timestamp x", "a value cannot be read"),
+    "bad bool": ("!!bool maybe", "a value cannot be read"),
+    "a key twice": ("{a: 1, a: 2}", "the key 'a' is given twice"),
 }
 
 
@@ -379,3 +383,73 @@ def test_the_shared_yaml_reader_bounds_depth_and_refuses_aliases():
         load_yaml("a: [1, {b: 2}]", max_depth=2, what="x")
     with pytest.raises(ValueError, match=r"anchors and aliases are not allowed \(a test never needs them\)"):
         load_yaml("a: &x 1\nb: *x", max_depth=8, what="a test")
+
+
+# ---- found by a hostile review: concurrent runs, damaged state, --from advice, run files, expansion gaps
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_touches_nothing(fake_steps, tmp_path):
+    work = tmp_path / "run"
+    second: list = []
+
+    def start_another() -> None:
+        try:
+            run(recipe_at(work), echo=quiet)
+        except ValueError as err:
+            second.append(str(err))
+
+    fake_steps["b"] = start_another
+    run(recipe_at(work), echo=quiet)
+    assert second and "is in use by another run" in second[0], second
+    assert [event for event in events(work) if event[1] == "started"] == [("a", "started"), ("b", "started"),
+                                                                          ("c", "started")]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "{}", '{"steps": {"a": {"key": "k", "status": "done", "outputs": "x"}}}',
+                                    '{"steps": {"a": {"key": "k", "status": "done", "summary": [1]}}}',
+                                    '{"recipe": "first", "steps": {"a": {"key": 1, "status": "done", "odd": 2}}}'])
+def test_a_damaged_state_file_is_refused_unless_forced(fake_steps, tmp_path, damage):
+    work = tmp_path / "run"
+    run(recipe_at(work, "name=first"), echo=quiet)
+    (work / "pipeline_state.json").write_text(damage)
+    for attempt in (lambda: check_workdir(recipe_at(work, "name=second")), lambda: run(recipe_at(work), echo=quiet)):
+        with pytest.raises(ValueError, match="cannot be read, so whose run folder it is is unknown"):
+            attempt()
+    assert (work / "pipeline_state.json").read_text() == damage
+    said: list = []
+    run(recipe_at(work, "name=second"), echo=said.append, force=True)
+    assert "starting over (--force)" in said[0] and PipelineState(work).owner == "second"
+
+
+def test_a_stop_after_from_advises_a_rerun_without_from(fake_steps, cli_handlers, tmp_path):
+    work = tmp_path / "run"
+    run(recipe_at(work), echo=quiet)
+    fake_steps["b"] = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Stopped, match="rerun it without --from to redo it"):
+        run(recipe_at(work), from_step="a", echo=quiet)
+
+
+@pytest.mark.parametrize("name", ["pipeline_state.json", "metrics.jsonl", "recipe.yaml", "curves.png"])
+def test_a_bundle_may_not_replace_the_run_folder_s_own_records(tmp_path, name):
+    with pytest.raises(RecipeError, match="would replace the run folder"):
+        recipe_at(tmp_path / "run", f"export.out={tmp_path / 'run' / name}")
+
+
+@pytest.mark.parametrize("path, problem", [("~nosuchuser-pkd/x", "names no user here"),
+                                           ("${PKD_UNCLOSED/x", "is not closed"),
+                                           ("$PKD_UNSET_VAR/x", "is not set")])
+def test_paths_that_cannot_be_expanded_are_refused(tmp_path, path, problem, monkeypatch):
+    monkeypatch.delenv("PKD_UNSET_VAR", raising=False)
+    with pytest.raises(RecipeError, match=f"run.workdir: .*{problem}"):
+        recipe_at(Path(path))
+
+
+def test_a_variable_whose_value_holds_a_dollar_is_expanded_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PKD_DOLLAR", str(tmp_path / "a$b"))
+    assert recipe_at(Path("$PKD_DOLLAR/x")).run.workdir == tmp_path / "a$b" / "x"
+
+
+def test_a_workdir_that_is_a_dangling_link_is_refused(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(RecipeError, match="run.workdir: .*is a link to nothing"):
+        recipe_at(tmp_path / "link")
