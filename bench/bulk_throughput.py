@@ -66,7 +66,8 @@ def main() -> int:
                 classifier.features(arrays[start:start + args.batch_size])
             bare.append(len(arrays) / (time.perf_counter() - started))
             options = Options(batch_size=args.batch_size)
-            writer = open_writer(Path(tmp) / f"round{round_}.jsonl", "jsonl", identity(classifier.bundle, options))
+            answered = identity(classifier.bundle, options, classifier.variant)
+            writer = open_writer(Path(tmp) / f"round{round_}.jsonl", "jsonl", answered)
             outcome = run_local(Inputs(inputs), settings, writer, options, classifier)
             bulk.append(outcome.images_per_second)
     figures = {"bundle": classifier.name, "variant": classifier.variant, "runtime": classifier.session.description,

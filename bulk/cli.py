@@ -85,10 +85,16 @@ def _check(args: argparse.Namespace) -> str:
 def _settings(args: argparse.Namespace):
     from server.config import Settings
 
+    from .sources import BulkError
+
     overrides = {"decode_threads": args.decode_threads} if args.decode_threads else {}
+    settings = Settings(bundle=args.bundle, **overrides)
     if args.memory_budget:
-        overrides["max_inflight_bytes"] = args.memory_budget << 20
-    return Settings(bundle=args.bundle, **overrides)
+        if args.memory_budget << 20 < 2 * settings.max_upload_bytes:  # an input's bytes and their copy fit
+            raise BulkError(f"--memory-budget must be at least {2 * settings.max_upload_bytes >> 20} MiB: twice "
+                            f"the largest input (PROMPTKD_MAX_UPLOAD_BYTES, {settings.max_upload_bytes >> 20} MiB)")
+        settings = settings.model_copy(update={"max_inflight_bytes": args.memory_budget << 20})
+    return settings
 
 
 def _open(settings):
@@ -114,7 +120,7 @@ def _run_local(args, fmt: str, settings, inputs, options, stop) -> dict:
     from .writers import open_writer
 
     classifier = _open(settings)
-    writer = open_writer(args.out, fmt, identity(classifier.bundle, options))
+    writer = open_writer(args.out, fmt, identity(classifier.bundle, options, classifier.variant))
     with tqdm(total=len(inputs.names), initial=sum(uri in writer.done for uri in inputs.names), unit="img",
               desc="classify", disable=None) as bar:
         outcome = run_local(inputs, settings, writer, options, classifier, bar, stop)
@@ -130,13 +136,16 @@ def _run_ray(args, settings, inputs, options) -> dict:
     from .ray_job import run_ray
     from .writers import ParquetWriter
 
-    writer = ParquetWriter(args.out, identity(read_bundle(settings.bundle), options))
-    todo = [uri for uri in inputs.names if uri not in writer.done]
-    if todo:
-        staging = writer.staging()
-        run_ray(todo, inputs.unreadable, settings, staging, options, args.ray_address, args.actors,
-                args.cpus_per_actor)
-        writer.adopt(staging)
+    writer = ParquetWriter(args.out, identity(read_bundle(settings.bundle), options, settings.variant))
+    try:
+        todo = [uri for uri in inputs.names if uri not in writer.done]
+        if todo:
+            staging = writer.staging()
+            run_ray(todo, inputs.unreadable, settings, staging, options, args.ray_address, args.actors,
+                    args.cpus_per_actor)
+            writer.adopt(staging)
+    finally:
+        writer.close()
     return {"images": len(todo), "skipped": len(inputs.names) - len(todo), "out": str(args.out)}
 
 

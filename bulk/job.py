@@ -39,13 +39,13 @@ def open_classifier(settings: Settings) -> Classifier:
     return Classifier.open(settings.bundle, settings)
 
 
-def identity(bundle: Bundle, options: Options) -> Identity:
+def identity(bundle: Bundle, options: Options, variant: str) -> Identity:
     """What answers this job's rows: the model, its version (the manifest's digest, which covers every file's
-    sha256), its labels and class vectors, and the options that shape a row."""
+    sha256), its labels and class vectors, the graph variant, and the options that shape a row."""
     manifest = bundle.manifest
     vocabulary = Vocabulary.build(bundle.labels, bundle.class_vectors, manifest.feature_dim, "bundle")
     version = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()[:16]
-    return Identity(manifest.name, version, vocabulary.version, options.top_k, options.embedding)
+    return Identity(manifest.name, version, vocabulary.version, variant, options.top_k, options.embedding)
 
 
 def decode_budget(settings: Settings) -> MemoryBudget:
@@ -62,7 +62,7 @@ def load(uri: str, spec: InputSpec, settings: Settings, budget: MemoryBudget | N
     except ImageError as err:
         return f"{err.status}: {err}"
     except OverBudget as err:
-        return f"over the memory budget: {err} (raise PROMPTKD_MAX_INFLIGHT_BYTES)"
+        return f"over the memory budget: {err} (a larger --memory-budget into a new --out classifies it)"
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
     except Exception as err:  # anything else about one input (http.client's errors, bad URLs) is still its own

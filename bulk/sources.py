@@ -31,15 +31,17 @@ class Inputs:
 
 def list_inputs(source: Path) -> Inputs:
     """A folder: its image files (by suffix), recursively, sorted, and every subfolder that cannot be listed. A
-    file: one path or URI per line (blank lines and lines starting with # ignored), in its order."""
+    file: one path or URI per line (blank lines and lines starting with # ignored, spaces around a line trimmed, a
+    line listed again ignored), in its order."""
     if source.is_dir():
         return _walk(source)
     if source.is_file():
         try:
-            lines = source.read_text(encoding="utf-8-sig").splitlines()
+            lines = source.read_text(encoding="utf-8-sig").split("\n")  # only \n and \r\n end a line
         except (OSError, UnicodeDecodeError) as err:
             raise BulkError(f"cannot read the list {source}: {err}") from None
-        return Inputs([line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")])
+        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return Inputs(list(dict.fromkeys(listed)))  # a line listed twice is one input: one row
     raise BulkError(f"{source} is neither a folder of images nor a list file")
 
 
@@ -73,7 +75,7 @@ def input_name(path: str) -> str:
 def read_input(uri: str, max_bytes: int) -> bytes:
     """The bytes of one input; OSError (missing, unreachable, too large, not a file) for the job to record as that
     input's error."""
-    scheme = urllib.parse.urlsplit(uri).scheme
+    scheme = urllib.parse.urlsplit(uri).scheme if "://" in uri else ""  # "ab:c.png" is a file name
     if scheme in ("http", "https"):
         with urllib.request.urlopen(uri, timeout=URL_TIMEOUT_S) as response:
             data = response.read(max_bytes + 1)

@@ -14,6 +14,7 @@ refused and left exactly as it is, and nothing but bulk's own files is ever rena
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from typing import Protocol
 
 from bundle import sha256_file
 
-from .ledger import PARQUET_NAME, Identity, Ledger, ledger_path
+from .ledger import PARQUET_NAME, TEMPORARY, Identity, Ledger, ledger_path
 from .sources import BulkError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "'", "\uff1d", "\uff0b",
 COMMIT_EVERY_S = 1.0  # rows written since the last commit are redone after a crash
 KEEP_POINTS = 32  # the last commit points kept, and the first two: a file cut short falls back to one of them
 EMPTY = hashlib.sha256().hexdigest()
+MAX_TAIL_BYTES = 256 << 20  # what a crash can leave after the last commit: about a second of rows
 
 
 class Writer(Protocol):
@@ -86,38 +88,72 @@ def _existing(out: Path, kind: int) -> bool:
     return True
 
 
+def _lock(fd: int, out: Path) -> None:
+    """One job per results file: a second is refused at once (it would cut the first one's uncommitted rows)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BulkError(f"{out} is in use by another bulk job") from None
+
+
+def _rows_cut(data: bytes, fmt: str, header: bytes) -> bool:
+    """Whether `data`, found after a commit point, is what bulk appends there: at the start of a CSV file a piece of
+    its header; else whole rows, the last one perhaps cut short. Anything else (someone's lines, an edit) is not
+    bulk's to cut off."""
+    if header:
+        return header.startswith(data)
+    text = data.decode("utf-8", "replace")
+    if fmt == "jsonl":
+        *whole, last = text.split("\n")
+        start = '{"path": '
+        try:
+            rows_ok = all(list(json.loads(line)) == list(COLUMNS) for line in whole)
+        except (ValueError, TypeError):
+            return False
+        return rows_ok and (last.startswith(start) or start.startswith(last))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error:
+        return False
+    return all(len(row) == len(COLUMNS) and row[1][:1] == "[" and row[2][:1] == "[" for row in rows[:-1])
+
+
 class LineWriter:
     """CSV or JSON lines in one file, appended per batch and committed (length and sha256) to its ledger."""
 
     def __init__(self, out: Path, fmt: str, identity: Identity) -> None:
         self.out, self.fmt, self.done, self._committed_at = out, fmt, set(), 0.0
-        ledger = Ledger.read(ledger_path(out, fmt))
+        self.header = self._csv_lines([COLUMNS]) if fmt == "csv" else b""
         if _existing(out, stat.S_IFREG):
-            if ledger is None:
-                raise BulkError(f"{out} exists and is not a bulk result (no {ledger_path(out, fmt).name} beside "
-                                "it): it is left as it is; choose another --out")
-            ledger.check(identity, fmt, out)
-            self.ledger = ledger
-            self._resume()
+            self.fd = os.open(out, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+            try:
+                _lock(self.fd, out)  # before the ledger is read: another job may be committing to it
+                ledger = Ledger.read(ledger_path(out, fmt))
+                if ledger is None:
+                    raise BulkError(f"{out} exists and is not a bulk result (no {ledger_path(out, fmt).name} beside "
+                                    "it): it is left as it is; choose another --out")
+                ledger.check(identity, fmt, out)
+                self.ledger = ledger
+                self._resume()
+            except BaseException:
+                os.close(self.fd)
+                raise
         else:
+            Ledger.read(ledger_path(out, fmt))  # a file of that name that is not bulk's ledger is refused, not replaced
             out.parent.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger(ledger_path(out, fmt), identity, fmt, {"bytes": 0, "sha256": EMPTY})
             self.ledger.save()  # first: a file bulk creates is known as its own from its first byte
             self.fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            _lock(self.fd, out)
             self.mark = (0, hashlib.sha256())  # the whole bytes written: their length and digest, set at once
-        if fmt == "csv" and self.mark[0] == 0:
-            self._append(self._csv_lines([COLUMNS]))
+        if self.mark[0] == 0:
+            self._append(self.header)
         self._commit(force=True)
 
     def _resume(self) -> None:
         """Verify the committed bytes are bulk's, cut off what came after them, and read which inputs they hold."""
-        self.fd = os.open(self.out, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
         total = os.fstat(self.fd).st_size
-        try:
-            size, digest = self._verified(total)
-        except BulkError:
-            os.close(self.fd)
-            raise
+        size, digest = self._verified(total)
         self.mark = (size, digest)
         if total > size:
             log.warning("%s: %d bytes after the last whole commit are cut off; their inputs are redone", self.out,
@@ -132,26 +168,32 @@ class LineWriter:
                 self.done = {json.loads(line)["path"] for line in f}
 
     def _verified(self, total: int) -> tuple[int, hashlib._Hash]:
-        """The longest commit point the file still holds, checked by its sha256: the last commit, or an earlier one
-        when the file was cut below it (a copy cut short, a file system that lost its last writes); the empty start
-        when it is shorter than bulk's first write."""
+        """The commit point to continue from, checked by its sha256, and only if what follows it in the file is
+        what bulk writes there (rows, the last one perhaps cut): the last commit, or, for a file cut below it (a
+        copy cut short), the longest earlier point it still holds, down to the empty start."""
         committed = self.ledger.committed
-        points = sorted({(n, h) for n, h in [(committed.get("bytes"), committed.get("sha256")),
-                                             *committed.get("earlier", [])]
-                         if isinstance(n, int) and isinstance(h, str) and 0 <= n <= total})
-        if not points:
-            raise BulkError(f"{self.out} is shorter than anything bulk committed to it: it is left as it is; choose "
-                            "another --out")
+        last = (committed["bytes"], committed["sha256"])
+        points = sorted({(n, h) for n, h in [last, (0, EMPTY), *committed.get("earlier", [])] if n <= total})
         size, expected = points[-1]
-        digest, left = hashlib.sha256(), size
-        with os.fdopen(os.dup(self.fd), "rb") as f:
-            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-                digest.update(chunk)
-                left -= len(chunk)
-        if left or digest.hexdigest() != expected:
+        digest = self._digest(size)
+        tail = self._read(size, total - size)
+        if digest.hexdigest() != expected or not _rows_cut(tail, self.fmt, self.header if size == 0 else b""):
             raise BulkError(f"{self.out} changed since bulk wrote it (its ledger {self.ledger.path.name} does not "
                             "match): it is left as it is; choose another --out")
         return size, digest
+
+    def _digest(self, size: int) -> hashlib._Hash:
+        digest, done = hashlib.sha256(), 0
+        while done < size and (chunk := os.pread(self.fd, min(size - done, 1 << 20), done)):
+            digest.update(chunk)
+            done += len(chunk)
+        return digest
+
+    def _read(self, start: int, count: int) -> bytes:
+        if count > MAX_TAIL_BYTES:
+            raise BulkError(f"{self.out} holds {count} bytes bulk never committed: it is left as it is; choose another "
+                            "--out")
+        return os.pread(self.fd, count, start)
 
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "csv":
@@ -212,9 +254,20 @@ class ParquetWriter:
         self.out, self.rows = out, []
         if not _existing(out, stat.S_IFDIR):
             out.mkdir(parents=True)
+        self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            _lock(self.fd, out)
+            self._open(identity)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _open(self, identity: Identity) -> None:
+        """Check the folder is bulk's (or empty), finish what a crash left, and read which inputs are done."""
+        out = self.out
         ledger = Ledger.read(ledger_path(out, "parquet"))
         if ledger is None:
-            if any(out.iterdir()):
+            if any(not TEMPORARY.fullmatch(p.name) for p in out.iterdir()):
                 raise BulkError(f"{out} holds files and is not a bulk result (no {PARQUET_NAME} in it): it is left "
                                 "as it is; choose another --out")
             ledger = Ledger(ledger_path(out, "parquet"), identity, "parquet", {"parts": {}})
@@ -242,8 +295,8 @@ class ParquetWriter:
 
     def _check_parts(self) -> set[str]:
         """The inputs the listed parts hold; BulkError when a part changed or the folder holds other files."""
-        ours = {PARQUET_NAME, f".{PARQUET_NAME}.tmp", *self.parts}
-        foreign = sorted(p.name for p in self.out.iterdir() if p.name not in ours)
+        ours = {PARQUET_NAME, *self.parts}
+        foreign = sorted(p.name for p in self.out.iterdir() if p.name not in ours and not TEMPORARY.fullmatch(p.name))
         if foreign:
             raise BulkError(f"{self.out} holds files bulk did not write ({', '.join(foreign[:3])}): they are left "
                             "as they are; move them, or choose another --out")
@@ -267,12 +320,15 @@ class ParquetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.rows:
+        """Write the gathered rows as one part. They leave memory first: if this fails they are not committed and
+        are redone on the rerun, never written twice by a later flush."""
+        rows, self.rows = self.rows, []
+        if not rows:
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in self.rows], schema=parquet_schema())
+        table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in rows], schema=parquet_schema())
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
         self.ledger.committed["pending"] = name
         self.ledger.save()
@@ -280,8 +336,7 @@ class ParquetWriter:
         pq.write_table(table, tmp)
         _fsync(tmp)
         self._commit_part(tmp, name)
-        self.done.update(row["path"] for row in self.rows)
-        self.rows = []
+        self.done.update(row["path"] for row in rows)
 
     def _commit_part(self, written: Path, name: str) -> None:
         """Rename a whole part into place and list it; named pending first, so a crash in between is settled."""
@@ -312,7 +367,10 @@ class ParquetWriter:
         self.ledger.save()
 
     def close(self) -> None:
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            os.close(self.fd)  # and with it the lock
 
 
 def _fsync(path: Path) -> None:

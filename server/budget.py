@@ -32,7 +32,10 @@ class MemoryBudget:
 
     def take(self, amount: int, what: str) -> None:
         with self._room:
-            if self.wait and amount <= self.limit:
+            if amount > self.limit:
+                raise OverBudget(f"{what} needs {amount >> 20} MiB, more than the whole {self.limit >> 20} MiB "
+                                 "memory budget")
+            if self.wait:
                 self._room.wait_for(lambda: self.used + amount <= self.limit)
             if self.used + amount > self.limit:
                 raise OverBudget(f"{what} needs {amount >> 20} MiB and {self.used >> 20} of the "

@@ -25,7 +25,7 @@ from bulk.writers import LineWriter, ParquetWriter, csv_cell, csv_text
 from conftest import derive_bundle
 from test_bulk import REPO, bulk, read_rows
 
-IDENTITY = Identity("m", "v1", "l1", 3, False)
+IDENTITY = Identity("m", "v1", "l1", "fp32", 3, False)
 FORMULAS = ["=HYPERLINK(\"http://x\")", "@SUM(A1)", "+1", "-1", "\tx", "\rx", "'quoted", "\uff1dfull"]
 
 
@@ -415,3 +415,166 @@ def test_the_ledger_records_the_model_and_its_parts(bundle_dir, fmnist, tmp_path
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
     assert sorted(ledger["committed"]["parts"]) == parts and len(parts) == 1
     assert ParquetWriter(out, Identity(**ledger["identity"])).done == {str(p) for p in photos(fmnist, 4)}
+
+
+# --- found by a hostile review -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_second_job_on_the_same_results_is_refused_while_the_first_runs(tmp_path, fmt):
+    out = tmp_path / f"r.{fmt}"
+    first = ParquetWriter(out, IDENTITY) if fmt == "parquet" else LineWriter(out, fmt, IDENTITY)
+    first.write(fake_rows(["a"]))
+    with pytest.raises(writers.BulkError, match="in use by another bulk job"):
+        ParquetWriter(out, IDENTITY) if fmt == "parquet" else LineWriter(out, fmt, IDENTITY)
+    first.close()
+    again = ParquetWriter(out, IDENTITY) if fmt == "parquet" else LineWriter(out, fmt, IDENTITY)
+    assert again.done == {"a"}
+    again.close()
+
+
+@pytest.mark.parametrize("fmt, mine", [("jsonl", '{"note": "do not lose me"}\n'), ("csv", "name,score\nalice,3\n"),
+                                       ("jsonl", "")])
+def test_a_file_put_in_place_of_bulk_s_results_is_refused_though_its_ledger_remains(tmp_path, fmt, mine):
+    out = tmp_path / f"r.{fmt}"
+    writer = LineWriter(out, fmt, IDENTITY)
+    writer.write(fake_rows([f"img{i}.png" for i in range(50)]))
+    writer.close()
+    out.write_text(mine)
+    if not mine:  # an empty file holds nothing to lose: bulk starts it again
+        assert LineWriter(out, fmt, IDENTITY).done == set()
+        return
+    with pytest.raises(writers.BulkError, match="not|changed"):
+        LineWriter(out, fmt, IDENTITY)
+    assert out.read_text() == mine
+
+
+def test_lines_appended_to_bulk_s_results_are_refused_not_cut(tmp_path):
+    out = tmp_path / "r.jsonl"
+    writer = LineWriter(out, "jsonl", IDENTITY)
+    writer.write(fake_rows(["a", "b"]))
+    writer.close()
+    with out.open("a") as f:
+        f.write('{"path": "my-manual-row.png", "owner": "ada"}\n')
+    before = out.read_bytes()
+    with pytest.raises(writers.BulkError, match="changed since bulk wrote it"):
+        LineWriter(out, "jsonl", IDENTITY)
+    assert out.read_bytes() == before
+
+
+def test_a_ledger_save_failing_after_a_part_is_in_place_never_doubles_its_rows(tmp_path, monkeypatch):
+    out = tmp_path / "r.parquet"
+    writer = ParquetWriter(out, IDENTITY)
+    monkeypatch.setattr(ParquetWriter, "PART_ROWS", 3)
+    real_save, saves = writers.Ledger.save, []
+
+    def save(self) -> None:
+        saves.append(1)
+        if not self.committed.get("pending") and len(saves) == 3:  # the save that lists the part just renamed
+            raise OSError(28, "No space left on device")
+        real_save(self)
+
+    monkeypatch.setattr(writers.Ledger, "save", save)
+    with pytest.raises(OSError):
+        try:
+            writer.write(fake_rows(["a", "b", "c"]))
+        finally:
+            writer.close()  # as the job's finally does
+    monkeypatch.setattr(writers.Ledger, "save", real_save)
+    again = ParquetWriter(out, IDENTITY)
+    assert again.done == {"a", "b", "c"}
+    again.write(fake_rows(["d"]))
+    again.close()
+    import pyarrow.parquet as pq
+
+    assert sorted(pq.read_table(out).column("path").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_an_interrupt_inside_a_part_write_leaves_a_folder_bulk_resumes(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "r.parquet"
+    writer = ParquetWriter(out, IDENTITY)
+    monkeypatch.setattr(ParquetWriter, "PART_ROWS", 2)
+    real_write = pq.write_table
+
+    def write_table(table, where, *args, **kwargs):
+        Path(where).write_bytes(b"PAR1 half")  # a part half written when the second signal lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            writer.write(fake_rows(["a", "b"]))
+        finally:
+            writer.close()
+    monkeypatch.setattr(pq, "write_table", real_write)
+    again = ParquetWriter(out, IDENTITY)
+    assert again.done == set() and not [p for p in out.iterdir() if p.name.endswith(".parquet.tmp")]
+    again.close()
+
+
+@pytest.mark.parametrize("committed", [
+    {"parts": {}, "staging": "../victim"}, {"parts": {"../../etc/x.parquet": "0" * 64}}, {"parts": None},
+    {"parts": {}, "pending": 5}, {"bytes": "12", "sha256": "0" * 64}, {"bytes": 0, "sha256": "0" * 64, "earlier": [1]},
+])
+def test_a_tampered_ledger_is_not_bulk_s_and_nothing_is_touched(tmp_path, committed):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    fmt = "parquet" if "parts" in committed else "jsonl"
+    out = tmp_path / f"r.{fmt}"
+    writer = ParquetWriter(out, IDENTITY) if fmt == "parquet" else LineWriter(out, fmt, IDENTITY)
+    writer.write(fake_rows(["a"]))
+    writer.close()
+    ledger = out / "_bulk.json" if fmt == "parquet" else tmp_path / "r.jsonl.bulk.json"
+    raw = json.loads(ledger.read_text())
+    raw["committed"] = committed
+    ledger.write_text(json.dumps(raw))
+    before = snapshot(tmp_path)
+    with pytest.raises(writers.BulkError, match="is not bulk's ledger"):
+        ParquetWriter(out, IDENTITY) if fmt == "parquet" else LineWriter(out, fmt, IDENTITY)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_the_ledger_is_never_written_through_a_planted_temporary_name(tmp_path, planted):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious")
+    for name in (".r.csv.bulk.json.tmp", "._bulk.json.tmp"):
+        if planted == "symlink":
+            (tmp_path / name).symlink_to(precious)
+        else:
+            os.mkfifo(tmp_path / name)
+    writer = LineWriter(tmp_path / "r.csv", "csv", IDENTITY)  # a FIFO opened for writing would block here
+    writer.write(fake_rows(["a"]))
+    writer.close()
+    assert precious.read_text() == "precious"
+
+
+def test_list_lines_split_only_at_newlines_and_a_repeated_line_is_one_input(tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("a.png\r\nodd\x85name\u2028.png\nb.png\na.png\n  c.png  \n".encode())
+    assert list_inputs(listed).names == ["a.png", "odd\x85name\u2028.png", "b.png", "c.png"]
+
+
+def test_a_relative_name_with_a_colon_is_a_file_not_a_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("ab:c.png", "http:x.png"):
+        Path(name).write_bytes(b"image bytes")
+        assert read_input(name, 100) == b"image bytes"
+    with pytest.raises(OSError, match="s3:// is not read here"):
+        read_input("s3://bucket/key.png", 100)
+
+
+def test_a_memory_budget_too_small_for_an_input_is_one_clear_line(bundle_dir, fmnist, tmp_path):
+    proc = bulk(str(listing(tmp_path, photos(fmnist, 2))), "--bundle", str(bundle_dir), "--out",
+                str(tmp_path / "r.csv"), "--memory-budget", "16")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --memory-budget must be at least 40 MiB"), \
+        proc.stderr
+
+
+def test_another_graph_variant_is_another_answerer(tmp_path):
+    out = tmp_path / "r.jsonl"
+    LineWriter(out, "jsonl", IDENTITY).close()
+    with pytest.raises(writers.BulkError, match="variant 'fp32' -> 'int8'"):
+        LineWriter(out, "jsonl", Identity("m", "v1", "l1", "int8", 3, False))
