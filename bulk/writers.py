@@ -159,7 +159,8 @@ class LineWriter:
             log.warning("%s: %d bytes after the last whole commit are cut off; their inputs are redone", self.out,
                         total - size)
             os.ftruncate(self.fd, size)
-        with self.out.open(encoding="utf-8", newline="") as f:
+        with open(os.dup(self.fd), encoding="utf-8", newline="") as f:  # the file verified, not the path again
+            f.seek(0)
             if self.fmt == "csv":
                 reader = csv.reader(f)
                 next(reader, None)  # the header
@@ -329,20 +330,25 @@ class ParquetWriter:
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in rows], schema=parquet_schema())
-        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-        self.ledger.committed["pending"] = name
-        self.ledger.save()
+        name = self._pending()
         tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        _fsync(tmp)
+        with open(tmp, "xb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
         self._commit_part(tmp, name)
         self.done.update(row["path"] for row in rows)
 
-    def _commit_part(self, written: Path, name: str) -> None:
-        """Rename a whole part into place and list it; named pending first, so a crash in between is settled."""
-        digest = sha256_file(written)
+    def _pending(self) -> str:
+        """A new part's name, recorded as pending before its file exists, so that a crash in between is settled."""
+        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
         self.ledger.committed["pending"] = name
         self.ledger.save()
+        return name
+
+    def _commit_part(self, written: Path, name: str) -> None:
+        """Rename a whole part into place under its pending name and list it."""
+        digest = sha256_file(written)
         os.replace(written, self.out / name)
         self.parts[name] = digest
         self.ledger.committed.pop("pending", None)
@@ -361,7 +367,7 @@ class ParquetWriter:
         which it wrote, removed."""
         for part in sorted(staging.rglob("*.parquet")):
             if _parquet_paths(part) is not None:
-                self._commit_part(part, f"part-{uuid.uuid4().hex[:12]}.parquet")
+                self._commit_part(part, self._pending())
         shutil.rmtree(staging)
         self.ledger.committed.pop("staging", None)
         self.ledger.save()
@@ -371,14 +377,6 @@ class ParquetWriter:
             self._flush()
         finally:
             os.close(self.fd)  # and with it the lock
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parquet_paths(part: Path) -> list[str] | None:
