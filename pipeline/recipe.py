@@ -77,6 +77,15 @@ def _expand(value: object) -> object:
     return text
 
 
+def full_batches(images: int, batch_size: int, setting: str, counted: str = "") -> None:
+    """Refuse a batch larger than the images it is drawn from: training keeps full batches only, so it would
+    train nothing (or fail deep inside with a message that names no setting). `check` calls it where the count is
+    known from the recipe (`counted` says how), each training step with the images it found."""
+    if batch_size > images:
+        raise ValueError(f"{setting} {batch_size} is more than the {images} images it trains on{counted}: lower it "
+                         "or give more images")
+
+
 def _not_a_file(path: Path) -> Path:
     if path.is_symlink() and not path.exists():
         raise ValueError(f"{path} is a link to nothing")
@@ -285,14 +294,11 @@ class Recipe(Section):
         demo = self.data.fashion_mnist
         photos = demo.train_per_class * len(FASHION_MNIST_CLASSES) if demo is not None else None
         known = [n for n in (None if self.data.unlabelled else photos, self.stage2.max_images) if n is not None]
-        if known and self.stage2.batch_size > min(known):
-            raise ValueError(f"stage2.batch_size {self.stage2.batch_size} is more than the {min(known)} images "
-                             "stage 2 trains on (data.fashion_mnist.train_per_class x 10 classes, or "
-                             "stage2.max_images)")
-        if self.stand_in is not None and photos is not None and self.stage1.data is None \
-                and self.stand_in.batch_size > photos:
-            raise ValueError(f"stand_in.batch_size {self.stand_in.batch_size} is more than the {photos} training "
-                             "photos (data.fashion_mnist.train_per_class x 10 classes)")
+        counted = " (data.fashion_mnist.train_per_class x 10 classes"
+        if known:
+            full_batches(min(known), self.stage2.batch_size, "stage2.batch_size", counted + ", or stage2.max_images)")
+        if self.stand_in is not None and photos is not None and self.stage1.data is None:
+            full_batches(photos, self.stand_in.batch_size, "stand_in.batch_size", counted + ")")
         return self
 
     @property

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder
 
-from .recipe import STAND_IN, Data, Recipe, Tower
+from .recipe import STAND_IN, Data, Recipe, Tower, full_batches
 
 
 @dataclass
@@ -38,14 +38,6 @@ def labelled(data: Data, workdir: Path) -> Callable[[str], Split]:
         return lambda split: load_coop_split(data.coop.root, data.coop.dataset, split)
     folder = data.image_folder if data.image_folder is not None else workdir / "data"
     return lambda split: load_image_folder(folder / split)
-
-
-def full_batches(images: int, batch_size: int, setting: str) -> None:
-    """Refuse a batch larger than the images it is drawn from: training keeps full batches only, so it would
-    train nothing (or fail deep inside with a message that names no setting)."""
-    if batch_size > images:
-        raise ValueError(f"{setting} {batch_size} is more than the {images} images it trains on: lower it or give "
-                         "more images")
 
 
 def _dump(section) -> dict:
