@@ -110,9 +110,11 @@ def variant_role(variants: Mapping[str, Variant | BackboneVariant], variant: str
 def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
     """Write `path` through a hidden temporary sibling renamed over it, so that a crash or a full disk leaves the
     old file or the new one, never half of one. `suffix` ends the temporary name for writers that append their
-    own extension otherwise (numpy's savez adds .npz)."""
+    own extension otherwise (numpy's savez adds .npz). The temporary name is unpredictable (mkstemp)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)  # made exclusively under a name no one could plant a link or a FIFO at beforehand
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)

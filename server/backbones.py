@@ -85,21 +85,34 @@ class DomainBatcher:
         self.engine = session.engine
         self.max_batch = self.engine.batcher.max_batch
         self.queued_images = 0
+        self.shadow_images = 0
         self._stopped = False
 
     @property
     def alive(self) -> bool:
         return self.engine.batcher.alive
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        if self.queued_images + len(images) > self.max_queue:
-            raise Overloaded(f"{self.queued_images} images of this model are already waiting (limit "
-                             f"{self.max_queue})")
-        self.queued_images += len(images)
+    async def submit(self, images: np.ndarray, *, shadow: bool = False, limit: int | None = None,
+                     timing: list[float] | None = None) -> np.ndarray:
+        """The domain's features; a shadow copy (rollout.py) counts against this domain's own `limit`."""
+        count = len(images)
+        if shadow:
+            if limit is not None and self.shadow_images + count > limit:
+                raise Overloaded(f"{self.shadow_images} shadow images of this model are already waiting (limit "
+                                 f"{limit})")
+            self.shadow_images += count
+        else:
+            if self.queued_images + count > self.max_queue:
+                raise Overloaded(f"{self.queued_images} images of this model are already waiting (limit "
+                                 f"{self.max_queue})")
+            self.queued_images += count
         try:
-            pooled = await self.engine.batcher.submit(images, self.session.rows(len(images)))
+            pooled = await self.engine.batcher.submit(images, self.session.rows(count), shadow=shadow, timing=timing)
         finally:
-            self.queued_images -= len(images)
+            if shadow:
+                self.shadow_images -= count
+            else:
+                self.queued_images -= count
         return self.session.head(pooled)
 
     async def stop(self) -> None:

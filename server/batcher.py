@@ -8,13 +8,21 @@ cores), takes whatever else arrived meanwhile and still fits, runs the batch on 
 loop), and hands each request its rows. A request whose images would overflow the batch waits for the next one. The
 queue is bounded in images: past `max_queue` the submit fails at once (the route answers 503) instead of letting
 latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
+
+Shadow work (a rollout candidate's copy of requests another version answers, rollout.py) waits in a queue of its
+own and runs at the engine's lower priority: a shadow batch takes a slot only while no serving image waits in any
+batcher of the process, and gives up its turn when serving work reaches its batcher first. It is never mixed into a
+serving batch (a larger batch would take longer), and a running batch is never interrupted: the most a shadow batch
+can delay a serving request is one batch.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,20 +44,71 @@ class _Job:
     future: asyncio.Future
     extra: tuple[np.ndarray, ...] = ()  # the graph's further inputs, one row per image (a domain's prompts)
     queued_at: float = field(default_factory=time.perf_counter)
+    timing: list[float] | None = None  # gets the engine milliseconds per image of the batch this job ran in
 
 
 class EngineGate:
     """The process's engine slots: at most `slots` batches run at once, whichever models they belong to. Each
-    session is given cores / slots threads, so the engines never ask for more threads than there are cores."""
+    session is given cores / slots threads, so the engines never ask for more threads than there are cores.
+    Serving batches take slots first come, first served; a shadow batch only while no serving batch waits for a
+    slot and no serving image is queued in any batcher (`serving_queued`)."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._semaphore: asyncio.Semaphore | None = None
+        self.busy = 0
+        self.serving_queued = 0
+        self._waiters: dict[bool, deque[asyncio.Future]] = {False: deque(), True: deque()}
 
-    def __call__(self) -> asyncio.Semaphore:
-        if self._semaphore is None:  # made on first use, inside the running event loop
-            self._semaphore = asyncio.Semaphore(self.slots)
-        return self._semaphore
+    @asynccontextmanager
+    async def slot(self, shadow: bool = False):
+        await self.acquire(shadow)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self, shadow: bool = False) -> None:
+        if self._free(shadow):
+            self.busy += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[shadow].append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was granted as the wait was cancelled
+            else:
+                with suppress(ValueError):
+                    self._waiters[shadow].remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._wake()
+
+    def queued(self, images: int) -> None:
+        """Serving images entering (+) or leaving (-) the batchers' queues: shadow waits while any wait."""
+        self.serving_queued += images
+        if self.serving_queued == 0:
+            self._wake()
+
+    def _free(self, shadow: bool) -> bool:
+        if self.busy >= self.slots or self._waiters[False]:
+            return False
+        return not shadow or (self.serving_queued == 0 and not self._waiters[True])
+
+    def _wake(self) -> None:
+        while self.busy < self.slots:
+            if self._waiters[False]:
+                waiter = self._waiters[False].popleft()
+            elif self._waiters[True] and self.serving_queued == 0:
+                waiter = self._waiters[True].popleft()
+            else:
+                return
+            if not waiter.done():
+                self.busy += 1
+                waiter.set_result(None)
 
 
 class MicroBatcher:
@@ -63,8 +122,11 @@ class MicroBatcher:
         self.gate = gate
         self.labels = labels  # model and version, on every metric this batcher records
         self.queued_images = 0
+        self.shadow_images = 0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._carry: _Job | None = None
+        self._shadow: deque[_Job] = deque()
+        self._arrived = asyncio.Event()  # set on every submit: wakes the worker, or its wait for a shadow slot
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._worker: asyncio.Task | None = None
 
@@ -84,23 +146,40 @@ class MicroBatcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+            self._worker = None
+            self.gate.queued(-self.queued_images)  # never run now: no shadow work may wait for them
         await asyncio.to_thread(self._executor.shutdown, True)
 
-    async def submit(self, images: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, *extra: np.ndarray, shadow: bool = False, limit: int | None = None,
+                     timing: list[float] | None = None) -> np.ndarray:
         """Features for `images` (with `extra` inputs, row by row), computed in some batch; raises Overloaded when
-        the queue is full. Jobs of a shared backbone carry their domain's prompts: one batch mixes domains."""
+        the queue is full. Jobs of a shared backbone carry their domain's prompts: one batch mixes domains.
+        `shadow`: a rollout copy, run at the lower priority and refused past `limit` waiting shadow images.
+        `timing` gets the engine milliseconds per image of the batch the images ran in."""
         if not self.alive:
             raise EngineStopped("the inference worker has stopped; the server needs a restart")
-        if self.queued_images + len(images) > self.max_queue:
-            raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
-        job = _Job(images, asyncio.get_running_loop().create_future(), extra)
-        self._add_queued(len(images))
-        self._queue.put_nowait(job)
+        job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing)
+        if shadow:
+            if limit is not None and self.shadow_images + len(images) > limit:
+                raise Overloaded(f"{self.shadow_images} shadow images are already waiting (limit {limit})")
+            self.shadow_images += len(images)
+            self._shadow.append(job)
+        else:
+            if self.queued_images + len(images) > self.max_queue:
+                raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
+            self._add_queued(len(images))
+            self.gate.queued(len(images))
+            self._queue.put_nowait(job)
+        self._arrived.set()
         return await job.future
 
     def _add_queued(self, count: int) -> None:
         self.queued_images += count
         self.metrics.queue_depth.labels(**self.labels).set(self.queued_images)
+
+    @property
+    def _serving_waits(self) -> bool:
+        return self._carry is not None or not self._queue.empty()
 
     async def _next_job(self, timeout: float | None) -> _Job | None:
         """The carried-over job, else the next queued one within `timeout` seconds (None: wait for one)."""
@@ -135,13 +214,55 @@ class MicroBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect([], None)
-            async with self.gate():
-                jobs = await self._collect(jobs, 0)  # what arrived while another model's batch held the engine
-                await self._run(loop, jobs)
+            if not self._serving_waits and not self._shadow:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self._serving_waits:
+                jobs = await self._collect([], None)
+                async with self.gate.slot():
+                    jobs = await self._collect(jobs, 0)  # what arrived while another model's batch held the engine
+                    self.gate.queued(-sum(len(job.images) for job in jobs))
+                    await self._run(loop, jobs)
+            elif await self._shadow_slot():
+                try:
+                    await self._run(loop, self._take_shadow(), shadow=True)
+                finally:
+                    self.gate.release()
             await asyncio.sleep(0)  # the slot goes to the batcher that waited for it, not back to this one
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+    async def _shadow_slot(self) -> bool:
+        """An engine slot at the shadow priority, unless serving work reaches this batcher first (False: it goes
+        first, and the shadow jobs wait on)."""
+        self._arrived.clear()
+        acquire = asyncio.ensure_future(self.gate.acquire(shadow=True))
+        try:
+            while not self._serving_waits:
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                try:
+                    await asyncio.wait({acquire, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrived.cancel()
+                self._arrived.clear()
+                if acquire.done():
+                    if self._serving_waits:
+                        self.gate.release()
+                        return False
+                    return True
+            return False
+        finally:
+            if not acquire.done():
+                acquire.cancel()  # the gate gives back a slot granted as the wait was cancelled
+
+    def _take_shadow(self) -> list[_Job]:
+        """Shadow jobs for one batch, oldest first; one larger than a batch runs alone (in pieces)."""
+        jobs, count = [], 0
+        while self._shadow and (not jobs or count + len(self._shadow[0].images) <= self.max_batch):
+            job = self._shadow.popleft()
+            jobs.append(job)
+            count += len(job.images)
+        return jobs
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], shadow: bool = False) -> None:
         live = [job for job in jobs if not job.future.done()]
         try:
             if live:
@@ -149,12 +270,15 @@ class MicroBatcher:
                 started = time.perf_counter()
                 features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch,
                                                       [job.extra for job in live])
+                elapsed = time.perf_counter() - started
                 self.metrics.batch_size.labels(**self.labels).observe(len(batch))
-                self.metrics.inference_seconds.labels(**self.labels).observe(time.perf_counter() - started)
+                self.metrics.inference_seconds.labels(**self.labels).observe(elapsed)
                 offset = 0
                 for job in live:
                     rows = features[offset : offset + len(job.images)]
                     offset += len(job.images)
+                    if job.timing is not None:
+                        job.timing.append(1000 * elapsed / len(batch))
                     if not job.future.done():
                         job.future.set_result(rows)
         except Exception as err:  # the engine failed: every request of this batch learns why
@@ -162,7 +286,10 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_exception(err)
         finally:
-            self._add_queued(-sum(len(job.images) for job in jobs))
+            if shadow:
+                self.shadow_images -= sum(len(job.images) for job in jobs)
+            else:
+                self._add_queued(-sum(len(job.images) for job in jobs))
 
     def _run_in_pieces(self, batch: np.ndarray, extras: list[tuple[np.ndarray, ...]]) -> np.ndarray:
         """A single request may hold more images than the batch limit; run it in limit-sized pieces. The jobs'

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     drift_window: int = Field(500, ge=0, le=100_000,
                               description="classified images per model version that drift is measured over (rolling "
                                           "window against the bundle's held-out reference); 0: off")
+    rollout_state: Path | None = Field(None, description="a writable folder where rollout decisions are kept "
+                                                         "(promoted and refused versions), so that a restart keeps "
+                                                         "them; unset: kept in memory only")
 
     # Capture of classified images for the next distillation (off unless capture_dir is set).
     capture_dir: Path | None = Field(None, description="folder to keep a sample of classified images in (opt-in; "
@@ -140,6 +143,9 @@ class Settings(BaseSettings):
             if getattr(self, small) > getattr(self, large):
                 raise ValueError(f"PROMPTKD_{small.upper()} ({getattr(self, small)}) is larger than "
                                  f"PROMPTKD_{large.upper()} ({getattr(self, large)}): requests could never be served")
+        if self.rollout_state is not None and not self.rollout_state.is_dir():
+            raise ValueError(f"PROMPTKD_ROLLOUT_STATE {self.rollout_state} is not a folder: make it (writable by the "
+                             f"server), or unset it to keep rollout decisions in memory only")
         if 2 * self.max_upload_bytes > self.max_inflight_bytes:
             raise ValueError(f"PROMPTKD_MAX_INFLIGHT_BYTES ({self.max_inflight_bytes}) must hold twice "
                              f"PROMPTKD_MAX_UPLOAD_BYTES ({self.max_upload_bytes}): a request body is reserved twice "

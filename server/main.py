@@ -151,7 +151,7 @@ async def classify(request: Request, file: list[UploadFile] = FILES, top_k: int 
     `error` and the others are still classified; the request fails only if none can be. With min_confidence or
     precision, an image whose top probability is under the threshold gets `label: null, abstained: true`."""
     return await _service(request).classify(file, top_k, model, version, request.is_disconnected, min_confidence,
-                                            precision)
+                                            precision, request.headers)
 
 
 @routes.post("/models/{name}/classify", response_model=ClassifyResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})
@@ -160,7 +160,7 @@ async def classify_model(request: Request, name: str = NAME, file: list[UploadFi
                          precision: float | None = PRECISION) -> ClassifyResponse:
     """POST /classify?model={name}, with the model in the path."""
     return await _service(request).classify(file, top_k, name, version, request.is_disconnected, min_confidence,
-                                            precision)
+                                            precision, request.headers)
 
 
 @routes.post("/embed", response_model=EmbedResponse, responses={**IMAGE_ERRORS, **MODEL_ERRORS})

@@ -47,7 +47,21 @@ class Metrics:
                                 "(the folder could not be written)", ["outcome"], registry=self.registry)
         self.rejected = Counter("promptkd_rejected", "requests refused for overload or timeout", ["reason"],
                                 registry=self.registry)
+        self.rollout = Gauge("promptkd_rollout", "a candidate version measured against the serving one (model, "
+                             "version: the one it is measured against, candidate): stage (1 shadow, 2 canary, 3 "
+                             "promoted), images compared and dropped, agreement, each side's mean confidence, abstain "
+                             "rate at each calibrated precision target, confidence PSI, p50/p99 engine ms per "
+                             "image and errors", ["model", "version", "candidate", "figure"], registry=self.registry)
+        self.rollout_images = Counter("promptkd_rollout_images", "images a rollout compared, of which the two "
+                                      "versions agreed on top-1, and copies dropped (the shadow queue full): sum "
+                                      "over replicas for a fleet's agreement", ["model", "version", "candidate",
+                                                                                "outcome"], registry=self.registry)
+        self.rollout_decisions = Counter("promptkd_rollout_decisions", "rollout decisions by action (advance, "
+                                         "promote, refuse, rollback, settle) and by whom (policy, operator); "
+                                         "version: the candidate", ["model", "version", "action", "by"],
+                                         registry=self.registry)
         self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads
+        self._rollout_seen: dict[tuple[str, str, str], tuple[int, int, int]] = {}  # counted so far per rollout
 
     def record_choice(self, model: str, version: str, choice) -> None:
         """What serves and which graphs were checked (and possibly rejected) on the way, for dashboards/alerts."""
@@ -74,6 +88,40 @@ class Metrics:
                 if (self.drift, (model, version, figure)) not in series:
                     series.append((self.drift, (model, version, figure)))
                 self.drift.labels(model, version, figure).set(value)
+
+    def record_rollout(self, model: str, rollout, figures: dict | None) -> None:
+        """A rollout's figures as gauges, and its compared, agreed and dropped images as counters (a new stage
+        measures from nothing: the counters only ever grow)."""
+        labels = (model, str(rollout.serving), str(rollout.candidate))
+        values = {"stage": {"shadow": 1, "canary": 2, "promoted": 3}[rollout.stage]}
+        if figures is None:  # a new rollout or a new stage: its comparison starts from nothing
+            self._rollout_seen[labels] = (0, 0, 0)
+        else:
+            values |= {"images": figures["images"], "dropped": figures["dropped"], "agreement": figures["agreement"]}
+            for side in ("serving", "candidate"):
+                got = figures[side]
+                values |= {f"{side}_{k}": got[k] for k in ("mean_confidence", "confidence_psi", "p50_ms", "p99_ms",
+                                                           "errors")}
+                values |= {f"{side}_abstain_rate_{t}": rate for t, rate in got["abstain_rate"].items()}
+            seen = self._rollout_seen.get(labels, (0, 0, 0))
+            now = (rollout.comparison.images, rollout.comparison.agreed, rollout.comparison.dropped)
+            for outcome, before, after in zip(("compared", "agreed", "dropped"), seen, now):
+                if after > before:
+                    self.rollout_images.labels(*labels, outcome).inc(after - before)
+            self._rollout_seen[labels] = now
+        for figure, value in values.items():
+            if value is not None:
+                self.rollout.labels(*labels, figure).set(value)
+
+    def forget_rollout(self, model: str, rollout) -> None:
+        labels = (model, str(rollout.serving), str(rollout.candidate))
+        self._rollout_seen.pop(labels, None)
+        for sample in list(self.rollout.collect()[0].samples):
+            if tuple(sample.labels[k] for k in ("model", "version", "candidate")) == labels:
+                try:
+                    self.rollout.remove(*labels, sample.labels["figure"])
+                except KeyError:
+                    pass
 
     def forget(self, model: str, version: str) -> None:
         """Drop an unloaded version's serving and queue series (its counters and state stay: history)."""

@@ -99,6 +99,9 @@ class ModelInfo(BaseModel):
     drift: dict | None = Field(description="the last PROMPTKD_DRIFT_WINDOW images against the bundle's held-out "
                                            "reference: confidence PSI, feature shift, abstain rate, mean entropy, "
                                            "their alert levels and whether they alert; null: no reference or off")
+    rollout: dict | None = Field(None, description="a new version being measured against this one (stage, figures, "
+                                                   "why it waits) and the last rollout decisions; null: the model "
+                                                   "has no rollout settings")
     limits: dict[str, int] = Field(description="upload limits a client should respect before sending: "
                                                "max_upload_bytes, max_images_per_request, max_top_k, top_k")
     models: list[ModelSummary] = Field(description="every model this server holds; ?model= picks the card")
@@ -203,6 +206,14 @@ class RepositoryModel(BaseModel):
     version: str | None = Field(None, description="absent for a model-level problem (e.g. a bad model.yaml)")
     state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE")
     reason: str
+    rollout: dict | None = Field(None, description="on a version under rollout: its stage, the figures measured "
+                                                   "against the serving version, why it waits, the last decisions")
+
+
+class RolloutDecision(BaseModel):
+    model: str
+    version: str = Field(description="the version decided on")
+    decision: str = Field(description="promote, refuse, or rollback (a refusal during the grace period)")
 
 
 class RepositoryRequest(BaseModel):

@@ -34,7 +34,7 @@ from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
-from .models import Models, Served, requested_version
+from .models import Models, Route, Served, requested_version
 from .open_inference import INPUT, ProtocolError
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
@@ -57,6 +57,8 @@ class Features:
     errors: list[ImageError | None]
     timing: Timing
     good: list[UploadFile]  # the uploads whose features these are, in order (capture reads them again)
+    batch: np.ndarray  # the good images as the engine took them: a rollout's shadow runs on the same tensors
+    engine_ms: float  # engine milliseconds per image of the batch they ran in
 
 
 class Service:
@@ -64,6 +66,7 @@ class Service:
         self.settings, self.metrics = settings, metrics
         self.budget = MemoryBudget(settings.max_inflight_bytes)  # one budget for every model's requests
         self.models = Models(settings, metrics, EngineGate(settings.engine_slots))
+        self._copies: set[asyncio.Task] = set()  # rollout copies running at the engine's lower priority
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
                                            initializer=preprocess.yield_to_the_engine)
         self.capture = None if settings.capture_dir is None else Capture(
@@ -85,6 +88,8 @@ class Service:
         return service
 
     async def stop(self) -> None:
+        for task in list(self._copies):
+            task.cancel()
         await self.models.stop()
         self.decoders.shutdown(wait=False)
         if self.capture is not None:
@@ -100,15 +105,17 @@ class Service:
 
     async def classify(self, uploads: list[UploadFile], top_k: int | None, model: str | None, version: str | None,
                        disconnected: Callable[[], Awaitable[bool]], min_confidence: float | None = None,
-                       precision: float | None = None) -> ClassifyResponse:
+                       precision: float | None = None, headers: Mapping[str, str] | None = None) -> ClassifyResponse:
         if top_k is not None and top_k > self.settings.max_top_k:
             raise RequestError(422, f"top_k must be at most {self.settings.max_top_k}")
-        with self.models.resolve(model, version).lease() as served:
+        route = self.models.route(model, version, headers or {})
+        with route.answer.lease() as served:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, min_confidence, precision)
-            got = await self._features(served, uploads, "/classify", disconnected)
+            got = await self._answer(route, uploads, "/classify", disconnected)
         probabilities = classifier.probabilities(got.features, vocabulary)
         self._observe(served, got.features, probabilities, threshold)
+        self._shadow(route, got, probabilities)
         await self._capture(served, got.good, probabilities, vocabulary)
         ranked = iter(classifier.top_k(probabilities, top_k or self.settings.top_k) if len(got.features) else [])
         results = []
@@ -145,6 +152,46 @@ class Service:
         abstained = probabilities.max(axis=1) < threshold if threshold is not None else np.zeros(len(features), bool)
         served.drift.observe(features, probabilities, abstained)
         self.metrics.record_drift(served.model, str(served.version), served.drift.scores())
+
+    async def _answer(self, route: Route, uploads: list[UploadFile], endpoint: str,
+                      disconnected: Callable[[], Awaitable[bool]], partial: bool = True) -> Features:
+        """`_features` on the answering version; an engine failure of a version under rollout is counted there."""
+        try:
+            return await self._features(route.answer, uploads, endpoint, disconnected, partial)
+        except RequestError:
+            raise
+        except Exception:
+            if route.rollout is not None:
+                self.models.failed(route.answer.model, route.rollout, route.answer)
+            raise
+
+    def _shadow(self, route: Route, got: Features, probabilities: np.ndarray) -> None:
+        """Run the other version of a rollout on the same preprocessed images, in the background and at the
+        engine's lower priority; the comparison is recorded when it is done, the answer never waits for it."""
+        if route.shadow is None or route.rollout is None or not len(got.features):
+            return
+        task = asyncio.create_task(self._compare(route, (route.answer, probabilities, got.engine_ms), got.batch))
+        self._copies.add(task)
+        task.add_done_callback(self._copies.discard)
+
+    async def _compare(self, route: Route, answered: tuple[Served, np.ndarray, float], batch: np.ndarray) -> None:
+        other, rollout, name = route.shadow, route.rollout, route.answer.model
+        timing: list[float] = []
+        with other.lease():
+            try:
+                features = await asyncio.wait_for(other.batcher.submit(
+                    batch, shadow=True, limit=rollout.config.shadow_queue_images, timing=timing),
+                    self.settings.request_timeout_s)
+            except (Overloaded, asyncio.TimeoutError):  # the engine is busy with serving work: the copy is dropped
+                self.models.failed(name, rollout, other, dropped=len(batch))
+                return
+            except Exception as err:  # noqa: BLE001 - the other version's failure is a figure, never the request's
+                log.warning("model %s version %d failed on a rollout copy: %s", name, other.version, err)
+                self.models.failed(name, rollout, other)
+                return
+        probabilities = other.classifier.probabilities(features, other.classifier.vocabulary)
+        self._observe(other, features, probabilities, None)
+        self.models.compared(name, rollout, answered, (other, probabilities, timing[0] if timing else 0.0))
 
     async def _capture(self, served: Served, uploads: list[UploadFile], probabilities: np.ndarray,
                        vocabulary: Vocabulary) -> None:
@@ -201,12 +248,14 @@ class Service:
         if k > config.max_top_k:
             raise RequestError(400, f"top_k and classification must be at most {config.max_top_k}")
         uploads = [UploadFile(io.BytesIO(data), filename=f"{INPUT}[{i}]") for i, data in enumerate(request.images)]
-        with self.models.resolve(name, version).lease() as served:
+        route = self.models.route(name, version, headers)
+        with route.answer.lease() as served:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, request.min_confidence, request.precision)
-            got = await self._features(served, uploads, INFER_ROUTE, disconnected, partial=False)
+            got = await self._answer(route, uploads, INFER_ROUTE, disconnected, partial=False)
         probabilities = classifier.probabilities(got.features, vocabulary)
         self._observe(served, got.features, probabilities, threshold)
+        self._shadow(route, got, probabilities)
         await self._capture(served, got.good, probabilities, vocabulary)
         ranked = classifier.top_k(probabilities, k)
         abstained = probabilities.max(axis=1) < threshold if threshold is not None else None  # as /classify decides
@@ -241,6 +290,7 @@ class Service:
             parity=parity,
             calibration=manifest.calibration.model_dump() if manifest.calibration is not None else None,
             drift=served.drift.scores() if served.drift is not None else None,
+            rollout=self.models.rollout_view(self.models.model(served.model)),
             limits={"max_upload_bytes": self.settings.max_upload_bytes, "top_k": self.settings.top_k,
                     "max_images_per_request": self.settings.max_images_per_request,
                     "max_top_k": self.settings.max_top_k},
@@ -315,13 +365,15 @@ class Service:
                                f"none of the {len(uploads)} images could be classified; first: {first.detail}",
                                _retry(first))
         decoded = time.perf_counter()
-        features = await self._submit(served, np.stack(good))
+        batch, engine = np.stack(good), []
+        features = await self._submit(served, batch, engine)
         self.metrics.images.labels(route, *served.batcher.labels.values()).inc(len(good))
         done = time.perf_counter()
         timing = Timing(decode_ms=1000 * (decoded - started), inference_ms=1000 * (done - decoded),
                         total_ms=1000 * (done - started))
         names = [u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads]
-        return Features(names, features, errors, timing, [u for u, e in zip(uploads, errors) if e is None])
+        return Features(names, features, errors, timing, [u for u, e in zip(uploads, errors) if e is None], batch,
+                        engine[0] if engine else 0.0)
 
     async def _prepare(self, upload: UploadFile, spec: InputSpec) -> np.ndarray | ImageError:
         config = self.settings
@@ -337,11 +389,11 @@ class Service:
             self.metrics.rejected.labels("memory").inc()
             return ImageError(status=503, detail=f"server busy, retry later: {err}")
 
-    async def _submit(self, served: Served, batch: np.ndarray) -> np.ndarray:
+    async def _submit(self, served: Served, batch: np.ndarray, timing: list[float]) -> np.ndarray:
         timeout = self.settings.request_timeout_s
         retry = {"Retry-After": str(max(1, math.ceil(timeout / 4)))}
         try:
-            return await asyncio.wait_for(served.batcher.submit(batch), timeout)
+            return await asyncio.wait_for(served.batcher.submit(batch, timing=timing), timeout)
         except Overloaded as err:
             self.metrics.rejected.labels("queue_full").inc()
             raise RequestError(503, f"server overloaded: {err}", retry) from None

@@ -16,7 +16,7 @@ from .auth import require_admin
 from .open_inference import EXTENSIONS, HEADER_LENGTH
 from .schemas import (
     InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, RepositoryIndexRequest, RepositoryModel,
-    RepositoryRequest, ServerLive, ServerMetadata, ServerReady, V2Error,
+    RepositoryRequest, RolloutDecision, ServerLive, ServerMetadata, ServerReady, V2Error,
 )
 from .errors import RequestError
 from .numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
@@ -177,6 +177,27 @@ async def repository_unload(request: Request, name: str = NAME, body: Repository
     With latest-N policies the next passing older version takes over."""
     await _service(request).models.unload(name, _version(body))
     return JSONResponse({})
+
+
+@router.post("/repository/models/{name}/promote", dependencies=[Depends(require_admin)], response_model=RolloutDecision,
+             responses={**ADMIN, 409: {"model": V2Error, "description": "no version of the model is in rollout, or "
+                                                                        "another one, or it is promoted already"}})
+async def repository_promote(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
+                             authorization: str | None = AUTHORIZATION) -> RolloutDecision:
+    """Promote the model's version in rollout now, whatever its figures (parameters.version, if given, must name
+    it): it becomes the default, and the previous version stays loaded for the grace period. What an external
+    controller (Argo Rollouts, Flagger) calls when its analysis of the metrics passes."""
+    return RolloutDecision(**await _service(request).models.decide_now(name, "promote", _version(body)))
+
+
+@router.post("/repository/models/{name}/refuse", dependencies=[Depends(require_admin)], response_model=RolloutDecision,
+             responses={**ADMIN, 409: {"model": V2Error, "description": "no version of the model is in rollout, or "
+                                                                        "another one"}})
+async def repository_refuse(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
+                            authorization: str | None = AUTHORIZATION) -> RolloutDecision:
+    """Refuse the model's version in rollout now (during its grace period: roll back to the previous version). A
+    refused version is unloaded and not loaded again until its files change or a load call names it."""
+    return RolloutDecision(**await _service(request).models.decide_now(name, "refuse", _version(body)))
 
 
 def _version(body: RepositoryRequest | None) -> int | None:

@@ -1,0 +1,101 @@
+"""What the rollouts decided, so that a restart neither forgets a refusal nor re-measures a promotion.
+
+Kept in memory always, and in `PROMPTKD_ROLLOUT_STATE/<model>.json` when that folder is set (a writable folder of
+its own: the model repository stays read-only). Per model: the version promoted last, the versions refused (with
+the fingerprint of the folder refused: a version whose files change is measured again) and the last decisions with
+their figures. A rollout in progress is not kept: after a restart its candidate is measured again from nothing.
+A file that cannot be read as this module wrote it is set aside (logged) and the model starts without a record;
+a save that fails is logged and counted, and the decision holds in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bundle.io import read_small, write_atomic
+
+log = logging.getLogger("promptkd.server")
+MAX_STATE_BYTES = 1 << 20
+KEEP_DECISIONS = 50
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Refusal(_Strict):
+    fingerprint: str = Field(max_length=64)
+    reason: str = Field(max_length=2000)
+    at: float
+
+
+class Entry(_Strict):
+    at: float
+    version: int = Field(ge=1)
+    action: str = Field(max_length=16)
+    reason: str = Field(max_length=2000)
+    by: str = Field(max_length=16)  # "policy" or "operator"
+    figures: dict | None = None
+
+
+class Record(_Strict):
+    promoted: int | None = Field(None, ge=1)
+    refused: dict[int, Refusal] = Field(default_factory=dict)
+    decisions: list[Entry] = Field(default_factory=list)
+
+    def is_refused(self, version: int, fingerprint: str) -> Refusal | None:
+        refusal = self.refused.get(version)
+        return refusal if refusal is not None and refusal.fingerprint == fingerprint else None
+
+    def log(self, version: int, action: str, reason: str, by: str, figures: dict | None) -> None:
+        self.decisions = [*self.decisions, Entry(at=time.time(), version=version, action=action, reason=reason[:2000],
+                                                 by=by, figures=figures)][-KEEP_DECISIONS:]
+
+
+class RolloutStates:
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._records: dict[str, Record] = {}
+        self.failed_saves = 0
+
+    def get(self, model: str) -> Record:
+        record = self._records.get(model)
+        if record is None:
+            record = self._records[model] = self._read(model)
+        return record
+
+    def _read(self, model: str) -> Record:
+        if self.folder is None:
+            return Record()
+        path = self.folder / f"{model}.json"
+        try:
+            data = read_small(path, MAX_STATE_BYTES)
+        except FileNotFoundError:
+            return Record()
+        except OSError as err:
+            log.warning("rollout state of %s cannot be read (%s): starting without a record", model, err)
+            return Record()
+        try:
+            if len(data) > MAX_STATE_BYTES:
+                raise ValueError(f"over {MAX_STATE_BYTES} bytes")
+            return Record.model_validate(json.loads(data))
+        except (ValueError, ValidationError, RecursionError) as err:
+            log.warning("rollout state %s is not one this server wrote (%s): starting without a record",
+                        path.name, str(err).splitlines()[0][:200])
+            return Record()
+
+    def save(self, model: str) -> None:
+        """Write the model's record (blocking: run it off the event loop). Failures are logged, never raised."""
+        if self.folder is None:
+            return
+        text = self.get(model).model_dump_json(indent=1)
+        try:
+            write_atomic(self.folder / f"{model}.json", lambda tmp: tmp.write_text(text))
+        except OSError as err:
+            self.failed_saves += 1
+            log.warning("rollout state of %s cannot be saved in %s (%s); the decision holds until a restart",
+                        model, self.folder, err.strerror or err)
