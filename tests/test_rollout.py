@@ -274,3 +274,23 @@ def test_a_batcher_runs_serving_jobs_first_and_drops_shadow_copies_past_their_li
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_worse_domain_on_a_shared_backbone_is_shadowed_on_the_shared_engine_and_refused(distilled, fmnist, photos,
+                                                                                          tmp_path):
+    """Domains share one engine batcher: the candidate's copies run there at the lower priority, and the
+    comparison holds as for folded bundles."""
+    from export.domain import build_domain
+    from training.data.datasets import find_images
+
+    root = tmp_path / "repo"
+    build_domain(distilled, root, "m", find_images(fmnist / "test")[:16], version=1)
+    permuted_copy(root / "m" / "1", root / "m" / "2")
+    (root / "m" / "model.yaml").write_text(f"rollout:\n  shadow_sample: 1\n  {FAST}")
+    with client(root) as app:
+        assert index(app)["2"]["rollout"]["stage"] == "shadow"
+        assert set(post(app, photos)) == {"1"}
+        refused = wait_until(lambda: index(app)["2"]["state"] == "UNAVAILABLE" and index(app)["2"], "refused")
+        assert "agreement" in refused["reason"]
+        metrics = app.get("/metrics").text
+        assert re.search(r'promptkd_batch_size_count\{model="backbone-[0-9a-f]{12}",version="fp32"\}', metrics)
