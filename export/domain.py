@@ -62,7 +62,7 @@ def fold_head(projector: Projector) -> Head:
         return Head(w1.numpy(), b1.numpy(), second.weight.numpy().copy(), second.bias.numpy().copy())
 
 
-class _Runner:
+class DomainRunner:
     """The backbone's graphs with one domain's prompts and head: what the server computes for that domain."""
 
     def __init__(self, backbone: Backbone, prompts: np.ndarray, head: Head) -> None:
@@ -104,7 +104,7 @@ def build_domain(
     calibration = load_images(calibration_images, transform).numpy() if calibration_images else None
     backbone, created = ensure_backbone(student.tower, pre, cfg, repository, variants or (), calibration,
                                         skip_failing_variants)
-    runner = _Runner(backbone, student.tower.prompts.detach().numpy().copy(), fold_head(student.projector))
+    runner = DomainRunner(backbone, student.tower.prompts.detach().numpy().copy(), fold_head(student.projector))
     class_matrix = vectors.vectors.numpy()
     parity, shared = _parity(student, runner, images, class_matrix)
     entries = _measure_variants(runner, images.numpy(), shared, class_matrix, variants, force_variants,
@@ -115,7 +115,7 @@ def build_domain(
     return DomainExport(manifest, out, backbone.manifest.sha256, created)
 
 
-def _parity(student: Student, runner: _Runner, images: torch.Tensor, vectors: np.ndarray):
+def _parity(student: Student, runner: DomainRunner, images: torch.Tensor, vectors: np.ndarray):
     """The shared graph with this domain's prompts and head against the PyTorch student (the folded bundle's
     reference), held to the folded graph's floor. Returns the parity and the shared fp32 features."""
     with torch.no_grad():
@@ -127,7 +127,7 @@ def _parity(student: Student, runner: _Runner, images: torch.Tensor, vectors: np
 
 
 def _measure_variants(
-    runner: _Runner, held_out: np.ndarray, reference: np.ndarray, vectors: np.ndarray,
+    runner: DomainRunner, held_out: np.ndarray, reference: np.ndarray, vectors: np.ndarray,
     asked: tuple[str, ...] | None, force: bool, skip_failing: bool,
 ) -> dict[str, Variant]:
     """Each backbone variant (those asked, default all it has) on this domain against the shared fp32 graph. Asked
@@ -154,7 +154,7 @@ def _measure_variants(
 
 
 def _publish(
-    runner: _Runner, out: Path, vectors: ClassVectors, images: np.ndarray, parity, entries: dict[str, Variant],
+    runner: DomainRunner, out: Path, vectors: ClassVectors, images: np.ndarray, parity, entries: dict[str, Variant],
     pre, cfg: dict, model: str, parity_set: int, overwrite: bool, calibration: Calibration | None,
     features: np.ndarray,
 ) -> Manifest:

@@ -29,7 +29,7 @@ from training.data.names import DATASETS
 STAND_IN = "stand-in"  # a tower's `pretrained` value: weights made here by pretrain-tiny (demos, tests)
 VARIANTS = ("optimized", "int8", "int8_vnni", "fp16")
 # The run folder's own subfolders (steps.py writes them); a bundle may not go there.
-STEP_FOLDERS = ("data", "weights", "stage1", "class_vectors", "teacher_cache", "stage2", "evaluate")
+STEP_FOLDERS = ("data", "weights", "stage1", "class_vectors", "teacher_cache", "stage2", "evaluate", "gate")
 RUN_FILES = ("pipeline_state.json", "metrics.jsonl", "recipe.yaml", "curves.png")  # the run's own records
 MAX_COUNT = 10**9  # epochs, images, tokens, batch sizes: far past any run, short of overflowing a float or a tensor
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
@@ -242,6 +242,15 @@ class Export(Section):
     version: PositiveInt = Field(1, description="with repository: the version folder to write")
 
 
+class Gate(Section):
+    """Before a version is published into a model repository: the new student against the newest published version
+    below it, on the evaluation split; nothing is published unless it is at least as good (pipeline/gate.py)."""
+
+    enabled: bool = True
+    tolerance: float = Field(0.0, ge=0, le=100, description="percentage points the new student may lose, in "
+                                                            "agreement with the teacher and in accuracy, and pass")
+
+
 class Run(Section):
     workdir: Annotated[AnyPath, AfterValidator(_not_a_file)]
     seed: Seed = 1
@@ -262,6 +271,7 @@ class Recipe(Section):
     stage2: Stage2 = Stage2()
     evaluation: Evaluation = Evaluation()
     export: Export = Export()
+    gate: Gate = Gate()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

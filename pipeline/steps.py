@@ -1,9 +1,9 @@
 """The steps a recipe becomes, in order, each with the settings it depends on, the files it writes and the call
 into training/ or export/ that does the work: data -> stand-in weights -> stage 1 -> class vectors -> stage 2
--> (base/novel evaluation) -> bundle.
+-> (base/novel evaluation) -> (gate, into a model repository) -> bundle.
 
 Run folder layout (`run.workdir`): data/, weights/, stage1/, class_vectors/, teacher_cache/, stage2/,
-evaluate/, bundle/ (unless export.out says otherwise), recipe.yaml, pipeline_state.json, metrics.jsonl,
+evaluate/, gate/, bundle/ (unless export.out says otherwise), recipe.yaml, pipeline_state.json, metrics.jsonl,
 curves.png.
 """
 from __future__ import annotations
@@ -13,10 +13,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder
 
 from .recipe import STAND_IN, Data, Recipe, Tower, full_batches
+
+if TYPE_CHECKING:
+    from server.repository import VersionFolder
 
 
 @dataclass
@@ -87,6 +91,8 @@ class Plan:
         if r.evaluation.protocol == "base2novel":
             steps.append(Step("evaluate", "base/novel/HM evaluation", _dump(r.evaluation), ["stage2", "class_vectors"],
                               [self.work / "evaluate" / "report.json"], self._evaluate, folder=self.work / "evaluate"))
+        if r.export.repository is not None:
+            steps.append(self._gate_step())
         steps.append(Step("export", "ONNX export, parity, variants, bundle",
                           {**_export_settings(r.export), "name": self._bundle_name, "parity_split": r.evaluation.split},
                           ["stage2", "class_vectors"], [r.bundle_dir / "manifest.json"],
@@ -283,6 +289,40 @@ class Plan:
         base, novel, hm = (report[k]["student_acc"] for k in ("base", "novel", "hm"))
         return {"result": f"student base {base:.1f}% / novel {novel:.1f}% / HM {hm:.1f}%", "base": base,
                 "novel": novel, "hm": hm}
+
+    def _gate_step(self) -> Step:
+        """Keyed on the serving version's folder as well (its fingerprint), so a version published or changed
+        since reruns the comparison."""
+        from .gate import serving_version
+
+        r, e = self.recipe, self.recipe.export
+        serving = serving_version(e.repository, self._bundle_name, e.version) if r.gate.enabled else None
+        settings = {"gate": _dump(r.gate), "split": r.evaluation.split, "data": self._source(r.data),
+                    "repository": str(e.repository), "model": self._bundle_name, "version": e.version,
+                    "serving": [serving.version, serving.fingerprint] if serving else None}
+        report = self.work / "gate" / "report.json"
+        return Step("gate", "gate: the new student against the serving version on held-out photos", settings,
+                    ["stage2", "class_vectors", "data"], [report], lambda resume: self._gate(serving, report),
+                    folder=report.parent)
+
+    def _gate(self, serving: VersionFolder | None, report_file: Path) -> dict:
+        from training.class_vectors import ClassVectors
+        from training.evaluate import checkpoint_predictions
+        from training.runtime import setup
+
+        from .gate import compare, decide
+
+        r, e = self.recipe, self.recipe.export
+        report = {"model": self._bundle_name, "version": e.version, "repository": str(e.repository),
+                  "split": r.evaluation.split}
+        if not r.gate.enabled or serving is None:
+            reason = "nothing to compare with: first version" if r.gate.enabled else "gate.enabled is false: skipped"
+            return decide({**report, "reason": reason}, report_file, e.repository, r.gate.tolerance)
+        split = self.data(r.evaluation.split)
+        predictions = checkpoint_predictions(self.student_file, split, setup(r.run.device).device, r.run.workers,
+                                             ClassVectors.load(self.vectors_file))
+        report.update(compare(predictions, split, serving, e.repository))
+        return decide(report, report_file, e.repository, r.gate.tolerance)
 
     def _export(self, overwrite: bool) -> dict:
         from export.build import build_bundle, spread

@@ -18,19 +18,30 @@ from .transforms import eval_transform
 
 
 @torch.no_grad()
-def predict(
+def top1(
     encoder: nn.Module, loader: DataLoader, vectors: torch.Tensor, logit_scale: float, desc: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 predictions and labels of an image encoder over a loader (unreadable images are left out)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 predictions, labels and indices into the split of an image encoder over a loader (unreadable images
+    are left out, so the indices say which images the predictions are of)."""
     device = vectors.device
-    preds, labels = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
-    for images, _, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    empty = torch.empty(0, dtype=torch.long)
+    preds, labels, indices = [empty], [empty], [empty]
+    for images, index, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
         if not len(y):
             continue
         logits = cosine_logits(encoder(images.to(device)).float(), vectors, logit_scale)
         preds.append(logits.argmax(dim=-1).cpu())
         labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
+        indices.append(index)
+    return torch.cat(preds), torch.cat(labels), torch.cat(indices)
+
+
+def predict(
+    encoder: nn.Module, loader: DataLoader, vectors: torch.Tensor, logit_scale: float, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 predictions and labels of an image encoder over a loader (unreadable images are left out)."""
+    preds, labels, _ = top1(encoder, loader, vectors, logit_scale, desc)
+    return preds, labels
 
 
 def _loader(split: Split, transform, batch_size: int, workers: int) -> DataLoader:
@@ -120,3 +131,19 @@ def evaluate_checkpoint(checkpoint: Path, split: Split, device: torch.device, ba
     encoders, pre, cfg = load_distilled(checkpoint, with_teacher)
     vectors = vectors or ClassVectors.load(Path(cfg["class_vectors"]))
     return evaluate_encoders(encoders, split, vectors, eval_transform(pre), device, base_novel_split, workers)
+
+
+def checkpoint_predictions(checkpoint: Path, split: Split, device: torch.device, workers: int,
+                           vectors: ClassVectors) -> dict[str, torch.Tensor]:
+    """Image by image, what evaluate_checkpoint scores: the top-1 class of a distilled student and of the teacher it
+    learned from, against `vectors`, with each readable image's label and index into `split` ("student",
+    "teacher", "label", "index"), so that another model's answers on the same images can be scored alike."""
+    encoders, pre, _ = load_distilled(checkpoint, with_teacher=True)
+    vectors.check_labels(split.classnames)
+    loader = _loader(split, eval_transform(pre), 64, workers)
+    on_device = vectors.vectors.to(device)
+    result: dict[str, torch.Tensor] = {}
+    for name, encoder in encoders.items():
+        result[name], result["label"], result["index"] = top1(encoder.to(device), loader, on_device,
+                                                              vectors.logit_scale, f"gate {name}")
+    return result
