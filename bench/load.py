@@ -85,16 +85,26 @@ class BareEngine:
         return batch * runs, time.perf_counter() - started
 
 
+def percentiles_ms(latencies: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds of latencies in seconds."""
+    ordered = sorted(latencies)
+    return {"p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))]}
+
+
 async def load_level(url: str, photos: list[bytes], concurrency: int, requests: int,
-                     models: list[str] | None = None) -> dict:
-    """`requests` classifications by `concurrency` clients; with `models`, request i goes to models[i % len]."""
+                     models: list[str] | None = None, seconds: float | None = None) -> dict:
+    """`requests` classifications by `concurrency` clients; with `models`, request i goes to models[i % len]; with
+    `seconds`, no request starts after that long (a time window: `requests` is then only a cap)."""
     latencies: list[float] = []
     statuses: list[int] = []
     counter = iter(range(requests))
+    deadline = float("inf")
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:
             started = time.perf_counter()
+            if started > deadline:
+                break
             params = {"top_k": 1, **({"model": models[i % len(models)]} if models else {})}
             try:
                 response = await client.post("/classify", files={"file": ("photo.jpg", photos[i % len(photos)])},
@@ -107,13 +117,13 @@ async def load_level(url: str, photos: list[bytes], concurrency: int, requests: 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
+        deadline = started + seconds if seconds is not None else deadline
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
     ok = statuses.count(200)
-    ordered = sorted(latencies)
-    return {"concurrency": concurrency, "requests": requests, "images_per_s": ok / wall, "wall_s": wall,
-            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
-            "errors": requests - ok, "server_errors": sum(1 for s in statuses if s >= 500 or s == 0)}
+    return {"concurrency": concurrency, "requests": len(statuses), "images_per_s": ok / wall, "wall_s": wall,
+            **percentiles_ms(latencies), "errors": len(statuses) - ok,
+            "server_errors": sum(1 for s in statuses if s >= 500 or s == 0), "latencies_s": latencies}
 
 
 def inference_seconds(url: str) -> float:
@@ -155,11 +165,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, args, **settings: str) -> tuple[subprocess.Popen, str]:
-    """A real uvicorn serving `bundle` with the benchmark's settings and further PROMPTKD_* `settings`."""
+def start_server(bundle: Path | None, args, **settings: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn serving `bundle` (None: the model_repository=... in `settings`) with the benchmark's settings
+    and further PROMPTKD_* `settings`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")}
-    env.update(PROMPTKD_BUNDLE=str(bundle), PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
+    env.update({"PROMPTKD_BUNDLE": str(bundle)} if bundle is not None else {})
+    env.update(PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
                PROMPTKD_INTRA_OP_THREADS=str(args.threads), PROMPTKD_MAX_QUEUE_IMAGES=str(4 * max(args.concurrency)),
                PROMPTKD_REQUEST_TIMEOUT_S="600", **{f"PROMPTKD_{k.upper()}": v for k, v in settings.items()})
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),

@@ -23,7 +23,8 @@ RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server gpu \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
         -c /tmp/build/constraints.txt \
     && rm -rf /tmp/build \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/promptkd/rollout  # PROMPTKD_ROLLOUT_STATE's volume, writable
 
 WORKDIR /app
 COPY bundle /app/bundle

@@ -1,7 +1,9 @@
 # CPU server image: the FastAPI service, onnxruntime and OpenVINO (the CPU runtime it prefers), no torch, no
 # training code. Serves PROMPTKD_MODEL_REPOSITORY (a folder of models and versions) or PROMPTKD_BUNDLE (one
 # bundle), mounted read-only: set one (compose and the Kubernetes manifests do). Runs as a non-root user and works
-# on a read-only root filesystem (give it a tmpfs at /tmp: large uploads are spooled there).
+# on a read-only root filesystem (give it a tmpfs at /tmp: large uploads are spooled there). /var/lib/promptkd/rollout
+# belongs to that user, so a volume mounted there (PROMPTKD_ROLLOUT_STATE: rollout decisions) is writable: a named
+# Docker volume takes the folder's owner when it is first mounted.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -19,7 +21,8 @@ RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml server openvino
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/build/requirements.txt \
         -c /tmp/build/server-constraints.txt \
     && rm -rf /tmp/build \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin promptkd \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/promptkd/rollout
 
 WORKDIR /app
 COPY bundle /app/bundle

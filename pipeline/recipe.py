@@ -22,6 +22,7 @@ from pydantic import (
 
 from bundle.io import NotARegularFile, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
+from server.rollout import RolloutConfig
 from training.data.fashion_mnist import CLASSNAMES as FASHION_MNIST_CLASSES
 from training.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from training.data.names import DATASETS
@@ -240,6 +241,10 @@ class Export(Section):
                                     "<repository>/<name>/<version>, on the repository's shared backbone (exported "
                                     "there by the first domain of the student tower), instead of a folded bundle")
     version: PositiveInt = Field(1, description="with repository: the version folder to write")
+    rollout: RolloutConfig | None = Field(None, description="with repository: written as the model's model.yaml "
+                                          "(`rollout:`, the keys given) when the model has none yet, so that the "
+                                          "server measures each new version against the serving one before it "
+                                          "serves (server/rollout.py); an existing model.yaml is never changed")
 
 
 class Gate(Section):

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
+from bundle.io import write_atomic
+from server.repository import POLICY_FILE
+from server.rollout import RolloutConfig
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder
 
 from .recipe import STAND_IN, Data, Recipe, Tower, full_batches
@@ -52,6 +57,7 @@ def _export_settings(export) -> dict:
     """The export step's key settings; a folded export's key is what it was before domain exports existed, so that
     existing run folders stay up to date."""
     settings = _dump(export)
+    settings.pop("rollout")  # written once, beside the versions, never part of a bundle
     if export.repository is None:
         settings.pop("repository"), settings.pop("version")
     return settings
@@ -332,10 +338,11 @@ class Plan:
         parity = spread(sorted(p for p, _ in self.data(r.evaluation.split).items), e.parity_count)
         calibration = spread(sorted(self.student_images()), e.calibration_count) if e.variants else None
         if e.repository is not None:
+            policy = write_rollout(e.repository / self._bundle_name, e.rollout)  # before a version can appear
             done = build_domain(self.student_file, e.repository, self._bundle_name, parity, e.version,
                                 self.vectors_file, tuple(e.variants), calibration, parity_set=e.parity_set,
                                 skip_failing_variants=e.skip_failing_variants, overwrite=overwrite)
-            manifest, where = done.manifest, f"{r.bundle_dir} on backbone {done.backbone[:12]}"
+            manifest, where = done.manifest, f"{r.bundle_dir} on backbone {done.backbone[:12]}{policy}"
         else:
             manifest = build_bundle(self.student_file, r.bundle_dir, parity, self.vectors_file, self._bundle_name,
                                     overwrite, tuple(e.variants), calibration, parity_set=e.parity_set,
@@ -348,6 +355,20 @@ class Plan:
         return {"result": f"{where} (fp32{''.join(', ' + v for v in variants)}), min cosine "
                           f"{manifest.parity.min_cosine:.5f}{calibrated}",
                 "bundle": str(r.bundle_dir), "variants": variants, "min_cosine": manifest.parity.min_cosine}
+
+
+def write_rollout(model: Path, rollout: RolloutConfig | None) -> str:
+    """The model's model.yaml with the recipe's rollout settings, when it has none: an operator's file is never
+    changed. Returns what was done, for the step's result line."""
+    policy = model / POLICY_FILE
+    if rollout is None:
+        return ""
+    if policy.exists() or policy.is_symlink():
+        return f"; its {POLICY_FILE} kept as it is"
+    text = yaml.safe_dump({"rollout": rollout.model_dump(mode="json", exclude_unset=True)}, sort_keys=False)
+    write_atomic(policy, lambda tmp: tmp.write_text("# written by the recipe's export.rollout: new versions are "
+                                                    "measured against the serving one before they serve\n" + text))
+    return f"; rollout settings written to its {POLICY_FILE}"
 
 
 def clean(step: Step) -> None:

@@ -97,7 +97,7 @@ class DomainBatcher:
         """The domain's features; a shadow copy (rollout.py) counts against this domain's own `limit`."""
         count = len(images)
         if shadow:
-            if limit is not None and self.shadow_images + count > limit:
+            if limit is not None and self.shadow_images and self.shadow_images + count > limit:
                 raise Overloaded(f"{self.shadow_images} shadow images of this model are already waiting (limit "
                                  f"{limit})")
             self.shadow_images += count

@@ -10,10 +10,11 @@ queue is bounded in images: past `max_queue` the submit fails at once (the route
 latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
 
 Shadow work (a rollout candidate's copy of requests another version answers, rollout.py) waits in a queue of its
-own and runs at the engine's lower priority: a shadow batch takes a slot only while no serving image waits in any
-batcher of the process, and gives up its turn when serving work reaches its batcher first. It is never mixed into a
-serving batch (a larger batch would take longer), and a running batch is never interrupted: the most a shadow batch
-can delay a serving request is one batch.
+own and runs at the engine's lower priority: a shadow batch takes a slot only in a pause of the serving traffic (no
+serving image waiting in any batcher of the process, none running, and the engine idle for about a batch's time:
+EngineGate), and gives up its turn when serving work reaches its batcher first. It is never mixed into a serving
+batch (a larger batch would take longer), and a running batch is never interrupted: the most a shadow batch can
+delay a serving request is one batch, and only one that arrives in a pause.
 """
 from __future__ import annotations
 
@@ -50,21 +51,35 @@ class _Job:
 class EngineGate:
     """The process's engine slots: at most `slots` batches run at once, whichever models they belong to. Each
     session is given cores / slots threads, so the engines never ask for more threads than there are cores.
-    Serving batches take slots first come, first served; a shadow batch only while no serving batch waits for a
-    slot and no serving image is queued in any batcher (`serving_queued`)."""
+    Serving batches take slots first come, first served. A shadow batch takes one only when no serving batch runs
+    or waits for a slot, no serving image is queued in any batcher (`serving_queued`), and the engine has been idle
+    for `quiet` seconds (a recent serving batch's duration): under steady traffic the gap between two serving
+    batches (decoding and HTTP) is shorter than a batch, and a shadow batch there would delay the next one, so
+    shadow work runs in the pauses of the traffic, and is dropped (counted) when there are none."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.busy = 0
         self.serving_queued = 0
+        self.serving_running = 0
+        self.quiet = 0.0  # seconds: a moving average of serving batches' durations
+        self._idle_since = time.perf_counter()
         self._waiters: dict[bool, deque[asyncio.Future]] = {False: deque(), True: deque()}
+        self._timer: asyncio.TimerHandle | None = None
 
     @asynccontextmanager
-    async def slot(self, shadow: bool = False):
-        await self.acquire(shadow)
+    async def slot(self):
+        """A serving batch's slot: its duration sets how long a shadow batch waits for quiet."""
+        await self.acquire()
+        self.serving_running += 1
+        started = time.perf_counter()
         try:
             yield
         finally:
+            self._idle_since = time.perf_counter()
+            took = self._idle_since - started
+            self.quiet = took if self.quiet == 0 else 0.8 * self.quiet + 0.2 * took
+            self.serving_running -= 1
             self.release()
 
     async def acquire(self, shadow: bool = False) -> None:
@@ -96,13 +111,28 @@ class EngineGate:
     def _free(self, shadow: bool) -> bool:
         if self.busy >= self.slots or self._waiters[False]:
             return False
-        return not shadow or (self.serving_queued == 0 and not self._waiters[True])
+        return not shadow or (self._shadow_may_run() and not self._waiters[True])
+
+    def _shadow_may_run(self) -> bool:
+        """No serving work anywhere, and quiet long enough; else a timer wakes the shadow waiters when it will be."""
+        if self.serving_queued or self.serving_running:
+            return False
+        left = self._idle_since + self.quiet - time.perf_counter()
+        if left > 0:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(left, self._quiet_over)
+            return False
+        return True
+
+    def _quiet_over(self) -> None:
+        self._timer = None
+        self._wake()
 
     def _wake(self) -> None:
         while self.busy < self.slots:
             if self._waiters[False]:
                 waiter = self._waiters[False].popleft()
-            elif self._waiters[True] and self.serving_queued == 0:
+            elif self._waiters[True] and self._shadow_may_run():
                 waiter = self._waiters[True].popleft()
             else:
                 return
@@ -160,7 +190,7 @@ class MicroBatcher:
             raise EngineStopped("the inference worker has stopped; the server needs a restart")
         job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing)
         if shadow:
-            if limit is not None and self.shadow_images + len(images) > limit:
+            if limit is not None and self.shadow_images and self.shadow_images + len(images) > limit:
                 raise Overloaded(f"{self.shadow_images} shadow images are already waiting (limit {limit})")
             self.shadow_images += len(images)
             self._shadow.append(job)

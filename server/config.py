@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .budget import default_budget
@@ -115,6 +115,12 @@ class Settings(BaseSettings):
                                                             f"them")
     admin_token_file: Path | None = Field(None, description="file holding the admin token (Docker secrets)")
 
+    @field_validator("rollout_state", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """PROMPTKD_ROLLOUT_STATE= (empty) means unset, as an empty admin token does: not the working folder."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         """Refuse settings that could never serve, and an admin token that is weak or ambiguous."""
@@ -146,6 +152,9 @@ class Settings(BaseSettings):
         if self.rollout_state is not None and not self.rollout_state.is_dir():
             raise ValueError(f"PROMPTKD_ROLLOUT_STATE {self.rollout_state} is not a folder: make it (writable by the "
                              f"server), or unset it to keep rollout decisions in memory only")
+        if self.rollout_state is not None and not os.access(self.rollout_state, os.W_OK | os.X_OK):
+            log.warning("PROMPTKD_ROLLOUT_STATE %s is not writable: rollout decisions hold until a restart",
+                        self.rollout_state)
         if 2 * self.max_upload_bytes > self.max_inflight_bytes:
             raise ValueError(f"PROMPTKD_MAX_INFLIGHT_BYTES ({self.max_inflight_bytes}) must hold twice "
                              f"PROMPTKD_MAX_UPLOAD_BYTES ({self.max_upload_bytes}): a request body is reserved twice "

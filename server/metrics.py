@@ -60,6 +60,9 @@ class Metrics:
                                          "promote, refuse, rollback, settle) and by whom (policy, operator); "
                                          "version: the candidate", ["model", "version", "action", "by"],
                                          registry=self.registry)
+        self.rollout_state_failures = Counter("promptkd_rollout_state_failures", "rollout decisions that could not be "
+                                              "saved in PROMPTKD_ROLLOUT_STATE (they hold until a restart)",
+                                              registry=self.registry)
         self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads
         self._rollout_seen: dict[tuple[str, str, str], tuple[int, int, int]] = {}  # counted so far per rollout
 

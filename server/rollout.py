@@ -28,6 +28,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .numbers import MAX_VERSION
+
 SHADOW, CANARY, PROMOTED = "shadow", "canary", "promoted"
 LATENCY_WINDOW = 2000  # latencies kept per side for p50/p99
 HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"
@@ -83,6 +85,9 @@ class RolloutConfig(_Strict):
     grace_s: float = Field(600, ge=0, le=30 * 86400, description="seconds the previous version stays loaded after "
                                                                  "a promotion, ready to take over")
     rollback_when: Limits = Field(default_factory=Limits)
+    promoted: int | None = Field(None, ge=1, le=MAX_VERSION, description="a version already promoted for the whole "
+                                 "fleet (by a controller or an operator): a replica that starts without a newer "
+                                 "decision of its own serves it, and measures newer versions against it")
 
     @field_validator("stages")
     @classmethod

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import RequestError
-from .rollout import CANARY, PROMOTED, Comparison, Decision, Rollout, RolloutConfig, Side
+from .rollout import CANARY, PROMOTED, SHADOW, Comparison, Decision, Rollout, RolloutConfig, Side
 from .rollout_state import Refusal
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class RolloutRouting:
         if serving.classifier.bundle.manifest.input != candidate.classifier.bundle.manifest.input:
             self._refuse(model, newest, "refused by its rollout: its input (image size, mean, std, resize) differs "
                                         f"from version {incumbent}'s, so it cannot be measured on the same images; "
-                                        "promote it with an admin call if it should serve")
+                                        "serve it with a load call naming its version if it should")
             return (keep - {newest}) | {incumbent}
         model.rollout = Rollout(config, incumbent, newest, self._comparison(serving, candidate), config.stages[0])
         self.metrics.record_rollout(model.name, model.rollout, None)
@@ -83,18 +83,19 @@ class RolloutRouting:
         return keep | {incumbent}
 
     async def _incumbent(self, model: Model, newest: int | None) -> int | None:
-        """The version that serves while a newer one is measured: the one serving now, else the one promoted last
-        (the rollout state), else, with no record (a first start), the newest older version that loads: nothing
-        that was never measured serves by default."""
+        """The version that serves while a newer one is measured: the one serving now, else the newer of the one
+        promoted last here (the rollout state) and the fleet's (model.yaml's `promoted`), else, with no record (a
+        first start), the newest older version that loads: nothing that was never measured serves by default."""
         if model.rollout is not None and model.rollout.serving in model.served:
             return model.rollout.serving
         current = model.default
         if current is not None and current.version in model.served and current.version not in model.held and \
                 self._refused(model, current.version) is None:
             return current.version
-        promoted, folders = self.states.get(model.name).promoted, model.folder.versions
+        folders, config = model.folder.versions, model.folder.config.rollout
+        promoted = {self.states.get(model.name).promoted, config.promoted if config is not None else None}
         older = [v for v in sorted(folders, reverse=True) if newest is None or v < newest]
-        for version in ([promoted] if promoted in folders else []) + older:
+        for version in sorted(promoted & set(folders), reverse=True) + older:
             if version in model.held or self._refused(model, version) is not None:
                 continue
             if await self._ensure(model, folders[version]):
@@ -131,6 +132,8 @@ class RolloutRouting:
         task = asyncio.create_task(asyncio.to_thread(self.states.save, name))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.result() or
+                               self.metrics.rollout_state_failures.inc())
 
     def route(self, name: str | None, version: str | None, headers: Mapping[str, str]) -> Route:
         """The version that answers a request, and the one that runs on a copy of it (the shadow), if any. A
@@ -194,6 +197,15 @@ class RolloutRouting:
         return task
 
     async def _apply(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> None:
+        try:
+            await self._apply_locked(model, rollout, decision, by)
+        except Exception:  # noqa: BLE001 - a decision that failed leaves the rollout measuring, never stuck
+            log.exception("model %s: the %s of version %d could not be applied", model.name, decision.action,
+                          rollout.candidate)
+            rollout.decided = False
+            raise
+
+    async def _apply_locked(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> None:
         async with model.lock:
             if model.rollout is not rollout:
                 return  # superseded (a newer version, a load call) while waiting for the lock
@@ -235,9 +247,10 @@ class RolloutRouting:
         rollout.since, rollout.decided = time.time(), False
         self.metrics.record_rollout(model.name, rollout, None)
 
-    async def decide_now(self, name: str, action: str, version: int | None) -> dict:
-        """An operator's promote or refuse of the model's candidate (refuse during the grace period: a rollback).
-        RequestError 404/409 when there is nothing to decide."""
+    async def decide_now(self, name: str, action: str, version: int | None, stage: object = None) -> dict:
+        """An operator's promote or refuse of the model's candidate (refuse during the grace period: a rollback;
+        promote to `stage` "canary": from shadow to canary, as a controller moves a `decide: external` rollout).
+        RequestError 400/404/409 when there is nothing to decide."""
         model = self.model(name)
         rollout = model.rollout
         if rollout is None:
@@ -249,7 +262,13 @@ class RolloutRouting:
             raise RequestError(409, f"model {name!r}: a decision on version {rollout.candidate} is being applied")
         if action == "promote" and rollout.stage == PROMOTED:
             raise RequestError(409, f"model {name!r}: version {rollout.candidate} is already promoted")
-        final = "rollback" if action == "refuse" and rollout.stage == PROMOTED else action
+        if stage not in (None, PROMOTED, CANARY) or (stage == CANARY and action != "promote"):
+            raise RequestError(400, "parameters.stage is \"canary\" (from shadow to canary) or \"promoted\", on a "
+                                    "promote call")
+        if stage == CANARY and rollout.stage != SHADOW:
+            raise RequestError(409, f"model {name!r}: version {rollout.candidate} is in {rollout.stage}, not shadow")
+        final = ("rollback" if action == "refuse" and rollout.stage == PROMOTED else
+                 "advance" if stage == CANARY else action)
         await self._decide(model, rollout, Decision(final, "an operator's call"), "operator")
         return {"model": name, "version": str(rollout.candidate), "decision": final}
 

@@ -4,19 +4,21 @@ Kept in memory always, and in `PROMPTKD_ROLLOUT_STATE/<model>.json` when that fo
 its own: the model repository stays read-only). Per model: the version promoted last, the versions refused (with
 the fingerprint of the folder refused: a version whose files change is measured again) and the last decisions with
 their figures. A rollout in progress is not kept: after a restart its candidate is measured again from nothing.
-A file that cannot be read as this module wrote it is set aside (logged) and the model starts without a record;
-a save that fails is logged and counted, and the decision holds in memory.
+A file that is not one this module wrote is set aside as `<model>.json.unreadable` (logged) and the model starts
+without a record; a save that fails is logged and counted (promptkd_rollout_state_failures_total), and the decision
+holds in memory. One folder per replica: a replica reads its file once and rewrites it whole.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bundle.io import read_small, write_atomic
+from bundle.io import NotARegularFile, read_small, write_atomic
 
 log = logging.getLogger("promptkd.server")
 MAX_STATE_BYTES = 1 << 20
@@ -60,7 +62,6 @@ class RolloutStates:
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self._records: dict[str, Record] = {}
-        self.failed_saves = 0
 
     def get(self, model: str) -> Record:
         record = self._records.get(model)
@@ -74,28 +75,40 @@ class RolloutStates:
         path = self.folder / f"{model}.json"
         try:
             data = read_small(path, MAX_STATE_BYTES)
-        except FileNotFoundError:
-            return Record()
-        except OSError as err:
-            log.warning("rollout state of %s cannot be read (%s): starting without a record", model, err)
-            return Record()
-        try:
             if len(data) > MAX_STATE_BYTES:
                 raise ValueError(f"over {MAX_STATE_BYTES} bytes")
             return Record.model_validate(json.loads(data))
-        except (ValueError, ValidationError, RecursionError) as err:
-            log.warning("rollout state %s is not one this server wrote (%s): starting without a record",
-                        path.name, str(err).splitlines()[0][:200])
+        except FileNotFoundError:
             return Record()
+        except NotARegularFile as err:
+            problem = str(err)
+        except OSError as err:
+            log.warning("rollout state of %s cannot be read (%s): starting without a record", model,
+                        err.strerror or err)
+            return Record()
+        except (ValueError, ValidationError, RecursionError) as err:
+            problem = str(err).splitlines()[0][:200]
+        aside = path.with_name(f"{path.name}.unreadable")
+        try:
+            os.replace(path, aside)
+        except OSError as err:
+            log.warning("rollout state %s is not one this server wrote (%s) and cannot be set aside (%s): starting "
+                        "without a record", path.name, problem, err.strerror or err)
+        else:
+            log.warning("rollout state %s is not one this server wrote (%s): set aside as %s, starting without a "
+                        "record", path.name, problem, aside.name)
+        return Record()
 
-    def save(self, model: str) -> None:
-        """Write the model's record (blocking: run it off the event loop). Failures are logged, never raised."""
+    def save(self, model: str) -> bool:
+        """Write the model's record (blocking: run it off the event loop); False when it could not be saved, which
+        is logged, never raised."""
         if self.folder is None:
-            return
+            return True
         text = self.get(model).model_dump_json(indent=1)
         try:
             write_atomic(self.folder / f"{model}.json", lambda tmp: tmp.write_text(text))
         except OSError as err:
-            self.failed_saves += 1
             log.warning("rollout state of %s cannot be saved in %s (%s); the decision holds until a restart",
                         model, self.folder, err.strerror or err)
+            return False
+        return True

@@ -147,6 +147,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 ADMIN = {401: {"model": V2Error, "description": "missing or wrong bearer token"},
          404: {"model": V2Error, "description": "admin routes are disabled (no PROMPTKD_ADMIN_TOKEN), or no such "
                                                 "model or version"}}
+BAD_VERSION = {400: {"model": V2Error, "description": "parameters.version is not a version number"}}
 AUTHORIZATION = Header(None, description="Bearer <PROMPTKD_ADMIN_TOKEN>; checked before the body is read")
 
 
@@ -180,19 +181,23 @@ async def repository_unload(request: Request, name: str = NAME, body: Repository
 
 
 @router.post("/repository/models/{name}/promote", dependencies=[Depends(require_admin)], response_model=RolloutDecision,
-             responses={**ADMIN, 409: {"model": V2Error, "description": "no version of the model is in rollout, or "
-                                                                        "another one, or it is promoted already"}})
+             responses={**ADMIN, **BAD_VERSION,
+                        409: {"model": V2Error, "description": "no version of the model is in rollout, or another "
+                                                               "one, or it is promoted already"}})
 async def repository_promote(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
                              authorization: str | None = AUTHORIZATION) -> RolloutDecision:
     """Promote the model's version in rollout now, whatever its figures (parameters.version, if given, must name
-    it): it becomes the default, and the previous version stays loaded for the grace period. What an external
-    controller (Argo Rollouts, Flagger) calls when its analysis of the metrics passes."""
-    return RolloutDecision(**await _service(request).models.decide_now(name, "promote", _version(body)))
+    it): it becomes the default, and the previous version stays loaded for the grace period. With
+    parameters.stage "canary": from shadow to canary only. What an external controller (Argo Rollouts, Flagger)
+    calls when its analysis of the metrics passes."""
+    stage = None if body is None else body.parameters.get("stage")
+    return RolloutDecision(**await _service(request).models.decide_now(name, "promote", _version(body), stage))
 
 
 @router.post("/repository/models/{name}/refuse", dependencies=[Depends(require_admin)], response_model=RolloutDecision,
-             responses={**ADMIN, 409: {"model": V2Error, "description": "no version of the model is in rollout, or "
-                                                                        "another one"}})
+             responses={**ADMIN, **BAD_VERSION,
+                        409: {"model": V2Error, "description": "no version of the model is in rollout, or another "
+                                                               "one"}})
 async def repository_refuse(request: Request, name: str = NAME, body: RepositoryRequest | None = Body(None),
                             authorization: str | None = AUTHORIZATION) -> RolloutDecision:
     """Refuse the model's version in rollout now (during its grace period: roll back to the previous version). A

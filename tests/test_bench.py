@@ -98,3 +98,22 @@ def test_load_benchmark_measures_drift_and_capture_against_off(tmp_path):
     row = json.loads((tmp_path / "loop.json").read_text())["rows"][0]
     assert row["off"]["errors"] == row["on"]["errors"] == 0 and row["on"]["images_per_s"] > 0
     assert 'promptkd_captured_total{outcome="saved"} 12.0' in proc.stdout
+
+
+def test_rollout_benchmark_measures_shadow_samples_against_off(bundle_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/rollout.py", "--bundle", str(bundle_dir), "--concurrency", "1", "4", "--windows", "1",
+         "--window-s", "1.5", "--warmup-s", "0.5", "--max-batch-size", "4", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "rollout.json").read_text())
+    assert [r["concurrency"] for r in report["rows"]] == [1, 4]
+    assert report["stages_at_end"] == {"20%": "shadow", "100%": "shadow"}, "decide: external never promotes"
+    for row in report["rows"]:
+        configs = row["configs"]
+        assert list(configs) == ["off", "20%", "100%"]
+        assert all(c["images_per_s"] > 0 and c["errors"] == 0 and c["p99_ratio"] > 0 for c in configs.values())
+        assert all(0 < configs[name]["compared_of_sampled"] <= 1 for name in ("20%", "100%"))
+        assert "compared" not in configs["off"]
+    assert "| 4 | 100% |" in proc.stdout

@@ -74,13 +74,16 @@ def test_no_route_of_a_single_bundle_server_answers_a_server_error(bundle_dir, t
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, bundle_dir, distilled, fmnist) -> Path:
-    """Several models and versions, a pinned policy and a domain on a shared backbone."""
+    """Several models and versions, a pinned policy, a rollout and a domain on a shared backbone."""
     from export.domain import build_domain
     from training.data.datasets import find_images
 
     root = tmp_path_factory.mktemp("fuzz-repository")
     derive_bundle(bundle_dir, root / "alpha" / "1", "a1:")
     derive_bundle(bundle_dir, root / "alpha" / "2", "a2:")
+    (root / "alpha" / "model.yaml").write_text(  # version 2 goes through its rollout while the routes are fuzzed
+        "rollout: {shadow_sample: 1, canary_share: 0.5, grace_s: 2, promote_when: {images: 4, agreement: 0}, "
+        "refuse_when: {images: 1000}}\n")
     derive_bundle(bundle_dir, root / "beta" / "1", "b:")
     (root / "beta" / "model.yaml").write_text("version_policy: {specific: [1]}\n")
     build_domain(distilled, root, "clothes", find_images(fmnist / "test")[:16], skip_failing_variants=True)

@@ -201,7 +201,7 @@ def test_probes_hit_real_routes_on_the_container_port(rendered):
     assert int(annotations["prometheus.io/port"]) == 8000 and annotations["prometheus.io/path"] in get_routes
 
 
-def test_env_names_are_real_settings_or_uvicorn_options(rendered):
+def test_env_names_are_real_settings_or_uvicorn_options(rendered, tmp_path):
     uvicorn_options = {f"UVICORN_{p.name.upper()}" for p in uvicorn_cli().params}
     deployment = by_kind(rendered, "Deployment")
     env = env_of(container(deployment))
@@ -213,7 +213,12 @@ def test_env_names_are_real_settings_or_uvicorn_options(rendered):
     mounts = {m["mountPath"]: m for m in container(deployment)["volumeMounts"]}
     assert env["PROMPTKD_MODEL_REPOSITORY"] in mounts and "PROMPTKD_BUNDLE" not in env
     assert mounts[env["PROMPTKD_MODEL_REPOSITORY"]]["readOnly"] is True
-    Settings(**{k.removeprefix("PROMPTKD_").lower(): v for k, v in env.items() if k.startswith("PROMPTKD_")})
+    state = mounts[env["PROMPTKD_ROLLOUT_STATE"]]  # rollout decisions: a writable volume of the pod's own
+    assert not state.get("readOnly")
+    [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == state["name"]]
+    assert "emptyDir" in volume
+    settings = {k.removeprefix("PROMPTKD_").lower(): v for k, v in env.items() if k.startswith("PROMPTKD_")}
+    Settings(**settings | {"rollout_state": tmp_path})  # the folder must exist: it does in the pod, not here
 
 
 def test_pod_is_hardened_for_the_images_user(rendered):

@@ -137,3 +137,28 @@ def test_the_model_picker_sends_each_photo_to_the_model_picked(bundle_dir, fmnis
     finally:
         browser.quit()
         stop_server(proc)
+
+
+def test_the_card_shows_a_rollout_and_its_last_decision(bundle_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shutil.copytree(bundle_dir, tmp_path / "repo" / "m" / "1")
+    derive_bundle(bundle_dir, tmp_path / "repo" / "m" / "2", "b:")
+    (tmp_path / "repo" / "m" / "model.yaml").write_text("rollout: {}\n")
+    token = "page-rollout-token-0123456789abcdef"
+    browser = _browser()
+    proc, url = serve(model_repository=str(tmp_path / "repo"), admin_token=token)
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "version 2 in shadow against version 1" in b.find_element(By.ID, "rollout").text)
+        assert "waiting for" in browser.find_element(By.ID, "rollout").text
+        refused = httpx.post(f"{url}/v2/repository/models/m/refuse", json={},
+                             headers={"Authorization": f"Bearer {token}"})
+        assert refused.status_code == 200, refused.text
+        browser.refresh()
+        wait.until(lambda b: "Last decision: refuse version 2 by operator" in b.find_element(By.ID, "rollout").text)
+    finally:
+        browser.quit()
+        stop_server(proc)

@@ -166,6 +166,11 @@ def test_an_external_controller_reads_the_metrics_and_promotes(bundle_dir, photo
         counted = {m[0]: float(m[1]) for m in re.findall(
             r'promptkd_rollout_images_total\{candidate="2",model="m",outcome="(\w+)",version="1"\} (\S+)', metrics)}
         assert counted["compared"] >= 24 and counted["agreed"] / counted["compared"] >= 0.9
+        for body, status in (({"parameters": {"stage": "nope"}}, 400), ({"parameters": {"stage": 1}}, 400),
+                             ({"parameters": {"stage": "canary"}}, 200), ({"parameters": {"stage": "canary"}}, 409)):
+            reply = app.post("/v2/repository/models/m/promote", json=body, headers=ADMIN)
+            assert reply.status_code == status, reply.text
+        assert index(app)["2"]["rollout"]["stage"] == "canary"
         reply = app.post("/v2/repository/models/m/promote", json={}, headers=ADMIN)
         assert reply.status_code == 200 and reply.json()["decision"] == "promote"
         assert set(post(app, photos[:8])) == {"2"}
@@ -294,3 +299,34 @@ def test_a_worse_domain_on_a_shared_backbone_is_shadowed_on_the_shared_engine_an
         assert "agreement" in refused["reason"]
         metrics = app.get("/metrics").text
         assert re.search(r'promptkd_batch_size_count\{model="backbone-[0-9a-f]{12}",version="fp32"\}', metrics)
+
+
+def test_shadow_work_waits_for_a_pause_as_long_as_a_serving_batch():
+    """Under steady traffic the gaps between serving batches are shorter than a batch: shadow work runs only in
+    a pause at least as long as the recent serving batches took."""
+    async def scenario() -> float:
+        gate = EngineGate(1)
+        async with gate.slot():
+            await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        await gate.acquire(shadow=True)
+        waited = time.perf_counter() - started
+        gate.release()
+        return waited
+
+    assert asyncio.run(scenario()) >= 0.09
+
+
+def test_the_fleets_promoted_version_and_a_damaged_state_file(bundle_dir, tmp_path):
+    """model.yaml's `promoted` serves on a replica that starts without a record of its own; a state file that is not
+    the server's is set aside (never lost) and the model starts without a record."""
+    root = repository(tmp_path / "repo", bundle_dir, "same", "promoted: 2\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "m.json").write_text('{"promoted": "two", "extra": [1]}')
+    with client(root, state) as app:
+        entries = index(app)
+        assert app.get("/", headers={"Accept": "application/json"}).json()["version"] == "2"
+        assert "rollout" not in entries["2"] or not entries["2"]["rollout"]
+    assert (state / "m.json.unreadable").read_text() == '{"promoted": "two", "extra": [1]}'
+    assert json.loads((state / "m.json").read_text())["promoted"] == 2

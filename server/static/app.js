@@ -41,6 +41,30 @@ function showAbstain(calibration) {
   select.value = precision;
 }
 
+function showRollout(rollout) {
+  // The model's rollout (a new version measured against the serving one), from the card; text only.
+  const box = document.getElementById("rollout");
+  box.hidden = !rollout;
+  if (!rollout) return box.replaceChildren();
+  const lines = [];
+  if (rollout.stage) {
+    const by = rollout.decide === "external" ? "a controller decides" : "this server decides";
+    lines.push(el("p", { class: "stage" }, rollout.stage === "promoted"
+      ? `Rollout: version ${rollout.candidate} promoted over version ${rollout.serving} (grace period; ${by})`
+      : `Rollout: version ${rollout.candidate} in ${rollout.stage} against version ${rollout.serving} (${by})`));
+    lines.push(el("p", { class: "muted" }, rollout.status));
+  } else {
+    lines.push(el("p", { class: "stage" }, "Rollout: no version being measured"));
+  }
+  const last = (rollout.decisions || []).at(-1);
+  if (last) {
+    const when = new Date(1000 * last.at).toLocaleString();
+    lines.push(el("p", { class: "muted decision" },
+      `Last decision: ${last.action} version ${last.version} by ${last.by} (${when}): ${last.reason}`));
+  }
+  box.replaceChildren(...lines);
+}
+
 async function loadCard() {
   const response = await fetch(`/${query({})}`, { headers: { Accept: "application/json" }, cache: "no-store" });
   const info = await response.json();
@@ -49,6 +73,7 @@ async function loadCard() {
   if ((info.models || []).length > 1) model = info.name; // with several, every request names its model
   showPicker(info.models || [], info.name);
   showAbstain(info.calibration);
+  showRollout(info.rollout || null);
   document.getElementById("model-name").textContent = `${info.name} · version ${info.version}`;
   const parity = info.parity[info.variant];
   const agreement = parity ? ` · top-1 agreement with fp32 ${(100 * parity.top1_agreement).toFixed(1)}%` : "";
