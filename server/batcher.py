@@ -39,7 +39,7 @@ class Overloaded(RuntimeError):
     """The queue is full; retry later."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     images: np.ndarray  # [n, 3, S, S]
     future: asyncio.Future
@@ -172,10 +172,8 @@ class MicroBatcher:
         """Stop taking batches; the batch running (if any) finishes in its thread without blocking the loop."""
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with suppress(asyncio.CancelledError, Exception):  # a worker that died already is reported by liveness
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
             self.gate.queued(-self.queued_images)  # never run now: no shadow work may wait for them
         await asyncio.to_thread(self._executor.shutdown, True)
@@ -188,20 +186,39 @@ class MicroBatcher:
         `timing` gets the engine milliseconds per image of the batch the images ran in."""
         if not self.alive:
             raise EngineStopped("the inference worker has stopped; the server needs a restart")
-        job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing)
         if shadow:
             if limit is not None and self.shadow_images and self.shadow_images + len(images) > limit:
                 raise Overloaded(f"{self.shadow_images} shadow images are already waiting (limit {limit})")
-            self.shadow_images += len(images)
-            self._shadow.append(job)
-        else:
-            if self.queued_images + len(images) > self.max_queue:
-                raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
-            self._add_queued(len(images))
-            self.gate.queued(len(images))
-            self._queue.put_nowait(job)
+            if len(images) > self.max_batch:  # a batch each, so that serving work may go between them
+                step = self.max_batch
+                return np.concatenate(await asyncio.gather(*(
+                    self.submit(images[i : i + step], *(e[i : i + step] for e in extra), shadow=True, timing=timing)
+                    for i in range(0, len(images), step))))
+            return await self._shadow_job(_Job(images, asyncio.get_running_loop().create_future(), extra,
+                                               timing=timing))
+        if self.queued_images + len(images) > self.max_queue:
+            raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
+        job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing)
+        self._add_queued(len(images))
+        self.gate.queued(len(images))
+        self._queue.put_nowait(job)
         self._arrived.set()
         return await job.future
+
+    async def _shadow_job(self, job: _Job) -> np.ndarray:
+        """Queue a shadow job; one whose caller gave up (a timeout) leaves the queue at once, its tensors with it."""
+        self.shadow_images += len(job.images)
+        self._shadow.append(job)
+        self._arrived.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            for i, waiting in enumerate(self._shadow):
+                if waiting is job:
+                    del self._shadow[i]
+                    self.shadow_images -= len(job.images)
+                    break
+            raise
 
     def _add_queued(self, count: int) -> None:
         self.queued_images += count
@@ -262,9 +279,11 @@ class MicroBatcher:
 
     async def _shadow_slot(self) -> bool:
         """An engine slot at the shadow priority, unless serving work reaches this batcher first (False: it goes
-        first, and the shadow jobs wait on)."""
+        first, and the shadow jobs wait on). A slot granted but not used (serving work came, or this worker is
+        stopped meanwhile) is given back."""
         self._arrived.clear()
         acquire = asyncio.ensure_future(self.gate.acquire(shadow=True))
+        granted = False
         try:
             while not self._serving_waits:
                 arrived = asyncio.ensure_future(self._arrived.wait())
@@ -273,15 +292,16 @@ class MicroBatcher:
                 finally:
                     arrived.cancel()
                 self._arrived.clear()
-                if acquire.done():
-                    if self._serving_waits:
-                        self.gate.release()
-                        return False
+                if acquire.done() and not self._serving_waits:
+                    granted = True
                     return True
             return False
         finally:
-            if not acquire.done():
-                acquire.cancel()  # the gate gives back a slot granted as the wait was cancelled
+            if not granted:
+                if not acquire.done():
+                    acquire.cancel()  # the gate gives back a slot granted as the wait was cancelled
+                elif not acquire.cancelled() and acquire.exception() is None:
+                    self.gate.release()
 
     def _take_shadow(self) -> list[_Job]:
         """Shadow jobs for one batch, oldest first; one larger than a batch runs alone (in pieces)."""

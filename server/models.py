@@ -110,6 +110,7 @@ class Models(RolloutRouting):
         self.states = RolloutStates(settings.rollout_state)
         self._poll: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()  # drains, and rollout decisions being applied
+        self._saving: set[asyncio.Task] = set()  # rollout state saves: awaited, never cancelled, at stop
 
     async def start(self) -> None:
         """Load what the repository (or the bundle) holds. A single bundle that cannot serve stops the server, as
@@ -138,6 +139,8 @@ class Models(RolloutRouting):
             for served in model.served.values():
                 await served.batcher.stop()
         await self.backbones.stop()
+        await asyncio.gather(*self._saving, return_exceptions=True)  # decisions taken reach the disk first
+        await asyncio.to_thread(self.states.close)
 
     async def refresh(self) -> None:
         """List the repository's model folders and bring every model in line with its folder."""
@@ -153,6 +156,7 @@ class Models(RolloutRouting):
                 if self.root is not None and (self.root / name).is_dir():
                     continue  # back (or loaded by a call) since the scan
                 self.models.pop(name, None)
+                self._end_rollout(model)
                 model.default = None
                 for version in list(model.served):
                     self._retire(model, version, "its model folder was removed")

@@ -129,12 +129,14 @@ class Side:
         self.latency.add(ms_per_image, len(top))
 
     def figures(self, images: int, drift: dict | None) -> dict:
+        """Non-finite figures (a graph that answers NaN on some input) are None: JSON has no NaN."""
         return {"version": str(self.version),
-                "mean_confidence": self.confidence / images if images else None,
+                "mean_confidence": finite(self.confidence / images if images else None),
                 "abstain_rate": {f"{t:g}": self.abstained.get(t, 0) / images for t in self.targets} if images else {},
-                "confidence_psi": None if drift is None else drift.get("confidence_psi"),
-                "feature_shift": None if drift is None else drift.get("feature_shift"),
-                "p50_ms": self.latency.quantile(0.5), "p99_ms": self.latency.quantile(0.99), "errors": self.errors}
+                "confidence_psi": finite(None if drift is None else drift.get("confidence_psi")),
+                "feature_shift": finite(None if drift is None else drift.get("feature_shift")),
+                "p50_ms": finite(self.latency.quantile(0.5)), "p99_ms": finite(self.latency.quantile(0.99)),
+                "errors": self.errors}
 
 
 @dataclass
@@ -161,6 +163,10 @@ class Comparison:
                 "agreement": self.agreed / self.images if self.images else None,
                 "serving": self.serving.figures(self.images, serving_drift),
                 "candidate": self.candidate.figures(self.images, candidate_drift)}
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def abstain_rise(figures: dict) -> float | None:
@@ -237,6 +243,7 @@ class Rollout:
     until: float | None = None  # the grace period's end (promoted stage)
     decided: bool = False  # a decision is being applied: no other one is taken meanwhile
     timer: asyncio.TimerHandle | None = None  # ends the grace period
+    fingerprints: tuple[str, str] = ("", "")  # the serving and candidate folders' as the rollout began
 
     def canary(self, key: str | None) -> bool:
         """Whether this request goes to the candidate: by its sticky key's hash, else by a draw."""
@@ -260,8 +267,8 @@ class Rollout:
             return Decision("refuse", "; ".join(found))
         if unmet(self.config.promote_when, figures):
             return None
-        stages = self.config.stages
-        last = stages.index(self.stage) == len(stages) - 1
+        stages = self.config.stages  # a stage the operator moved to (canary) may not be among them: then the last
+        last = self.stage not in stages or stages.index(self.stage) == len(stages) - 1
         return Decision("promote" if last else "advance", summary(figures))
 
     def describe(self, figures: dict) -> str:

@@ -48,11 +48,11 @@ class RolloutRouting:
         newest = max(ready, default=None)
         rollout = model.rollout
         if rollout is not None and rollout.stage == PROMOTED:
-            if newest == rollout.candidate and rollout.serving in model.served:
+            if newest == rollout.candidate and self._unchanged(model, rollout):
                 model.default = model.served[rollout.candidate]
                 rollout.config = config
                 return keep | {rollout.serving}  # the grace period goes on
-            self._end_rollout(model)  # a newer version arrived, or the previous one is gone: the grace ends
+            self._end_rollout(model)  # a newer version arrived, or the previous one changed or went: the grace ends
         incumbent = await self._incumbent(model, newest)
         if incumbent is None:
             self._end_rollout(model)
@@ -67,8 +67,9 @@ class RolloutRouting:
             self._end_rollout(model)
             return keep | {incumbent}
         rollout = model.rollout
-        if rollout is not None and (rollout.candidate, rollout.serving) == (newest, incumbent):
-            rollout.config = config  # model.yaml changed: the figures so far still count
+        if rollout is not None and (rollout.candidate, rollout.serving) == (newest, incumbent) and \
+                self._unchanged(model, rollout) and rollout.stage in config.stages:
+            rollout.config = config  # model.yaml changed, but not the stage: the figures so far still count
             return keep | {incumbent}
         self._end_rollout(model)
         serving, candidate = model.served[incumbent], model.served[newest]
@@ -77,7 +78,8 @@ class RolloutRouting:
                                         f"from version {incumbent}'s, so it cannot be measured on the same images; "
                                         "serve it with a load call naming its version if it should")
             return (keep - {newest}) | {incumbent}
-        model.rollout = Rollout(config, incumbent, newest, self._comparison(serving, candidate), config.stages[0])
+        model.rollout = Rollout(config, incumbent, newest, self._comparison(serving, candidate), config.stages[0],
+                                fingerprints=(serving.fingerprint, candidate.fingerprint))
         self.metrics.record_rollout(model.name, model.rollout, None)
         log.info("model %s: version %d in %s against version %d", model.name, newest, config.stages[0], incumbent)
         return keep | {incumbent}
@@ -86,21 +88,29 @@ class RolloutRouting:
         """The version that serves while a newer one is measured: the one serving now, else the newer of the one
         promoted last here (the rollout state) and the fleet's (model.yaml's `promoted`), else, with no record (a
         first start), the newest older version that loads: nothing that was never measured serves by default."""
-        if model.rollout is not None and model.rollout.serving in model.served:
-            return model.rollout.serving
-        current = model.default
-        if current is not None and current.version in model.served and current.version not in model.held and \
-                self._refused(model, current.version) is None:
-            return current.version
+        for current in (model.rollout.serving if model.rollout is not None else None,
+                        model.default.version if model.default is not None else None):
+            if current in model.served and self._allowed(model, current):
+                return current
         folders, config = model.folder.versions, model.folder.config.rollout
         promoted = {self.states.get(model.name).promoted, config.promoted if config is not None else None}
         older = [v for v in sorted(folders, reverse=True) if newest is None or v < newest]
         for version in sorted(promoted & set(folders), reverse=True) + older:
-            if version in model.held or self._refused(model, version) is not None:
-                continue
-            if await self._ensure(model, folders[version]):
+            if self._allowed(model, version) and await self._ensure(model, folders[version]):
                 return version
         return newest
+
+    def _allowed(self, model: Model, version: int) -> bool:
+        """Whether a version may serve: not unloaded by a call, not outside a `specific` policy, not refused."""
+        policy = model.folder.config.version_policy
+        return (version not in model.held and (policy.specific is None or version in policy.specific)
+                and self._refused(model, version) is None)
+
+    def _unchanged(self, model: Model, rollout: Rollout) -> bool:
+        """Both versions of the rollout still loaded, allowed, and with the files it began with."""
+        return all(version in model.served and self._allowed(model, version)
+                   and model.served[version].fingerprint == fingerprint
+                   for version, fingerprint in zip((rollout.serving, rollout.candidate), rollout.fingerprints))
 
     def _comparison(self, serving: Served, candidate: Served) -> Comparison:
         """Fresh figures for a stage; each side keeps its own calibrated thresholds for the shared targets."""
@@ -129,9 +139,9 @@ class RolloutRouting:
         self._save(model.name)
 
     def _save(self, name: str) -> None:
-        task = asyncio.create_task(asyncio.to_thread(self.states.save, name))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        task = asyncio.create_task(self.states.save_soon(name))
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
         task.add_done_callback(lambda done: done.cancelled() or done.result() or
                                self.metrics.rollout_state_failures.inc())
 
@@ -196,19 +206,21 @@ class RolloutRouting:
         task.add_done_callback(self._retiring.discard)
         return task
 
-    async def _apply(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> None:
+    async def _apply(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> bool:
+        """Whether the decision was applied (False: a newer version, a load call or the model's removal came
+        first)."""
         try:
-            await self._apply_locked(model, rollout, decision, by)
+            return await self._apply_locked(model, rollout, decision, by)
         except Exception:  # noqa: BLE001 - a decision that failed leaves the rollout measuring, never stuck
             log.exception("model %s: the %s of version %d could not be applied", model.name, decision.action,
                           rollout.candidate)
             rollout.decided = False
             raise
 
-    async def _apply_locked(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> None:
+    async def _apply_locked(self, model: Model, rollout: Rollout, decision: Decision, by: str) -> bool:
         async with model.lock:
-            if model.rollout is not rollout:
-                return  # superseded (a newer version, a load call) while waiting for the lock
+            if model.rollout is not rollout or self.models.get(model.name) is not model:
+                return False  # superseded (a newer version, a load call, the folder removed) while waiting
             figures = self.figures(model)
             record = self.states.get(model.name)
             action, who = decision.action, "by an operator" if by == "operator" else "by its rollout policy"
@@ -216,8 +228,8 @@ class RolloutRouting:
             self.metrics.rollout_decisions.labels(model.name, str(rollout.candidate), action, by).inc()
             log.info("model %s version %d: %s %s in %s against version %d: %s", model.name, rollout.candidate,
                      action, who, rollout.stage, rollout.serving, decision.reason)
-            if action == "advance":
-                rollout.stage = rollout.config.stages[rollout.config.stages.index(rollout.stage) + 1]
+            if action == "advance":  # the only stage after another but promoted: shadow -> canary
+                rollout.stage = CANARY
                 self._restart(model, rollout)
             elif action == "promote":
                 record.promoted = rollout.candidate
@@ -240,6 +252,7 @@ class RolloutRouting:
                 self._end_rollout(model)
                 await self._reconcile(model)
             self._save(model.name)
+            return True
 
     def _restart(self, model: Model, rollout: Rollout) -> None:
         """A new stage measures from nothing."""
@@ -269,7 +282,9 @@ class RolloutRouting:
             raise RequestError(409, f"model {name!r}: version {rollout.candidate} is in {rollout.stage}, not shadow")
         final = ("rollback" if action == "refuse" and rollout.stage == PROMOTED else
                  "advance" if stage == CANARY else action)
-        await self._decide(model, rollout, Decision(final, "an operator's call"), "operator")
+        if not await self._decide(model, rollout, Decision(final, "an operator's call"), "operator"):
+            raise RequestError(409, f"model {name!r}: version {rollout.candidate}'s rollout ended before the call "
+                                    f"could be applied (a newer version, a load call or the folder changed)")
         return {"model": name, "version": str(rollout.candidate), "decision": final}
 
     def rollout_view(self, model: Model) -> dict | None:

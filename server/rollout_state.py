@@ -10,9 +10,11 @@ holds in memory. One folder per replica: a replica reads its file once and rewri
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 import time
 from pathlib import Path
 
@@ -62,6 +64,15 @@ class RolloutStates:
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self._records: dict[str, Record] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="rollout-state")  # saves in order, one at a time
+
+    async def save_soon(self, model: str) -> bool:
+        """`save` on the writer thread: saves land in the order they were asked for, each the record as it is then."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self.save, model)
+
+    def close(self) -> None:
+        """Wait for the saves asked for (blocking: run it off the event loop)."""
+        self._writer.shutdown(wait=True)
 
     def get(self, model: str) -> Record:
         record = self._records.get(model)
