@@ -113,6 +113,7 @@ def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") 
     own extension otherwise (numpy's savez adds .npz). The temporary name is unpredictable (mkstemp)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: the file gets the mode any other file would
     os.close(fd)  # made exclusively under a name no one could plant a link or a FIFO at beforehand
     tmp = Path(name)
     try:
@@ -120,6 +121,12 @@ def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def record_variant(folder: Path, name: str, file_name: str, variant: Variant) -> Manifest:

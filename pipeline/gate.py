@@ -1,9 +1,11 @@
 """The gate before publishing into a model repository: the new student against the version serving now, on the
 recipe's held-out photos; nothing is published unless the new one is at least as good.
 
-"The version serving now" is the newest version folder of the model below the one being exported (as the
-server's repository scan reads version folders). A version policy may pin an older one, but the newest is what the
-default policy serves and what the new version replaces, and it needs no server to ask.
+"The version serving now" is the version folder being replaced when the export would replace one, else the newest
+version folder of the model below the one being exported (as the server's repository scan reads version folders).
+A version policy may pin an older one, and a rollout may have refused the newest, but the newest is what the
+default policy serves and what the new version replaces, and it needs no server to ask. Its labels must be the
+recipe's classes (in any order): answers of different vocabularies cannot be compared.
 
 Both are scored on the same photos against the same teacher: top-1 agreement with the teacher's predictions and,
 where the photos have labels, accuracy. The new student runs as its PyTorch checkpoint (it is not exported yet;
@@ -37,11 +39,12 @@ class GateRefused(ValueError):
 
 
 def serving_version(repository: Path, model: str, version: int) -> VersionFolder | None:
-    """The newest version folder of `model` below `version`, or None for a first version."""
+    """The version folder the new one is measured against: `version` itself when it exists (the export would
+    replace it), else the newest below it; None for a first version."""
     folder = repository / model
     if not folder.is_dir():
         return None
-    below = [v for number, v in read_model(folder).versions.items() if number < version]
+    below = [v for number, v in read_model(folder).versions.items() if number <= version]
     return max(below, key=lambda v: v.version, default=None)
 
 
@@ -63,6 +66,10 @@ def served_predictions(folder: Path, repository: Path, paths: list[str], classna
     """The published bundle's top-1 class of each photo, as an index into `classnames` (matched by name; UNKNOWN
     for a label they lack, UNREAD for a photo its preprocessing refuses)."""
     bundle = read_bundle(folder)
+    if sorted(bundle.labels) != sorted(classnames):
+        missing, extra = sorted(set(classnames) - set(bundle.labels)), sorted(set(bundle.labels) - set(classnames))
+        raise BundleError(f"its labels are not the recipe's classes (the recipe's missing there: {missing[:5]}; its "
+                          f"own: {extra[:5]}), so the two cannot be compared answer for answer")
     features = _graph(bundle, repository)
     ours = {name: i for i, name in enumerate(classnames)}
     to_ours = np.array([ours.get(label, UNKNOWN) for label in bundle.labels])

@@ -289,6 +289,9 @@ class Recipe(Section):
             raise ValueError(f"stage1.gpa_mean must be within the {self.stage1.epochs} epochs")
         if self.export.repository is not None and self.export.out is not None:
             raise ValueError("give export.out (a folded bundle) or export.repository (a domain bundle), not both")
+        if self.export.repository is None and self.export.rollout is not None:
+            raise ValueError("export.rollout is written beside the versions of a model repository: set "
+                             "export.repository, or remove export.rollout (a folded bundle has no model.yaml)")
         if self.export.repository is not None and not MODEL_NAME.fullmatch(self.export.name or self.name):
             raise ValueError(f"model name {self.export.name or self.name!r} cannot be a repository folder: set "
                              "export.name to letters, digits, '_', '.' and '-' (at most 64)")

@@ -13,19 +13,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from bundle.io import write_atomic
-from server.repository import POLICY_FILE
+from server.repository import POLICY_FILE, read_config
 from server.rollout import RolloutConfig
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder
 
 from .recipe import STAND_IN, Data, Recipe, Tower, full_batches
-
-if TYPE_CHECKING:
-    from server.repository import VersionFolder
 
 
 @dataclass
@@ -302,23 +298,25 @@ class Plan:
         from .gate import serving_version
 
         r, e = self.recipe, self.recipe.export
-        serving = serving_version(e.repository, self._bundle_name, e.version) if r.gate.enabled else None
+        # Keyed on the newest version below: the version this run publishes changes the folder at its own number.
+        below = serving_version(e.repository, self._bundle_name, e.version - 1) if r.gate.enabled else None
         settings = {"gate": _dump(r.gate), "split": r.evaluation.split, "data": self._source(r.data),
                     "repository": str(e.repository), "model": self._bundle_name, "version": e.version,
-                    "serving": [serving.version, serving.fingerprint] if serving else None}
+                    "serving": [below.version, below.fingerprint] if below else None}
         report = self.work / "gate" / "report.json"
         return Step("gate", "gate: the new student against the serving version on held-out photos", settings,
-                    ["stage2", "class_vectors", "data"], [report], lambda resume: self._gate(serving, report),
+                    ["stage2", "class_vectors", "data"], [report], lambda resume: self._gate(report),
                     folder=report.parent)
 
-    def _gate(self, serving: VersionFolder | None, report_file: Path) -> dict:
+    def _gate(self, report_file: Path) -> dict:
         from training.class_vectors import ClassVectors
         from training.evaluate import checkpoint_predictions
         from training.runtime import setup
 
-        from .gate import compare, decide
+        from .gate import compare, decide, serving_version
 
         r, e = self.recipe, self.recipe.export
+        serving = serving_version(e.repository, self._bundle_name, e.version) if r.gate.enabled else None
         report = {"model": self._bundle_name, "version": e.version, "repository": str(e.repository),
                   "split": r.evaluation.split}
         if not r.gate.enabled or serving is None:
@@ -363,7 +361,11 @@ def write_rollout(model: Path, rollout: RolloutConfig | None) -> str:
     policy = model / POLICY_FILE
     if rollout is None:
         return ""
+    if policy.is_symlink() and not policy.exists():
+        raise ValueError(f"{policy} is a link to nothing: the server would serve without rollout settings; remove "
+                         "it, or make it the model's model.yaml")
     if policy.exists() or policy.is_symlink():
+        read_config(policy)  # ValueError: one the server cannot read stops the model, so nothing is published
         return f"; its {POLICY_FILE} kept as it is"
     text = yaml.safe_dump({"rollout": rollout.model_dump(mode="json", exclude_unset=True)}, sort_keys=False)
     write_atomic(policy, lambda tmp: tmp.write_text("# written by the recipe's export.rollout: new versions are "

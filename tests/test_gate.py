@@ -15,9 +15,12 @@ import pytest
 import torch
 import yaml
 
-from bundle import sha256_file
-from pipeline.gate import score, serving_version, shortfalls
+from bundle import BundleError, read_bundle, sha256_file
+from bundle.io import _umask
+from pipeline.gate import score, served_predictions, serving_version, shortfalls
 from pipeline.recipe import Recipe
+from pipeline.steps import write_rollout
+from server.repository import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "next_version_from_capture.yaml"
@@ -133,10 +136,36 @@ def test_the_serving_version_is_the_newest_below_the_one_exported(tmp_path):
     for name in ("1", "3", "7", "03", "x", "_backbones"):
         (tmp_path / "demo" / name).mkdir(parents=True)
     (tmp_path / "demo" / "5").write_text("a file, not a version")
-    assert serving_version(tmp_path, "demo", 7).version == 3
+    assert serving_version(tmp_path, "demo", 6).version == 3
     assert serving_version(tmp_path, "demo", 8).version == 7
-    assert serving_version(tmp_path, "demo", 1) is None
+    assert serving_version(tmp_path, "demo", 7).version == 7, "a version the export would replace is the baseline"
+    assert serving_version(tmp_path, "demo", 1).version == 1
     assert serving_version(tmp_path, "other", 2) is None
+
+
+def test_a_serving_version_of_other_labels_cannot_be_compared(bundle_dir):
+    with pytest.raises(BundleError, match="not the recipe's classes"):
+        served_predictions(bundle_dir, bundle_dir.parent, [], [f"renamed {label}" for label in
+                                                               read_bundle(bundle_dir).labels])
+
+
+def test_the_recipes_rollout_settings_are_checked_and_written_readable(tmp_path):
+    raw = yaml.safe_load(RECIPE.read_text()) | {"run": {"workdir": str(tmp_path)}}
+    with pytest.raises(Exception, match="export.rollout is written beside the versions"):
+        Recipe.model_validate(raw | {"export": {**raw["export"], "repository": None}})
+    rollout = Recipe.model_validate(raw).export.rollout
+    assert write_rollout(tmp_path / "demo", rollout).endswith("written to its model.yaml")
+    policy = tmp_path / "demo" / "model.yaml"
+    assert policy.stat().st_mode & 0o777 == 0o666 & ~_umask(), "readable as any other file the export writes"
+    assert read_config(policy).rollout == rollout
+    assert "kept as it is" in write_rollout(tmp_path / "demo", rollout)
+    policy.write_text("rollout: {shadow_sample: 7}\n")
+    with pytest.raises(ValueError, match="shadow_sample"):
+        write_rollout(tmp_path / "demo", rollout)  # one the server cannot read: nothing is published
+    policy.unlink()
+    policy.symlink_to(tmp_path / "nowhere.yaml")
+    with pytest.raises(ValueError, match="link to nothing"):
+        write_rollout(tmp_path / "demo", rollout)
 
 
 @pytest.mark.parametrize("tolerance", [-1, 100.5, float("nan"), float("inf")])
