@@ -16,9 +16,11 @@ and never runs beside another server's.
 Per configuration and concurrency: the serving version's images/s, latency p50/p99 (pooled over the windows),
 errors, and the ratios to shadow off (targets: throughput at least 0.95x, p99 at most 1.1x). For the shadow
 configurations, from the server's own /metrics (promptkd_rollout_images_total) over its windows: "compared / sampled"
-is compared / (compared + dropped), the share of the sampled copies the candidate actually ran (the rest were
-dropped because its shadow queue was full: shadow work only runs while no serving work waits), and "compared /
-served" is compared images over images answered, the share of the traffic effectively measured (at most the sample).
+is compared / copied, the share of the sampled copies the candidate actually ran (the rest were dropped: its shadow
+queue was full, as shadow work only runs in the pauses of the serving traffic), and "compared / served" is compared
+images over images answered, the share of the traffic effectively measured (at most the sample). After each shadow
+window the server is left until every copy it made was compared or dropped (the window's end is a pause), so that
+no shadow work runs during another server's window.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import foolbox_photos, load_level, percentiles_ms, random_bundle, start_server  # noqa: E402
 
 MODEL = "bench"
-OUTCOMES = ("compared", "agreed", "dropped")
+OUTCOMES = ("copied", "compared", "agreed", "dropped")
+DRAIN_LIMIT_S = 300  # a backlog that never runs out (a copy failing is counted as an error, not an image)
 TARGET_THROUGHPUT, TARGET_P99 = 0.95, 1.1
 
 
@@ -87,33 +90,26 @@ def wait_for_shadow(url: str, server, shadow: bool) -> None:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The rollout's image counters and the candidate's engine batches and seconds, from the server's /metrics."""
-    got = dict.fromkeys((*OUTCOMES, "batches", "seconds"), 0.0)
+    """The rollout's image counters, from the server's /metrics."""
+    got = dict.fromkeys(OUTCOMES, 0.0)
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith("promptkd_rollout_images_total{"):
             outcome = re.search(r'outcome="(\w+)"', line)
             if outcome and outcome.group(1) in OUTCOMES:
                 got[outcome.group(1)] += float(line.split()[-1])
-        elif line.startswith("promptkd_inference_seconds_") and 'version="2"' in line:
-            key = {"count": "batches", "sum": "seconds"}.get(line.split("{")[0].rsplit("_", 1)[-1])
-            if key:
-                got[key] += float(line.split()[-1])
     return got
 
 
 def drain(url: str, before: dict[str, float]) -> dict[str, float]:
-    """Wait until the candidate's shadow backlog has run out: the counters still for twice its mean batch time since
-    `before` (a draining candidate runs batch after batch, each ending in a comparison). Returns the counters."""
-    last, since = scrape(url), time.perf_counter()
+    """Wait until every copy made since `before` was compared or dropped: copies wait for a pause in the traffic
+    (the window's end is one), and must run before the next server's window, never beside it."""
+    deadline = time.perf_counter() + DRAIN_LIMIT_S
     while True:
-        batches = last["batches"] - before["batches"]
-        mean_batch = (last["seconds"] - before["seconds"]) / batches if batches else 0.5
-        if time.perf_counter() - since > 2 * mean_batch + 0.25:
-            return last
-        time.sleep(0.1)
         now = scrape(url)
-        if now != last:
-            last, since = now, time.perf_counter()
+        done = (now["compared"] - before["compared"]) + (now["dropped"] - before["dropped"])
+        if done >= now["copied"] - before["copied"] or time.perf_counter() > deadline:
+            return now
+        time.sleep(0.1)
 
 
 def window(url: str, data: list[bytes], concurrency: int, seconds: float, shadow: bool) -> dict:
@@ -135,8 +131,7 @@ def pooled(name: str, sample: float | None, parts: list[dict]) -> dict:
            "errors": sum(p["errors"] for p in parts), "server_errors": sum(p["server_errors"] for p in parts)}
     if sample is not None:
         counts = {k: int(sum(p[k] for p in parts)) for k in OUTCOMES}
-        sampled = counts["compared"] + counts["dropped"]
-        row |= counts | {"compared_of_sampled": counts["compared"] / sampled if sampled else None,
+        row |= counts | {"compared_of_sampled": counts["compared"] / counts["copied"] if counts["copied"] else None,
                          "compared_of_served": counts["compared"] / served if served else None}
     return row
 

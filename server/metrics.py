@@ -52,9 +52,10 @@ class Metrics:
                              "promoted), images compared and dropped, agreement, each side's mean confidence, abstain "
                              "rate at each calibrated precision target, confidence PSI, p50/p99 engine ms per "
                              "image and errors", ["model", "version", "candidate", "figure"], registry=self.registry)
-        self.rollout_images = Counter("promptkd_rollout_images", "images a rollout compared, of which the two "
-                                      "versions agreed on top-1, and copies dropped (the shadow queue full): sum "
-                                      "over replicas for a fleet's agreement", ["model", "version", "candidate",
+        self.rollout_images = Counter("promptkd_rollout_images", "images a rollout copied to the other version, "
+                                      "compared, of which the two versions agreed on top-1, and dropped (the "
+                                      "shadow queue full, or no pause in the traffic before the request timeout); "
+                                      "sum over replicas for a fleet's agreement", ["model", "version", "candidate",
                                                                                 "outcome"], registry=self.registry)
         self.rollout_decisions = Counter("promptkd_rollout_decisions", "rollout decisions by action (advance, "
                                          "promote, refuse, rollback, settle) and by whom (policy, operator); "
