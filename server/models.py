@@ -17,8 +17,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,66 +35,12 @@ from .sessions.choice import open_session
 from .repository import (
     MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, single_bundle,
 )
-from .rollout import Rollout
 from .rollout_routing import RolloutRouting
+from .served import LOADING, READY, UNAVAILABLE, UNLOADING, Model, Served, Status
 from .rollout_state import RolloutStates
 
 log = logging.getLogger("promptkd.server")
-LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
 HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)+")  # the folders of an absolute path: /srv/x/ in /srv/x/y
-
-
-@dataclass
-class Served:
-    """One loaded model version: its classifier and batcher, and the requests using it now."""
-
-    model: str
-    version: int
-    fingerprint: str
-    classifier: Classifier
-    batcher: MicroBatcher | DomainBatcher  # a domain bundle's: its handle on the shared backbone's batcher
-    drift: DriftMonitor | None = None  # None: the bundle has no drift reference, or PROMPTKD_DRIFT_WINDOW=0
-    leases: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @contextmanager
-    def lease(self):
-        """Held by a request from the moment it picks this version until its answer is built."""
-        self.leases += 1
-        self.idle.clear()
-        try:
-            yield self
-        finally:
-            self.leases -= 1
-            if self.leases == 0:
-                self.idle.set()
-
-
-@dataclass
-class Status:
-    state: str
-    reason: str = ""
-    failed: str | None = None  # fingerprint of folder contents that failed to load: not tried again while unchanged
-
-
-@dataclass
-class Model:
-    """One model: its folder as last scanned, loaded versions, every version's status and the operator's calls."""
-
-    folder: ModelFolder
-    served: dict[int, Served] = field(default_factory=dict)
-    status: dict[int, Status] = field(default_factory=dict)
-    held: set[int] = field(default_factory=set)  # unloaded by a call: not loaded again until a load call
-    forced: set[int] = field(default_factory=set)  # loaded by a call naming them, whatever the policy
-    pinned_default: int | None = None  # the version a load call named: the default until the next load call
-    default: Served | None = None
-    reported: str | None = None  # the folder's error last logged: each poll does not log it again
-    rollout: Rollout | None = None  # a new version being measured against the default (rollout.py)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
 
 
 class Models(RolloutRouting):

@@ -10,16 +10,13 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import RequestError
 from .rollout import CANARY, PROMOTED, SHADOW, Comparison, Decision, Rollout, RolloutConfig, Side
 from .rollout_state import Refusal
-
-if TYPE_CHECKING:
-    from .models import Model, Served
+from .served import Model, Served
 
 log = logging.getLogger("promptkd.server")
 
@@ -28,8 +25,8 @@ log = logging.getLogger("promptkd.server")
 class Route:
     """Which version answers a request, and which one (if any) runs on a copy of its images for a rollout."""
 
-    answer: "Served"
-    shadow: "Served | None" = None
+    answer: Served
+    shadow: Served | None = None
     rollout: Rollout | None = None
 
 

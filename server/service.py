@@ -34,8 +34,9 @@ from .classifier import Classifier, Vocabulary, abstain_threshold
 from .config import Settings
 from .errors import RequestError
 from .metrics import Metrics
-from .models import Models, Served, requested_version
+from .models import Models, requested_version
 from .rollout_routing import Route
+from .served import Served
 from .open_inference import INPUT, ProtocolError
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
