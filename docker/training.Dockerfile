@@ -32,6 +32,7 @@ COPY training /app/training
 COPY export /app/export
 COPY bundle /app/bundle
 COPY pipeline /app/pipeline
+COPY server /app/server
 COPY recipes /app/recipes
 COPY scripts /app/scripts
 CMD ["python", "-m", "training", "--help"]

@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from bundle import Bundle, BundleError, backbone_folder, check_fits, read_backbone, read_bundle
-from server.config import Settings
-from server.preprocess import ImageError, prepare
+from server.preprocess import DEFAULT_MAX_PIXELS, ImageError, prepare
 from server.repository import VersionFolder, read_model
 from training.data.datasets import Split
 
 UNREAD = -2  # a photo the serving bundle's preprocessing refuses: left out of both sides' figures
 UNKNOWN = -1  # a label of the serving bundle that the recipe's classes do not have: never agrees
 CHUNK = 256  # photos preprocessed and run at a time, so a large split is never in memory at once
-MAX_PIXELS = Settings.model_fields["max_image_pixels"].default  # the server's default limit
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # the server's default limit
 SLACK = 1e-9  # float rounding of a difference in points
 
 

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .budget import default_budget
-from .preprocess import DEFAULT_FORMATS
+from .preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("promptkd.server")
 MIN_TOKEN_LENGTH = 32
@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, description="images in one request")
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted image file")
     max_request_bytes: int = Field(128 * 1024 * 1024, gt=0, description="largest accepted request body")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height), read from the "
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest image (width x height), read from the "
                                                                 "header before decoding")
 
     max_inflight_bytes: int = Field(default_factory=default_budget, gt=0,

@@ -29,3 +29,14 @@ def test_the_bulk_command_and_its_ray_job_import_without_torch():
     code = BLOCK_TORCH + "import bulk.cli, bulk.job, bulk.ray_job, bulk.writers; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_recipe_runner_imports_without_the_servers_web_stack():
+    """The training image has the server's torch-free modules the runner reads (the rollout schema, the repository
+    scan, preprocessing for the gate) but not its web stack."""
+    block = BLOCK_TORCH.replace('("torch", "torchvision", "open_clip")',
+                                '("fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client")')
+    code = block + "import pipeline.cli, pipeline.recipe, pipeline.steps, pipeline.gate; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert "COPY server /app/server" in (REPO / "docker" / "training.Dockerfile").read_text()
