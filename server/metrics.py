@@ -65,7 +65,6 @@ class Metrics:
                                               "saved in PROMPTKD_ROLLOUT_STATE (they hold until a restart)",
                                               registry=self.registry)
         self._series: dict[tuple[str, str], list] = {}  # gauges set per loaded version, removed when it unloads
-        self._rollout_seen: dict[tuple[str, str, str], tuple[int, int, int]] = {}  # counted so far per rollout
 
     def record_choice(self, model: str, version: str, choice) -> None:
         """What serves and which graphs were checked (and possibly rejected) on the way, for dashboards/alerts."""
@@ -94,32 +93,28 @@ class Metrics:
                 self.drift.labels(model, version, figure).set(value)
 
     def record_rollout(self, model: str, rollout, figures: dict | None) -> None:
-        """A rollout's figures as gauges, and its compared, agreed and dropped images as counters (a new stage
-        measures from nothing: the counters only ever grow)."""
+        """A rollout's stage and figures as gauges (None: a new rollout or stage, its comparison starts from
+        nothing)."""
         labels = (model, str(rollout.serving), str(rollout.candidate))
         values = {"stage": {"shadow": 1, "canary": 2, "promoted": 3}[rollout.stage]}
-        if figures is None:  # a new rollout or a new stage: its comparison starts from nothing
-            self._rollout_seen[labels] = (0, 0, 0)
-        else:
+        if figures is not None:
             values |= {"images": figures["images"], "dropped": figures["dropped"], "agreement": figures["agreement"]}
             for side in ("serving", "candidate"):
                 got = figures[side]
                 values |= {f"{side}_{k}": got[k] for k in ("mean_confidence", "confidence_psi", "p50_ms", "p99_ms",
                                                            "errors")}
                 values |= {f"{side}_abstain_rate_{t}": rate for t, rate in got["abstain_rate"].items()}
-            seen = self._rollout_seen.get(labels, (0, 0, 0))
-            now = (rollout.comparison.images, rollout.comparison.agreed, rollout.comparison.dropped)
-            for outcome, before, after in zip(("compared", "agreed", "dropped"), seen, now):
-                if after > before:
-                    self.rollout_images.labels(*labels, outcome).inc(after - before)
-            self._rollout_seen[labels] = now
         for figure, value in values.items():
             if value is not None:
                 self.rollout.labels(*labels, figure).set(value)
 
+    def count_rollout(self, model: str, rollout, outcome: str, images: int) -> None:
+        """Images a rollout copied, compared, agreed on or dropped: counters, which only ever grow."""
+        if images:
+            self.rollout_images.labels(model, str(rollout.serving), str(rollout.candidate), outcome).inc(images)
+
     def forget_rollout(self, model: str, rollout) -> None:
         labels = (model, str(rollout.serving), str(rollout.candidate))
-        self._rollout_seen.pop(labels, None)
         for sample in list(self.rollout.collect()[0].samples):
             if tuple(sample.labels[k] for k in ("model", "version", "candidate")) == labels:
                 try:

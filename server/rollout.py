@@ -151,14 +151,16 @@ class Comparison:
     agreed: int = 0
     dropped: int = 0
 
-    def add(self, serving: tuple[np.ndarray, float, list[str]], candidate: tuple[np.ndarray, float, list[str]]) -> None:
+    def add(self, serving: tuple[np.ndarray, float, list[str]], candidate: tuple[np.ndarray, float, list[str]]) -> int:
         """Each side's calibrated probabilities, engine ms per image and labels: top-1 agreement is by label, so a
-        version that orders its labels otherwise still agrees."""
+        version that orders its labels otherwise still agrees. Returns how many of these images agreed."""
+        agreed = sum(serving[2][a] == candidate[2][b]
+                     for a, b in zip(serving[0].argmax(axis=1), candidate[0].argmax(axis=1)))
         self.images += len(serving[0])
-        self.agreed += sum(serving[2][a] == candidate[2][b]
-                           for a, b in zip(serving[0].argmax(axis=1), candidate[0].argmax(axis=1)))
+        self.agreed += agreed
         self.serving.add(serving[0], serving[1])
         self.candidate.add(candidate[0], candidate[1])
+        return agreed
 
     def figures(self, serving_drift: dict | None = None, candidate_drift: dict | None = None) -> dict:
         return {"images": self.images, "dropped": self.dropped,

@@ -166,14 +166,17 @@ class RolloutRouting:
         comparison, onto /metrics, and the policy asked for a decision."""
         if first[0].version == rollout.candidate:
             first, second = second, first
-        rollout.comparison.add(*((probabilities, ms, served.classifier.vocabulary.labels)
-                                 for served, probabilities, ms in (first, second)))
+        agreed = rollout.comparison.add(*((probabilities, ms, served.classifier.vocabulary.labels)
+                                          for served, probabilities, ms in (first, second)))
+        self.metrics.count_rollout(name, rollout, "compared", len(first[1]))
+        self.metrics.count_rollout(name, rollout, "agreed", agreed)
         self._measured(name, rollout)
 
     def failed(self, name: str, rollout: Rollout, served: Served, dropped: int = 0) -> None:
         """A copy dropped (its shadow queue full), or a version's error on a compared request."""
         if dropped:
             rollout.comparison.dropped += dropped
+            self.metrics.count_rollout(name, rollout, "dropped", dropped)
         else:
             side = rollout.comparison.candidate if served.version == rollout.candidate else rollout.comparison.serving
             side.errors += 1

@@ -172,9 +172,7 @@ class Service:
         engine's lower priority; the comparison is recorded when it is done, the answer never waits for it."""
         if route.shadow is None or route.rollout is None or not len(got.features):
             return
-        rollout = route.rollout
-        self.metrics.rollout_images.labels(route.answer.model, str(rollout.serving), str(rollout.candidate),
-                                           "copied").inc(len(got.batch))
+        self.metrics.count_rollout(route.answer.model, route.rollout, "copied", len(got.batch))
         task = asyncio.create_task(self._compare(route, (route.answer, probabilities, got.engine_ms), got.batch))
         self._copies.add(task)
         task.add_done_callback(self._copies.discard)
