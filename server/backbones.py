@@ -92,6 +92,10 @@ class DomainBatcher:
     def alive(self) -> bool:
         return self.engine.batcher.alive
 
+    def coming(self, images: int):
+        """Images being decoded for this domain: its engine's batch waits for them (batcher.MicroBatcher.coming)."""
+        return self.engine.batcher.coming(images)
+
     async def submit(self, images: np.ndarray, *, shadow: bool = False, limit: int | None = None,
                      timing: list[float] | None = None) -> np.ndarray:
         """The domain's features; a shadow copy (rollout.py) counts against this domain's own `limit`."""

@@ -2,7 +2,8 @@
 
 One worker task per served model version (or per shared backbone graph, whose batches mix the domains that run on
 it, each row with its domain's prompts: backbones.py) takes the first waiting request, then keeps taking more until
-the batch holds `max_batch` images or `max_wait_ms` has passed, waits for one of the process's engine slots
+the batch holds `max_batch` images or `max_wait_ms` has passed (it waits only while other requests' images are
+being decoded for it: a lone request runs at once), waits for one of the process's engine slots
 (EngineGate: the models of one process share one thread budget, so several busy models never oversubscribe the
 cores), takes whatever else arrived meanwhile and still fits, runs the batch on its inference thread (off the event
 loop), and hands each request its rows. A request whose images would overflow the batch waits for the next one. The
@@ -23,11 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import tracing
 from .metrics import Metrics
 
 
@@ -46,6 +48,7 @@ class _Job:
     extra: tuple[np.ndarray, ...] = ()  # the graph's further inputs, one row per image (a domain's prompts)
     queued_at: float = field(default_factory=time.perf_counter)
     timing: list[float] | None = None  # gets the engine milliseconds per image of the batch this job ran in
+    trace: tracing.Waiting | None = None  # the request's span, linked from its batch's (tracing on only)
 
 
 class EngineGate:
@@ -153,6 +156,7 @@ class MicroBatcher:
         self.labels = labels  # model and version, on every metric this batcher records
         self.queued_images = 0
         self.shadow_images = 0
+        self.coming_images = 0  # images of requests still being decoded for this batcher
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._carry: _Job | None = None
         self._shadow: deque[_Job] = deque()
@@ -195,10 +199,10 @@ class MicroBatcher:
                     self.submit(images[i : i + step], *(e[i : i + step] for e in extra), shadow=True, timing=timing)
                     for i in range(0, len(images), step))))
             return await self._shadow_job(_Job(images, asyncio.get_running_loop().create_future(), extra,
-                                               timing=timing))
+                                               timing=timing, trace=tracing.waiting()))
         if self.queued_images + len(images) > self.max_queue:
             raise Overloaded(f"{self.queued_images} images are already waiting (limit {self.max_queue})")
-        job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing)
+        job = _Job(images, asyncio.get_running_loop().create_future(), extra, timing=timing, trace=tracing.waiting())
         self._add_queued(len(images))
         self.gate.queued(len(images))
         self._queue.put_nowait(job)
@@ -219,6 +223,17 @@ class MicroBatcher:
                     self.shadow_images -= len(job.images)
                     break
             raise
+
+    @contextmanager
+    def coming(self, images: int):
+        """Images on their way here (being decoded): a batch waits up to `max_wait_ms` for them to join it, and
+        only for them: with nothing queued and nothing on its way, a batch runs at once, so a lone request never
+        waits out the window."""
+        self.coming_images += images
+        try:
+            yield
+        finally:
+            self.coming_images -= images
 
     def _add_queued(self, count: int) -> None:
         self.queued_images += count
@@ -247,6 +262,8 @@ class MicroBatcher:
         count = sum(len(job.images) for job in jobs)
         deadline = None if wait is None else time.perf_counter() + wait
         while count < self.max_batch:
+            if jobs and self._carry is None and self._queue.empty() and not self.coming_images:
+                break  # nobody else is on the way: waiting out the window would only add latency
             job = await self._next_job(None if deadline is None else deadline - time.perf_counter())
             if job is None:
                 break
@@ -318,8 +335,9 @@ class MicroBatcher:
             if live:
                 batch = np.concatenate([job.images for job in live])
                 started = time.perf_counter()
-                features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch,
-                                                      [job.extra for job in live])
+                with tracing.batch((job.trace for job in live), self.labels, len(batch), shadow):
+                    features = await loop.run_in_executor(self._executor, self._run_in_pieces, batch,
+                                                          [job.extra for job in live])
                 elapsed = time.perf_counter() - started
                 self.metrics.batch_size.labels(**self.labels).observe(len(batch))
                 self.metrics.inference_seconds.labels(**self.labels).observe(elapsed)

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
                                description="Pillow decoders uploads may use, comma-separated; every other format is "
                                            "refused with 415")
 
+    # The Open Inference Protocol over gRPC (server/protocol/grpc), beside the HTTP app, in the same process.
+    grpc_port: int = Field(8001, ge=0, le=65535, description="port of the gRPC server (KServe v2 "
+                                                             "GRPCInferenceService and grpc.health.v1); 0: off")
+    grpc_host: str = Field("127.0.0.1", max_length=255, description="address the gRPC server listens on (0.0.0.0 "
+                                                                    "or [::] for every interface, as in the "
+                                                                    "container images)")
+
     admin_token: SecretStr | None = Field(None, description=f"bearer token for /admin routes, at least "
                                                             f"{MIN_TOKEN_LENGTH} characters; unset or empty disables "
                                                             f"them")

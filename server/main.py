@@ -9,6 +9,7 @@ and every other client with the model card as JSON.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from . import admin, openapi, v2
+from . import admin, openapi, tracing, v2
 from .config import Settings
 from .metrics import Metrics
 from .auth import admin_paths
@@ -33,6 +34,7 @@ from .schemas import (
     ClassifyResponse, EmbedResponse, ErrorResponse, Health, InvalidRequest, Labels, ModelInfo, Ready,
 )
 from .errors import RequestError
+from .protocol.grpc.server import GrpcServer
 from .service import Service
 
 log = logging.getLogger("promptkd.server")
@@ -72,8 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as err:
             log.error("cannot serve %s: %s", config.bundle or config.model_repository, err)
             raise
-        yield
-        await app.state.service.stop()
+        grpc = None if not config.grpc_port else GrpcServer(app.state.service, VERSION, tracing.grpc_interceptors())
+        try:
+            if grpc is not None:
+                await grpc.start()
+            yield
+        finally:
+            if grpc is not None:
+                await grpc.stop()
+            await app.state.service.stop()
+            await asyncio.to_thread(tracing.flush)  # the spans of the last requests, before the process exits
 
     app = FastAPI(
         title="PromptKD classifier", version=VERSION, lifespan=lifespan,
@@ -92,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.openapi = lambda: openapi.document(app)
+    if tracing.configure():  # OTEL_* environment variables; off (nothing instrumented) unless they ask for it
+        tracing.instrument(app)
     return app
 
 

@@ -21,6 +21,10 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("promptkd_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.grpc_requests = Counter("promptkd_grpc_requests", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=self.registry)
+        self.grpc_latency = Histogram("promptkd_grpc_request_seconds", "gRPC call latency by method", ["method"],
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
         self.images = Counter("promptkd_images", "images run through the model, by route", ["route", *MODEL],
                               registry=self.registry)
         self.image_errors = Counter("promptkd_image_errors", "uploaded images refused, by status",

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .numbers import ascii_int
-from .schemas import InferenceRequest, ModelMetadata, Parameters, TensorMetadata
+from .schemas import InferenceRequest, InferInput, ModelMetadata, Parameters, TensorMetadata
 
 INPUT = "IMAGE"
 PLATFORM = "promptkd"
@@ -84,20 +84,9 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = "".join(f".{part}" if isinstance(part, str) else f"[{part}]" for part in first["loc"]).lstrip(".")
-        raise ProtocolError(400, f"not an inference request: {where + ': ' if where else ''}{first['msg']}") from None
-    if [tensor.name for tensor in request.inputs] != [INPUT]:
-        raise ProtocolError(400, f"this model takes one input, {INPUT} (BYTES, shape [-1]); got "
-                                 f"{[tensor.name for tensor in request.inputs]}")
-    tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise ProtocolError(400, f"input {INPUT} must be BYTES (encoded image files), not {tensor.datatype}")
-    if "shared_memory_region" in tensor.parameters:
-        raise ProtocolError(400, "shared memory is not supported; send the images in the request")
+        raise ProtocolError(400, f"not an inference request: {_first_error(err)}") from None
+    tensor = image_tensor(request, max_images)
     count = _batch_size(tensor.shape)
-    if count > max_images:
-        raise ProtocolError(413, f"{count} images in one request; the limit is {max_images}")
     if "binary_data_size" in tensor.parameters:
         if tensor.data is not None:
             raise ProtocolError(400, f"input {INPUT} has both data and binary_data_size")
@@ -105,23 +94,51 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
         if not _is_int(size) or size != len(binary):
             raise ProtocolError(400, f"input {INPUT} declares binary_data_size {size!r}; {len(binary)} bytes follow "
                                      f"the JSON")
-        images = _split_elements(binary, count)
+        images = split_elements(binary, count)
     elif binary:
         raise ProtocolError(400, f"{len(binary)} bytes follow the JSON but no input declares binary_data_size")
     else:
         content_type = tensor.parameters.get("content_type", request.parameters.get("content_type"))
         images = _from_json(tensor.data, count, content_type)
+    return inference(request, images)
+
+
+def image_tensor(request: InferenceRequest, max_images: int) -> InferInput:
+    """The request's one input, checked (name, datatype, shape, count) before any element is read: the same rules
+    over HTTP and gRPC."""
+    if [tensor.name for tensor in request.inputs] != [INPUT]:
+        raise ProtocolError(400, f"this model takes one input, {INPUT} (BYTES, shape [-1]); got "
+                                 f"{[tensor.name for tensor in request.inputs][:8]}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise ProtocolError(400, f"input {INPUT} must be BYTES (encoded image files), not {tensor.datatype[:40]!r}")
+    if "shared_memory_region" in tensor.parameters:
+        raise ProtocolError(400, "shared memory is not supported; send the images in the request")
+    count = _batch_size(tensor.shape)
+    if count > max_images:
+        raise ProtocolError(413, f"{count} images in one request; the limit is {max_images}")
+    return tensor
+
+
+def inference(request: InferenceRequest, images: list[bytes]) -> Inference:
+    """The request's parameters and outputs checked, with its images: what the data plane runs."""
     top_k = request.parameters.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ProtocolError(400, f"parameter top_k must be a positive integer, not {top_k!r}")
     thresholds = {}
-    for name, low in (("min_confidence", 0.0), ("precision", 0.0)):
+    for name in ("min_confidence", "precision"):
         value = request.parameters.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not low <= value <= 1 or (name == "precision" and value == 0)):
+                                  or not 0 <= value <= 1 or (name == "precision" and value == 0)):
             raise ProtocolError(400, f"parameter {name} must be a number in (0, 1], not {value!r}")
         thresholds[name] = None if value is None else float(value)
     return Inference(request.id, images, _requested(request), top_k, **thresholds)
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = "".join(f".{part}" if isinstance(part, str) else f"[{part}]" for part in first["loc"]).lstrip(".")
+    return f"{where + ': ' if where else ''}{first['msg']}"
 
 
 def encode_response(model_name: str, model_version: str, request_id: str | None, parameters: Parameters,
@@ -131,8 +148,7 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
     for requested, datatype, array in tensors:
         output = {"name": requested.name, "datatype": datatype, "shape": list(array.shape)}
         if requested.binary:
-            blob = (_join_elements(array) if datatype == "BYTES" else array.astype(np.bool_).tobytes()
-                    if datatype == "BOOL" else array.astype("<f4").tobytes())
+            blob = raw_bytes(datatype, array)
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -190,7 +206,7 @@ def _batch_size(shape: list[int]) -> int:
                              f"per element")
 
 
-def _split_elements(binary: bytes, count: int) -> list[bytes]:
+def split_elements(binary: bytes, count: int) -> list[bytes]:
     """BYTES binary data: each element a 4-byte little-endian length, then that many bytes."""
     elements, offset = [], 0
     for index in range(count):
@@ -207,7 +223,14 @@ def _split_elements(binary: bytes, count: int) -> list[bytes]:
     return elements
 
 
-def _join_elements(array: np.ndarray) -> bytes:
+def raw_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """An output tensor as the protocol's raw bytes (binary data over HTTP, raw_output_contents over gRPC)."""
+    if datatype == "BYTES":
+        return join_elements(array)
+    return array.astype(np.bool_).tobytes() if datatype == "BOOL" else array.astype("<f4").tobytes()
+
+
+def join_elements(array: np.ndarray) -> bytes:
     parts = []
     for element in array.ravel():
         data = element.encode()

@@ -26,7 +26,7 @@ from fastapi import UploadFile
 
 from bundle import BundleError, InputSpec, load_npy
 
-from . import open_inference, preprocess
+from . import open_inference, preprocess, tracing
 from .batcher import EngineGate, EngineStopped, Overloaded
 from .budget import MemoryBudget, OverBudget
 from .capture import Capture
@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .models import Models, requested_version
 from .rollout_routing import Route
 from .served import Served
-from .open_inference import INPUT, ProtocolError
+from .open_inference import INPUT, Inference, ProtocolError, Requested
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
     ModelSummary, Prediction, SwapResponse, Timing,
@@ -61,6 +61,16 @@ class Features:
     good: list[UploadFile]  # the uploads whose features these are, in order (capture reads them again)
     batch: np.ndarray  # the good images as the engine took them: a rollout's shadow runs on the same tensors
     engine_ms: float  # engine milliseconds per image of the batch they ran in
+
+
+@dataclass
+class Answer:
+    """An inference's outcome before any wire encoding: the version that answered, the response parameters and the
+    output tensors (what was asked for, datatype, array)."""
+
+    version: str
+    parameters: dict
+    tensors: list[tuple[Requested, str, np.ndarray]]
 
 
 class Service:
@@ -115,11 +125,12 @@ class Service:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, min_confidence, precision)
             got = await self._answer(route, uploads, "/classify", disconnected)
-        probabilities = classifier.probabilities(got.features, vocabulary)
+        with tracing.span("ranking", images=len(got.features)):
+            probabilities = classifier.probabilities(got.features, vocabulary)
+            ranked = iter(classifier.top_k(probabilities, top_k or self.settings.top_k) if len(got.features) else [])
         self._observe(served, got.features, probabilities, threshold)
         self._shadow(route, got, probabilities)
         await self._capture(served, got.good, probabilities, vocabulary)
-        ranked = iter(classifier.top_k(probabilities, top_k or self.settings.top_k) if len(got.features) else [])
         results = []
         for name, error in zip(got.names, got.errors):
             if error is not None:
@@ -180,7 +191,8 @@ class Service:
     async def _compare(self, route: Route, answered: tuple[Served, np.ndarray, float], batch: np.ndarray) -> None:
         other, rollout, name = route.shadow, route.rollout, route.answer.model
         timing: list[float] = []
-        with other.lease():
+        with other.lease(), tracing.span("shadow"):
+            tracing.serving(name, str(other.version), other.classifier.variant)
             try:
                 features = await asyncio.wait_for(other.batcher.submit(
                     batch, shadow=True, limit=rollout.config.shadow_queue_images, timing=timing),
@@ -230,22 +242,30 @@ class Service:
 
     async def infer(self, name: str, version: str | None, body: bytes, headers: Mapping[str, str],
                     disconnected: Callable[[], Awaitable[bool]]) -> tuple[bytes, int | None]:
-        """An Open Inference Protocol request: the response body, and its JSON header's length when binary data
-        follows. The images take /classify's path (limits, decoding, batching, errors) as uploads named IMAGE[i]."""
+        """An Open Inference Protocol request over HTTP: the response body, and its JSON header's length when binary
+        data follows."""
         self.models.resolve(name, version)  # an unknown model or version is refused before the body is parsed
-        config = self.settings
         # Base64 images exist three times while their JSON is parsed (body, strings, bytes); the body limit
         # middleware reserved two: reserve the third (binary data is only ever split out once).
         parsing = 0 if open_inference.HEADER_LENGTH in headers else len(body)
         try:
-            with self.budget.hold(parsing, "parsing this request's JSON"):
+            with self.budget.hold(parsing, "parsing this request's JSON"), tracing.span("parse", bytes=len(body)):
                 request = await asyncio.to_thread(open_inference.parse_request, body, headers,
-                                                  config.max_images_per_request)
+                                                  self.settings.max_images_per_request)
         except ProtocolError as err:
             raise RequestError(err.status, str(err)) from None
         except OverBudget as err:
             self.metrics.rejected.labels("memory").inc()
             raise RequestError(503, f"server busy, retry later: {err}", {"Retry-After": "2"}) from None
+        answer = await self.run_inference(name, version, request, headers, disconnected)
+        return open_inference.encode_response(name, answer.version, request.id, answer.parameters, answer.tensors)
+
+    async def run_inference(self, name: str, version: str | None, request: Inference, headers: Mapping[str, str],
+                            disconnected: Callable[[], Awaitable[bool]]) -> Answer:
+        """The data plane of the Open Inference Protocol, whichever wire it came over (HTTP or gRPC): the images take
+        /classify's path (limits, decoding, batching, errors) as uploads named IMAGE[i]; one bad image fails the
+        request, naming the element."""
+        config = self.settings
         top_k = request.top_k or config.top_k
         k = max([top_k, *(output.classification for output in request.outputs)])
         if k > config.max_top_k:
@@ -256,18 +276,19 @@ class Service:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, request.min_confidence, request.precision)
             got = await self._answer(route, uploads, INFER_ROUTE, disconnected, partial=False)
-        probabilities = classifier.probabilities(got.features, vocabulary)
+        with tracing.span("ranking", images=len(got.features)):
+            probabilities = classifier.probabilities(got.features, vocabulary)
+            ranked = classifier.top_k(probabilities, k)
         self._observe(served, got.features, probabilities, threshold)
         self._shadow(route, got, probabilities)
         await self._capture(served, got.good, probabilities, vocabulary)
-        ranked = classifier.top_k(probabilities, k)
         abstained = probabilities.max(axis=1) < threshold if threshold is not None else None  # as /classify decides
         tensors = open_inference.output_tensors(
             request.outputs, top_k, np.array([r.probabilities for r in ranked], dtype=np.float32),
             np.array([r.indices for r in ranked]), vocabulary.labels, got.features, abstained)
         parameters = {"labels_version": vocabulary.version,
                       **({"min_confidence": threshold} if threshold is not None else {})}
-        return open_inference.encode_response(name, str(served.version), request.id, parameters, tensors)
+        return Answer(str(served.version), parameters, tensors)
 
     def info(self, model: str | None) -> ModelInfo:
         """The model card of `model` (default: the only model, else the first ready one), with every model listed."""
@@ -336,6 +357,9 @@ class Service:
         watcher = asyncio.ensure_future(_until(disconnected))
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller was cancelled (a gRPC call cancelled or past its deadline)
+            work.cancel()
+            raise
         finally:
             watcher.cancel()
         if not work.done():
@@ -352,7 +376,9 @@ class Service:
                                     f"{self.settings.max_images_per_request}")
         started = time.perf_counter()
         spec = served.classifier.bundle.manifest.input
-        prepared = await asyncio.gather(*(self._prepare(upload, spec) for upload in uploads))
+        tracing.serving(served.model, str(served.version), served.classifier.variant)
+        with served.batcher.coming(len(uploads)), tracing.span("decode", images=len(uploads)):
+            prepared = await asyncio.gather(*(self._prepare(upload, spec) for upload in uploads))
         errors = [p if isinstance(p, ImageError) else None for p in prepared]
         for error in filter(None, errors):
             self.metrics.image_errors.labels(str(error.status), *served.batcher.labels.values()).inc()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that cannot be reached
+os.environ.setdefault("PROMPTKD_GRPC_PORT", "0")  # in-process apps: gRPC only where a test asks for it
 
 TEACHER = "PKD-Tiny-Teacher"
 STUDENT = "PKD-Tiny-Student"
@@ -38,6 +39,7 @@ def serve(process_env: dict | None = None, uvicorn_args: tuple[str, ...] = (), r
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")} | (process_env or {})
     environment.update({f"PROMPTKD_{k.upper()}": v for k, v in env.items()})
+    environment.setdefault("PROMPTKD_GRPC_PORT", "0")  # servers side by side: gRPC only where a test asks for it
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning", *uvicorn_args], cwd=REPO, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,0 +1,269 @@
+"""The Open Inference Protocol's gRPC methods (predict_v2.proto), each a thin face over the Service: the same models,
+versions, limits, memory budget, batching and admin token as v2 over HTTP (v2.py), and the same answers.
+
+A `RequestError` becomes the gRPC status its HTTP status stands for (STATUS): bad input is INVALID_ARGUMENT,
+over-limit input RESOURCE_EXHAUSTED, overload UNAVAILABLE with a `retry-after` (seconds) and
+`grpc-retry-pushback-ms` trailer, and only a fault of the server itself is INTERNAL. Repository load and unload
+are admin calls: `authorization: Bearer <PROMPTKD_ADMIN_TOKEN>` metadata, NOT_FOUND while admin is off,
+UNAUTHENTICATED without the right token, as over HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from pydantic import ValidationError
+
+from ... import open_inference
+from ...auth import admin_refusal
+from ...budget import OverBudget
+from ...errors import RequestError
+from ...numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
+from ...open_inference import EXTENSIONS, INPUT, ProtocolError
+from ...repository import MODEL_NAME
+from ...schemas import InferenceRequest
+from ...service import Answer, Service
+from . import predict_v2_pb2 as pb
+
+log = logging.getLogger("promptkd.server")
+SERVICE_NAME = "inference.GRPCInferenceService"  # the name KServe's and Triton's clients call
+SERVER_NAME = "promptkd"
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+          409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+          499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE}
+MAX_NAME = 255  # characters of a model name or version echoed back in an error
+
+
+class Servicer:
+    """The methods of GRPCInferenceService; `handlers()` registers them under the published service name."""
+
+    def __init__(self, service: Service, version: str) -> None:
+        self.service, self.version = service, version
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "ServerLive": (self.server_live, pb.ServerLiveRequest),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
+            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest),
+            "RepositoryModelUnload": (self.repository_unload, pb.RepositoryModelUnloadRequest),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            name: grpc.unary_unary_rpc_method_handler(self._call(name, method, kind),
+                                                      response_serializer=lambda message: message.SerializeToString())
+            for name, (method, kind) in methods.items()})
+
+    def _call(self, name: str, method: Callable[..., Awaitable], kind: type[Message]) -> Callable[..., Awaitable]:
+        """The method with its errors turned into statuses, and the call counted and timed on /metrics. The message
+        is parsed here rather than by gRPC, so that bytes that are not one get INVALID_ARGUMENT, not INTERNAL."""
+        metrics = self.service.metrics
+        path = f"/{SERVICE_NAME}/{name}"
+
+        async def call(body: bytes, context: grpc.aio.ServicerContext):
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                try:
+                    request = kind.FromString(body)
+                except DecodeError:
+                    raise RequestError(400, f"not a {kind.__name__} message") from None
+                return await method(request, context)
+            except RequestError as err:
+                code = STATUS.get(err.status, grpc.StatusCode.INTERNAL if err.status >= 500
+                                  else grpc.StatusCode.INVALID_ARGUMENT)
+                await _abort(context, code, err)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("gRPC %s failed", name)
+                await context.abort(code, "internal error; the server's log says more")
+            finally:
+                metrics.grpc_requests.labels(path, code.name).inc()
+                metrics.grpc_latency.labels(path).observe(time.perf_counter() - started)
+
+        return call
+
+    async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.service.health_failure() is None)
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.service.ready)
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        name, version = _model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.service.model_ready(name, version))
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        name, version = _model(request.name, request.version)
+        metadata = self.service.model_metadata(name, version)
+        tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(  # noqa: E731
+            name=t.name, datatype=t.datatype, shape=t.shape) for t in items]
+        return pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform,
+                                        inputs=tensors(metadata.inputs), outputs=tensors(metadata.outputs))
+
+    async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        """IMAGE's elements (raw_input_contents, as tritonclient sends them, or contents.bytes_contents) through the
+        Service's inference, as POST /v2/models/{name}/infer takes them; the outputs in raw_output_contents."""
+        name, version = _model(request.model_name, request.model_version)
+        service = self.service
+        service.models.resolve(name, version)  # an unknown model or version is refused before the images are read
+        # The message is in memory already (gRPC received it whole); its image bytes are held once more as the
+        # elements are split out: reserve that from the budget the HTTP bodies share.
+        held = sum(len(raw) for raw in request.raw_input_contents) + sum(
+            len(element) for tensor in request.inputs for element in tensor.contents.bytes_contents)
+        try:
+            with service.budget.hold(held, "this gRPC request's images"):
+                inference = _inference(request, service.settings.max_images_per_request)
+                answer = await service.run_inference(name, version, inference, _headers(context),
+                                                     _cancelled(context))
+        except ProtocolError as err:
+            raise RequestError(err.status, str(err)) from None
+        except OverBudget as err:
+            service.metrics.rejected.labels("memory").inc()
+            raise RequestError(503, f"server busy, retry later: {err}", {"Retry-After": "2"}) from None
+        return _response(name, request.id, answer)
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        entries = [e for e in self.service.models.index() if not request.ready or e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
+            name=e["name"], version=e.get("version") or "", state=e["state"], reason=e["reason"]) for e in entries])
+
+    async def repository_load(self, request: pb.RepositoryModelLoadRequest, context) -> pb.RepositoryModelLoadResponse:
+        self._admin(context)
+        await self.service.models.load(_model(request.model_name, "")[0], _version(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(self, request: pb.RepositoryModelUnloadRequest,
+                                context) -> pb.RepositoryModelUnloadResponse:
+        self._admin(context)
+        await self.service.models.unload(_model(request.model_name, "")[0], _version(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _admin(self, context) -> None:
+        """The HTTP admin routes' check (auth.admin_refusal) on the call's `authorization` metadata."""
+        secret = self.service.settings.admin_token
+        refusal = admin_refusal(None if secret is None else secret.get_secret_value(),
+                                _headers(context).get("authorization"))
+        if refusal is not None:
+            raise refusal
+
+
+async def _abort(context, code: grpc.StatusCode, err: RequestError) -> None:
+    """Abort with the error's message; a retry hint (HTTP's Retry-After) goes into the trailers as `retry-after`
+    and as gRPC's own `grpc-retry-pushback-ms`."""
+    retry = (err.headers or {}).get("Retry-After")
+    if retry is not None:
+        context.set_trailing_metadata((("retry-after", retry), ("grpc-retry-pushback-ms", str(int(retry) * 1000))))
+    await context.abort(code, str(err.detail))
+
+
+def _headers(context) -> dict[str, str]:
+    """The call's metadata as lower-case headers (text values only): what routing reads (a rollout's sticky
+    header) and what the admin check reads."""
+    return {key.lower(): value for key, value in (context.invocation_metadata() or ())
+            if isinstance(value, str) and not key.endswith("-bin")}
+
+
+def _cancelled(context) -> Callable[[], Awaitable[bool]]:
+    async def cancelled() -> bool:
+        return context.cancelled() or context.done()
+    return cancelled
+
+
+def _model(name: str, version: str) -> tuple[str, str | None]:
+    """The model name and version as the HTTP routes' path patterns take them; NOT_FOUND for anything else."""
+    if not MODEL_NAME.fullmatch(name):
+        raise RequestError(404, f"no model named {name[:MAX_NAME]!r}")
+    if version and not re.fullmatch(VERSION_PATTERN, version):
+        raise RequestError(404, f"model {name!r} has no version {version[:MAX_NAME]!r}")
+    return name, version or None
+
+
+def _version(parameters) -> int | None:
+    """A repository call's `version` parameter (int64_param, or string_param of ASCII digits)."""
+    if "version" not in parameters:
+        return None
+    parameter = parameters["version"]
+    kind = parameter.WhichOneof("parameter_choice")
+    number = version_parameter(getattr(parameter, kind)) if kind in ("int64_param", "string_param") else None
+    if number is None:
+        raise RequestError(400, f"parameters.version must be a positive integer of at most 10 digits (up to "
+                                f"{MAX_VERSION}), as int64_param or a string_param of ASCII digits")
+    return number
+
+
+def _inference(request: pb.ModelInferRequest, max_images: int) -> open_inference.Inference:
+    """The request checked by the HTTP path's rules (open_inference.image_tensor and .inference), its images split
+    out of raw_input_contents or bytes_contents."""
+    try:
+        parsed = InferenceRequest.model_validate({
+            "id": request.id or None, "parameters": _parameters(request.parameters),
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+                        "parameters": _parameters(t.parameters)} for t in request.inputs],
+            "outputs": [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs] or None})
+    except ValidationError as err:
+        raise ProtocolError(400, f"not an inference request: {err.errors()[0]['msg']}") from None
+    tensor = open_inference.image_tensor(parsed, max_images)
+    count = tensor.shape[0]
+    contents = request.inputs[0].contents
+    raw = list(request.raw_input_contents)
+    if raw and contents.ListFields():
+        raise ProtocolError(400, f"input {INPUT} has both contents and raw_input_contents")
+    if raw:
+        if len(raw) != 1:
+            raise ProtocolError(400, f"raw_input_contents holds {len(raw)} entries for 1 input")
+        images = open_inference.split_elements(raw[0], count)
+    else:
+        images = list(contents.bytes_contents)
+        if len(images) != count or len(contents.ListFields()) > 1:
+            raise ProtocolError(400, f"contents of {INPUT} must hold {count} bytes_contents elements, as its shape "
+                                     f"says, and nothing else")
+    return open_inference.inference(parsed, images)
+
+
+def _parameters(parameters) -> dict:
+    """InferParameter values as the JSON request's parameters (bool, int, str or float)."""
+    values = {}
+    for key, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is None:
+            raise ProtocolError(400, f"parameter {key[:MAX_NAME]!r} has no value")
+        values[key] = getattr(parameter, kind)
+    return values
+
+
+def _response(name: str, request_id: str, answer: Answer) -> pb.ModelInferResponse:
+    """The output tensors, each as raw bytes (what Triton's gRPC server sends and tritonclient reads)."""
+    outputs, raw = [], []
+    for requested, datatype, array in answer.tensors:
+        outputs.append(pb.ModelInferResponse.InferOutputTensor(name=requested.name, datatype=datatype,
+                                                               shape=list(array.shape)))
+        raw.append(open_inference.raw_bytes(datatype, array))
+    return pb.ModelInferResponse(model_name=name, model_version=answer.version, id=request_id,
+                                 parameters={key: _parameter(value) for key, value in answer.parameters.items()},
+                                 outputs=outputs, raw_output_contents=raw)
+
+
+def _parameter(value) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=str(value))
