@@ -31,7 +31,9 @@ COPY bundle /app/bundle
 COPY server /app/server
 
 USER 10001
-EXPOSE 8000
+# 8000: HTTP (native API, Open Inference Protocol, /metrics); 8001: gRPC (Open Inference Protocol, grpc.health.v1).
+ENV PROMPTKD_GRPC_HOST=0.0.0.0 PROMPTKD_GRPC_PORT=8001
+EXPOSE 8000 8001
 HEALTHCHECK --interval=5s --timeout=4s --start-period=120s --retries=3 \
     CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
 CMD ["/opt/venv/bin/uvicorn", "server.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -101,6 +101,7 @@ PIDS+=($!)
 
 export BASE_IMAGE=$BASE TORCH_FIND_LINKS=http://127.0.0.1:$WHEEL_PORT/ COMPOSE_PROJECT_NAME=promptkd-test
 export PROMPTKD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export PROMPTKD_GRPC_PUBLISHED_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The training image carries CUDA torch (about 6.5 GB); building it needs room for its layers twice over.
 need_gb=15
 STEP_LOG=  # this step says itself what is wrong
@@ -139,6 +140,20 @@ info = httpx.get(f"{sys.argv[2]}/", timeout=10).json()
 assert info["variant"].startswith("int8") and info["runtime"].startswith("OpenVINO"), info
 print(f"classified through the container: {result['predictions'][0]['label']} ({probabilities[0]:.2f}) by the "
       f"{info['variant']} graph on {info['runtime']}: {info['variant_reason']}")
+EOF
+"$PY" - "$photo" "127.0.0.1:$PROMPTKD_GRPC_PUBLISHED_PORT" <<'EOF'
+import sys
+import grpc
+import numpy as np
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel(sys.argv[2]) as channel:
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+assert status == health_pb2.HealthCheckResponse.SERVING, status
+client = triton.InferenceServerClient(sys.argv[2])
+image = triton.InferInput("IMAGE", [1], "BYTES")
+image.set_data_from_numpy(np.array([open(sys.argv[1], "rb").read()], dtype=object))
+print(f"classified over gRPC through the container: {client.infer('demo', [image]).as_numpy('LABELS')[0, 0].decode()}")
 EOF
 [ "$(docker compose exec -T server id -u)" = 10001 ] || { echo "server runs as root" >&2; exit 1; }
 if docker compose exec -T server sh -c 'touch /app/x' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi

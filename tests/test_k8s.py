@@ -186,15 +186,19 @@ def test_probes_hit_real_routes_on_the_container_port(rendered):
     get_routes = {r.path for r in routes.routes if "GET" in r.methods}
     server = container(by_kind(rendered, "Deployment"))
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert list(ports.values()) == [8000]
+    assert ports == {"http": 8000, "grpc": 8001}
     assert '"--port", "8000"' in dockerfile()  # the image's CMD listens there
+    assert "PROMPTKD_GRPC_HOST=0.0.0.0 PROMPTKD_GRPC_PORT=8001" in dockerfile()  # and its gRPC server there
     paths = {}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         get = server[probe]["httpGet"]
         assert get["path"] in get_routes
         assert ports.get(get["port"], get["port"]) == 8000
         paths[probe] = get["path"]
-    assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz"}
+    assert server["readinessProbe"]["grpc"] == {"port": 8001}  # grpc.health.v1, which follows /readyz
+    service = {p["name"]: p for p in by_kind(rendered, "Service")["spec"]["ports"]}
+    assert service["grpc"]["targetPort"] == "grpc" and service["grpc"]["appProtocol"] == "grpc"
     startup = server["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "loading and checking a bundle takes time"
     annotations = by_kind(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
@@ -274,9 +278,8 @@ def test_hpa_pdb_and_service_select_the_deployments_pods(rendered):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     service = by_kind(rendered, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
-    [port] = service["spec"]["ports"]
-    assert port["port"] == 80
-    assert {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}[port["targetPort"]] == 8000
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert [(p["port"], ports[p["targetPort"]]) for p in service["spec"]["ports"]] == [(80, 8000), (8001, 8001)]
 
 
 def test_hpa_comment_names_real_metrics():
