@@ -1,10 +1,13 @@
 """Load benchmark: a real uvicorn on loopback under concurrent clients, against the bare engine, in one run.
 
-    python bench/load.py [--bundle DIR] [--concurrency 1 8 32 64] [--max-batch-size 8] [--out bench/results]
+    python bench/load.py [--bundle DIR] [--concurrency 1 8 32 64] [--protocol http grpc] [--out bench/results]
+    python bench/load.py --tracing --protocol http grpc         # OpenTelemetry traces on against off, and where
+                                                                # a request's time goes, from its spans
     python bench/load.py --loop --concurrency 32 --variants     # drift tracking and capture on, against off
 
 Without --bundle it builds a ViT-B/16 student bundle with random weights (they cost the same as trained ones).
-Clients post real JPEGs (foolbox's ImageNet photos) as fast as the server answers. For each concurrency it
+Clients send real JPEGs (foolbox's ImageNet photos) as fast as the server answers: over HTTP to POST /classify
+(httpx), over gRPC to ModelInfer (tritonclient.grpc.aio), each protocol in its own window. For each concurrency it
 prints images/s, latency p50/p99, errors and 5xx, and the ratio to the bare engine's images/s (the session the
 server picks: same variant, runtime and threads, on preprocessed tensors) at the batch size the server can form
 there, alternating bare-engine windows with shares of the requests so that the machine's drift hits both alike.
@@ -25,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -92,38 +97,64 @@ def percentiles_ms(latencies: list[float]) -> dict[str, float]:
 
 
 async def load_level(url: str, photos: list[bytes], concurrency: int, requests: int,
-                     models: list[str] | None = None, seconds: float | None = None) -> dict:
+                     models: list[str] | None = None, seconds: float | None = None, grpc: str | None = None) -> dict:
     """`requests` classifications by `concurrency` clients; with `models`, request i goes to models[i % len]; with
-    `seconds`, no request starts after that long (a time window: `requests` is then only a cap)."""
+    `seconds`, no request starts after that long (a time window: `requests` is then only a cap). With `grpc`
+    (host:port, and `models[0]` the model's name), over gRPC instead of HTTP."""
     latencies: list[float] = []
     statuses: list[int] = []
     counter = iter(range(requests))
     deadline = float("inf")
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(send) -> None:
         for i in counter:
             started = time.perf_counter()
             if started > deadline:
                 break
-            params = {"top_k": 1, **({"model": models[i % len(models)]} if models else {})}
-            try:
-                response = await client.post("/classify", files={"file": ("photo.jpg", photos[i % len(photos)])},
-                                             params=params)
-                statuses.append(response.status_code)
-            except httpx.HTTPError:
-                statuses.append(0)
+            statuses.append(await send(i))
             latencies.append(time.perf_counter() - started)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with _sender(url, photos, concurrency, models, grpc) as send:
         started = time.perf_counter()
         deadline = started + seconds if seconds is not None else deadline
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(send) for _ in range(concurrency)))
         wall = time.perf_counter() - started
     ok = statuses.count(200)
     return {"concurrency": concurrency, "requests": len(statuses), "images_per_s": ok / wall, "wall_s": wall,
             **percentiles_ms(latencies), "errors": len(statuses) - ok,
             "server_errors": sum(1 for s in statuses if s >= 500 or s == 0), "latencies_s": latencies}
+
+
+@asynccontextmanager
+async def _sender(url: str, photos: list[bytes], concurrency: int, models: list[str] | None, grpc: str | None):
+    """An async function that sends request i and gives its status: 200 for an answer, else the HTTP status (0 for
+    a transport error), or 500 + the gRPC status code's number."""
+    if grpc is not None:
+        import tritonclient.grpc.aio as triton
+        from tritonclient.utils import InferenceServerException
+
+        async with triton.InferenceServerClient(grpc) as client:
+            async def send(i: int) -> int:
+                image = triton.InferInput("IMAGE", [1], "BYTES")
+                image.set_data_from_numpy(np.array([photos[i % len(photos)]], dtype=object))
+                try:
+                    await client.infer(models[0], [image], parameters={"top_k": 1})
+                    return 200
+                except InferenceServerException:
+                    return 500
+            yield send
+        return
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def send(i: int) -> int:
+            params = {"top_k": 1, **({"model": models[i % len(models)]} if models else {})}
+            try:
+                response = await client.post("/classify", files={"file": ("photo.jpg", photos[i % len(photos)])},
+                                             params=params)
+                return response.status_code
+            except httpx.HTTPError:
+                return 0
+        yield send
 
 
 def inference_seconds(url: str) -> float:
@@ -134,29 +165,54 @@ def inference_seconds(url: str) -> float:
     return 0.0
 
 
-def measure_level(engine: BareEngine, url: str, data: list[bytes], concurrency: int, args) -> dict:
-    """One concurrency level in `args.rounds` rounds, each a bare-engine window then a share of the requests: the
-    speed of a shared machine drifts over minutes, and alternating keeps that drift out of the ratio."""
+@dataclass
+class Target:
+    """A server under test: its HTTP URL, its gRPC address (None: off) and the model its gRPC calls name."""
+
+    url: str
+    grpc: str | None
+    model: str
+
+    def load(self, protocol: str) -> dict:
+        """load_level's arguments for one protocol."""
+        return {"grpc": self.grpc, "models": [self.model]} if protocol == "grpc" else {}
+
+
+def measure_level(engine: BareEngine, target: Target, data: list[bytes], concurrency: int, args) -> list[dict]:
+    """One concurrency level in `args.rounds` rounds, each a bare-engine window then a share of the requests per
+    protocol: the speed of a shared machine drifts over minutes, and alternating keeps that drift out of the
+    ratios. One row per protocol."""
     requests = args.requests or max(24, 6 * concurrency)
     batch = min(concurrency, args.max_batch_size)
-    images = seconds = busy = 0.0
-    parts = []
+    images = seconds = 0.0
+    parts: dict[str, list[dict]] = {protocol: [] for protocol in args.protocol}
+    busy = dict.fromkeys(args.protocol, 0.0)
     for share in np.array_split(np.arange(requests), args.rounds):
         done, took = engine.images_and_seconds(batch, args.engine_seconds / args.rounds)
         images, seconds = images + done, seconds + took
-        engine_time = inference_seconds(url)
-        parts.append(asyncio.run(load_level(url, data, concurrency, len(share))))
-        busy += inference_seconds(url) - engine_time
-    wall = sum(p["wall_s"] for p in parts)
-    row = {"concurrency": concurrency, "requests": requests,
-           "images_per_s": sum(p["requests"] - p["errors"] for p in parts) / wall,
-           "p50_ms": statistics.median(p["p50_ms"] for p in parts), "p99_ms": max(p["p99_ms"] for p in parts),
-           "errors": sum(p["errors"] for p in parts), "server_errors": sum(p["server_errors"] for p in parts),
-           "engine_batch": batch, "engine_images_per_s": images / seconds, "engine_busy": busy / wall}
-    row["ratio"] = row["images_per_s"] / row["engine_images_per_s"]
-    print(f"concurrency {concurrency}: {row['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}", file=sys.stderr,
-          flush=True)
-    return row
+        for protocol in args.protocol:
+            engine_time = inference_seconds(target.url)
+            parts[protocol].append(asyncio.run(load_level(target.url, data, concurrency, len(share),
+                                                          **target.load(protocol))))
+            busy[protocol] += inference_seconds(target.url) - engine_time
+    rows = []
+    for protocol, runs in parts.items():
+        row = {"protocol": protocol, "concurrency": concurrency, "requests": requests, **summary(runs),
+               "engine_batch": batch, "engine_images_per_s": images / seconds}
+        row["engine_busy"] = busy[protocol] / row["wall_s"]
+        row["ratio"] = row["images_per_s"] / row["engine_images_per_s"]
+        print(f"{protocol} concurrency {concurrency}: {row['images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def summary(runs: list[dict]) -> dict:
+    """Windows of one configuration taken together."""
+    wall = sum(p["wall_s"] for p in runs)
+    return {"images_per_s": sum(p["requests"] - p["errors"] for p in runs) / wall, "wall_s": wall,
+            "p50_ms": statistics.median(p["p50_ms"] for p in runs), "p99_ms": max(p["p99_ms"] for p in runs),
+            "errors": sum(p["errors"] for p in runs), "server_errors": sum(p["server_errors"] for p in runs)}
 
 
 def free_port() -> int:
@@ -169,10 +225,14 @@ def start_server(bundle: Path | None, args, **settings: str) -> tuple[subprocess
     """A real uvicorn serving `bundle` (None: the model_repository=... in `settings`) with the benchmark's settings
     and further PROMPTKD_* `settings`."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTKD_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTKD_", "OTEL_"))}
     env.update({"PROMPTKD_BUNDLE": str(bundle)} if bundle is not None else {})
+    env.update({k: v for k, v in settings.items() if k.startswith("OTEL_")})
+    settings = {k: v for k, v in settings.items() if not k.startswith("OTEL_")}
+    settings.setdefault("grpc_port", "0")
+    queue = max(4 * max(args.concurrency), 2 * args.max_batch_size, 16)  # never below a batch: a valid setting
     env.update(PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size),
-               PROMPTKD_INTRA_OP_THREADS=str(args.threads), PROMPTKD_MAX_QUEUE_IMAGES=str(4 * max(args.concurrency)),
+               PROMPTKD_INTRA_OP_THREADS=str(args.threads), PROMPTKD_MAX_QUEUE_IMAGES=str(queue),
                PROMPTKD_REQUEST_TIMEOUT_S="600", **{f"PROMPTKD_{k.upper()}": v for k, v in settings.items()})
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),
                                "--log-level", "warning"], cwd=REPO, env=env)
@@ -234,12 +294,82 @@ def loop_overhead(bundle: Path, data: list[bytes], args, tmp: Path) -> None:
     (args.out / "loop.json").write_text(json.dumps({"rows": rows}, indent=2))
 
 
+def serve_target(bundle: Path, args, **settings: str) -> tuple[subprocess.Popen, Target]:
+    """start_server, with gRPC on a port of its own when a protocol asks for it."""
+    grpc_port = free_port() if "grpc" in args.protocol else 0
+    server, url = start_server(bundle, args, grpc_port=str(grpc_port), **settings)
+    model = httpx.get(url, headers={"Accept": "application/json"}, timeout=10).json()["name"]
+    return server, Target(url, f"127.0.0.1:{grpc_port}" if grpc_port else None, model)
+
+
+def tracing_cost(bundle: Path, data: list[bytes], args) -> None:
+    """--tracing: the same load on a server with traces exported (OTLP over HTTP, to a receiver in this process)
+    and one without, alternating windows; and each stage's mean time per request, from the spans received."""
+    from traces import Receiver, breakdown
+
+    receiver = Receiver()
+    servers = {"off": serve_target(bundle, args),
+               "on": serve_target(bundle, args, OTEL_TRACES_EXPORTER="otlp", OTEL_SERVICE_NAME="promptkd-bench",
+                                  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=receiver.endpoint,
+                                  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_BSP_SCHEDULE_DELAY="200")}
+    rows = []
+    try:
+        for concurrency in args.concurrency:
+            for protocol in args.protocol:
+                rows.append(_traced_level(servers, receiver, data, concurrency, protocol, args, breakdown))
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
+        receiver.close()
+    print(f"\nOpenTelemetry traces exported (OTLP/HTTP, batch span processor) against off, same bundle, max batch "
+          f"{args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
+    print("| protocol | concurrency | requests | off img/s | on img/s | ratio | off p50 / p99 ms | on p50 / p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        off, on = r["off"], r["on"]
+        print(f"| {r['protocol']} | {r['concurrency']} | {r['requests']} | {off['images_per_s']:.2f} | "
+              f"{on['images_per_s']:.2f} | {on['images_per_s'] / off['images_per_s']:.3f} | {off['p50_ms']:.1f} / "
+              f"{off['p99_ms']:.1f} | {on['p50_ms']:.1f} / {on['p99_ms']:.1f} |")
+    for r in rows:
+        stages = r["breakdown"]["stages"]
+        print(f"\nwhere a request's time went, {r['protocol']} at concurrency {r['concurrency']} (mean ms per request "
+              f"over {r['breakdown']['requests']} traced requests; the client saw p50 {r['on']['p50_ms']:.1f} ms)\n")
+        print("| stage (span) | mean ms | in % of requests |")
+        print("| --- | --- | --- |")
+        for name, stage in sorted(stages.items(), key=lambda item: -item[1]["mean_ms"]):
+            print(f"| {name} | {stage['mean_ms']:.2f} | {stage['share_of_requests']:.0%} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tracing.json").write_text(json.dumps({"rows": rows}, indent=2))
+
+
+def _traced_level(servers: dict, receiver, data: list[bytes], concurrency: int, protocol: str, args,
+                  breakdown) -> dict:
+    requests = args.requests or max(24, 6 * concurrency)
+    parts: dict[str, list[dict]] = {"off": [], "on": []}
+    spans = []
+    for share in np.array_split(np.arange(requests), args.rounds):
+        for name, (_, target) in servers.items():
+            parts[name].append(asyncio.run(load_level(target.url, data, concurrency, len(share),
+                                                      **target.load(protocol))))
+            if name == "on":
+                time.sleep(1.0)  # the batch span processor exports every 200 ms
+                spans += receiver.take()
+    row = {"protocol": protocol, "concurrency": concurrency, "requests": requests,
+           **{name: summary(runs) for name, runs in parts.items()}, "breakdown": breakdown(spans)}
+    print(f"{protocol} concurrency {concurrency}: traced/untraced "
+          f"{row['on']['images_per_s'] / row['off']['images_per_s']:.3f}", file=sys.stderr, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: a random ViT-B/16 student bundle)")
     parser.add_argument("--student-model", default="ViT-B-16", help="architecture of the random bundle")
     parser.add_argument("--feature-dim", type=int, default=768, help="class-vector width of the random bundle")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64], help="client counts")
+    parser.add_argument("--protocol", nargs="+", choices=["http", "grpc"], default=["http"],
+                        help="HTTP (POST /classify) and/or gRPC (ModelInfer), each in its own windows")
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(24, 6 x it))")
     parser.add_argument("--max-batch-size", type=int, default=8, help="PROMPTKD_MAX_BATCH_SIZE of the server")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads, server and bare engine alike")
@@ -251,6 +381,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for load.json")
     parser.add_argument("--loop", action="store_true",
                         help="instead: the same load with drift tracking and capture on against both off (loop.json)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="instead: the same load with OpenTelemetry traces on against off, and the per-stage "
+                             "breakdown from the traces (tracing.json)")
     args = parser.parse_args()
 
     photos = foolbox_photos()
@@ -261,23 +394,27 @@ def main() -> None:
         if args.loop:
             loop_overhead(bundle, data, args, Path(tmp))
             return
+        if args.tracing:
+            tracing_cost(bundle, data, args)
+            return
         engine = BareEngine(bundle, args.threads)
-        server, url = start_server(bundle, args)
+        server, target = serve_target(bundle, args)
         try:
-            rows = [measure_level(engine, url, data, concurrency, args) for concurrency in args.concurrency]
+            rows = [row for concurrency in args.concurrency
+                    for row in measure_level(engine, target, data, concurrency, args)]
         finally:
             server.terminate()
             server.wait(timeout=60)
 
     print(f"\nserver on {bundle.name if args.bundle else args.student_model + ' (random weights)'}, {engine.served}, "
           f"max batch {args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
-    print("| concurrency | requests | img/s | p50 ms | p99 ms | errors | 5xx | bare engine img/s (batch) | ratio | "
-          "engine busy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| protocol | concurrency | requests | img/s | p50 ms | p99 ms | errors | 5xx | bare engine img/s (batch) | "
+          "ratio | engine busy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['errors']} | {r['server_errors']} | {r['engine_images_per_s']:.2f} "
-              f"({r['engine_batch']}) | {r['ratio']:.2f} | {r['engine_busy']:.0%} |")
+        print(f"| {r['protocol']} | {r['concurrency']} | {r['requests']} | {r['images_per_s']:.2f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['server_errors']} | "
+              f"{r['engine_images_per_s']:.2f} ({r['engine_batch']}) | {r['ratio']:.2f} | {r['engine_busy']:.0%} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps({"max_batch_size": args.max_batch_size, "served": engine.served,
                                                     "rows": rows}, indent=2))

@@ -35,14 +35,15 @@ def test_load_benchmark_drives_a_real_server_without_errors(tmp_path):
     proc = subprocess.run(
         [sys.executable, "bench/load.py", "--student-model", "PKD-Tiny-Student", "--feature-dim", "64",
          "--concurrency", "1", "8", "--requests", "24", "--max-batch-size", "4", "--engine-seconds", "1",
-         "--out", str(tmp_path)],
+         "--protocol", "http", "grpc", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-    assert [r["concurrency"] for r in rows] == [1, 8] and [r["engine_batch"] for r in rows] == [1, 4]
+    assert [(r["protocol"], r["concurrency"], r["engine_batch"]) for r in rows] == [
+        ("http", 1, 1), ("grpc", 1, 1), ("http", 8, 4), ("grpc", 8, 4)]
     assert all(r["errors"] == 0 and r["server_errors"] == 0 and r["images_per_s"] > 0 for r in rows)
-    assert "| 8 | 24 |" in proc.stdout
+    assert "| http | 8 | 24 |" in proc.stdout and "| grpc | 8 | 24 |" in proc.stdout
 
 
 def test_stage2_benchmark_measures_every_mode_and_precision(tmp_path):
