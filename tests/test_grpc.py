@@ -15,12 +15,15 @@ import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from training.data.datasets import find_images
 
 from conftest import derive_bundle, foolbox_jpegs, free_port, serve, stop_server
+from test_parsers_property import _model_infer_requests
 
 TOKEN = "grpc-token-0123456789abcdef0123456789"
 MAX_UPLOAD = 300_000
@@ -282,3 +285,14 @@ def test_the_generated_code_is_current():
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in generate(Path(tmp)).items():
             assert (HERE / name).read_text() == text, f"{name} is stale: python -m server.protocol.grpc.generate"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_messages_drawn_from_the_proto_never_get_internal(server, data):
+    """The wire-level fuzz: ModelInfer messages drawn from the .proto's own schema (and near-valid ones), sent to the
+    real server: any status but INTERNAL or UNKNOWN, and the server keeps answering."""
+    request = data.draw(_model_infer_requests())
+    request.model_name = "tiny"
+    code, details, _ = _status(server[1], request.SerializeToString())
+    assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), details

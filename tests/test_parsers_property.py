@@ -163,3 +163,78 @@ def test_any_json_request_is_a_request_or_a_protocol_error(value, key):
 def test_the_manifest_fixture_is_itself_readable(bundle_dir):
     assert read_manifest(Path(bundle_dir) / "manifest.json", Manifest, READABLE_SCHEMAS, SCHEMA_VERSION, "bundle",
                          "model bundle").name
+
+
+def _message(descriptor, depth: int = 0):
+    """A hypothesis strategy for any message of `descriptor`: every field drawn from its type, repeated and map
+    fields as short lists, nested messages to a few levels. The schema itself is the fuzzer's grammar."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    scalars = {F.TYPE_BOOL: st.booleans(), F.TYPE_STRING: st.text(max_size=12), F.TYPE_BYTES: st.binary(max_size=64),
+               F.TYPE_DOUBLE: st.floats(), F.TYPE_FLOAT: st.floats(width=32),
+               F.TYPE_INT64: st.integers(-2**63, 2**63 - 1), F.TYPE_UINT64: st.integers(0, 2**64 - 1),
+               F.TYPE_INT32: st.integers(-2**31, 2**31 - 1), F.TYPE_UINT32: st.integers(0, 2**32 - 1)}
+    from google.protobuf import message_factory
+
+    kind = message_factory.GetMessageClass(descriptor)
+
+    def field(f):
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value = _message(f.message_type.fields_by_name["value"].message_type, depth + 1)
+            return st.dictionaries(st.text(max_size=12), value, max_size=3)
+        one = _message(f.message_type, depth + 1) if f.message_type is not None else scalars[f.type]
+        return st.lists(one, max_size=3) if f.is_repeated else one
+
+    fields = {f.name: field(f) for f in descriptor.fields if depth < 3 or f.message_type is None}
+    return st.fixed_dictionaries({}, optional=fields).map(lambda values: _build(kind, values))
+
+
+def _build(kind, values: dict):
+    message = kind()
+    for name, value in values.items():
+        target = getattr(message, name)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                target[key].CopyFrom(item)
+        elif isinstance(value, list):
+            target.extend(value)
+        elif hasattr(value, "CopyFrom"):
+            target.CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _model_infer_requests():
+    from server.protocol.grpc import predict_v2_pb2 as pb
+
+    def plausible(images: list[bytes], shape: list[int], raw: bool, name: str, datatype: str):
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+        if not raw:
+            tensor.contents.bytes_contents.extend(images)
+        framed = [b"".join(struct.pack("<I", len(i)) + i for i in images)] if raw else []
+        return pb.ModelInferRequest(model_name="m", inputs=[tensor], raw_input_contents=framed)
+
+    images = st.lists(st.binary(max_size=16), min_size=0, max_size=5)
+    shapes = st.one_of(st.lists(st.integers(-2, 5), max_size=3), st.just(None))  # None: the images' own count
+    near_valid = st.builds(lambda items, shape, *rest: plausible(
+        items, [len(items)] if shape is None else shape, *rest), images, shapes, st.booleans(),
+        st.sampled_from(["IMAGE", "IMAGE", "image"]), st.sampled_from(["BYTES", "BYTES", "FP32"]))
+    return st.one_of(_message(pb.ModelInferRequest.DESCRIPTOR), near_valid)
+
+
+@SETTINGS
+@given(st.data())
+def test_any_grpc_infer_message_is_a_request_or_a_protocol_error(data):
+    """ModelInfer's reading of a message (servicer._inference), on messages drawn from the .proto itself and on
+    near-valid ones: an inference with as many images as its shape says, or ProtocolError; nothing else."""
+    from server.protocol.grpc.servicer import _inference
+
+    request = data.draw(_model_infer_requests())
+    try:
+        inference = _inference(request, max_images=3)
+    except ProtocolError as err:
+        assert err.status in (400, 413) and len(str(err)) < 1000
+        return
+    assert 1 <= len(inference.images) <= 3 and all(isinstance(image, bytes) for image in inference.images)
+    assert inference.images and list(request.inputs[0].shape)[0] == len(inference.images)
