@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(tracing.flush)  # the spans of the last requests, before the process exits
 
     app = FastAPI(
-        title="PromptKD classifier", version=VERSION, lifespan=lifespan,
+        title="PromptKD classifier", version=VERSION, lifespan=lifespan, **tracing.fastapi_options(),
         description="Text-encoder-free image classification with a distilled PromptKD student: the image "
                     "encoder runs, its features are ranked against stored class vectors.",
     )

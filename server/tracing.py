@@ -148,7 +148,46 @@ def instrument(app) -> None:
     # Its per-message receive and send spans would cost more than what they tell: read_body replaces them.
     FastAPIInstrumentor.instrument_app(app, tracer_provider=_provider, excluded_urls=EXCLUDED_URLS,
                                        exclude_spans=["receive", "send"])
+    _fresh_context(app)
     log_trace_ids()
+
+
+def fastapi_options() -> dict:
+    """FastAPI(...) arguments that turn off FastAPI's own OpenTelemetry (releases since 0.160 trace every request
+    with the global tracer provider by themselves): the FastAPI instrumentation above makes the server spans, once,
+    with the same exclusions as the gRPC side; a second span per request would double every trace."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                          "auto_configure": False}}
+
+
+def _fresh_context(app) -> None:
+    """Each request starts from an empty context, outside the instrumentation's middleware. uvicorn resumes reading
+    a keep-alive connection from inside a request (flow control, once a body passed its buffer), and the reader it
+    registers then carries that request's context to the connection's next request: without this, every request
+    after a large upload would be a child of the one before it, one endless trace per connection. A caller's
+    `traceparent` header still makes the request's span its child (the instrumentation reads the headers)."""
+    build = app.build_middleware_stack
+
+    def build_fresh():
+        inner = build()
+
+        async def fresh(scope, receive, send) -> None:
+            token, serving = otel_context.attach(otel_context.Context()), _serving.set(None)
+            try:
+                await inner(scope, receive, send)
+            finally:
+                _serving.reset(serving)
+                otel_context.detach(token)
+
+        return fresh
+
+    app.build_middleware_stack = build_fresh
 
 
 def grpc_interceptors() -> list:
