@@ -1,4 +1,6 @@
 """Class vectors and stage-2 distillation on real Fashion-MNIST photos with tiny towers."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,7 @@ def test_schedule_warms_up_then_decays():
     lrs = [lr_at(e, cfg) for e in range(5)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[4] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 5)))  # Dassl's: T_max 5, count from 0 at epoch 1
 
 
 def test_class_vectors_must_match_the_split_classes(class_vectors):

@@ -6,6 +6,7 @@ from training.class_vectors import PROMPTSRC_TEMPLATES
 from training.cli import build_parser
 from training.commands import _protocol_config
 from training.protocols import PROMPT_DEPTH, student_config, teacher_config
+from training.runtime import lr_at
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "FIDELITY.md"
 
@@ -32,7 +33,7 @@ def _defaults() -> dict:
     xd = _protocol_config(parse(["cross-dataset", "--data-root", "data", "--out", "runs"]))
     cell = Path("runs/cell")
     return {
-        "b2n": b2n, "xd": xd, "PROMPT_DEPTH": PROMPT_DEPTH, "PROMPTSRC_TEMPLATES": PROMPTSRC_TEMPLATES,
+        "b2n": b2n, "xd": xd, "PROMPT_DEPTH": PROMPT_DEPTH, "PROMPTSRC_TEMPLATES": PROMPTSRC_TEMPLATES, "lr_at": lr_at,
         "t1": teacher_config(b2n, 1, cell / "teacher"),
         "s2": student_config(b2n, "base2novel", "caltech101", 1, cell / "teacher", cell / "v.npz", cell / "student"),
         "s2x": student_config(xd, "cross_dataset", "eurosat", 1, cell / "teacher", cell / "v.npz", cell / "student"),

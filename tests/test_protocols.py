@@ -2,6 +2,7 @@
 Fashion-MNIST photos laid out exactly like CoOp's datasets (split files, ImageNet's classnames, aircraft lists)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -251,9 +252,43 @@ def test_results_on_partial_runs(tmp_path, capsys):
     paper_base = (reference[("promptkd", "dtd")]["base"] + reference[("promptkd", "eurosat")]["base"]) / 2
     assert float(average["paper_base"]) == pytest.approx(paper_base, abs=1e-3)  # the same 2 datasets, not all 11
     assert float(average["base_mean"]) == pytest.approx((91.0 + 70.0) / 2)
+    assert float(average["hm_mean"]) == pytest.approx(harmonic_mean((91.0 + 70.0) / 2, (82.0 + 50.0) / 2), abs=1e-3)
     assert dict(zip(header, rows["dtd"]))["base_std"] == ""  # one seed: no spread
     assert "dtd seed2: teacher done, student not started" in out
     assert "2 of 11 datasets" in out
+
+
+def test_a_dataset_s_hm_is_the_hm_of_the_seeds_mean_base_and_novel(tmp_path, capsys):
+    """As the paper: seeds (80, 60) and (70, 80) give base 75, novel 70 and HM 2*75*70/145 = 72.41, not the mean
+    of the seeds' HMs (68.57 and 74.67: 71.62), which stays beside it in its own column."""
+    runs = tmp_path / "runs"
+    for seed, (base, novel) in zip((1, 2), ((80.0, 60.0), (70.0, 80.0))):
+        student = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+        teacher = {"base": base + 10, "novel": novel + 10, "hm": harmonic_mean(base + 10, novel + 10)}
+        _fake_cell(runs, "base2novel", "eurosat", seed, student, teacher)
+    assert main(["results", "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    with (runs / "results/base2novel.csv").open() as f:
+        rows = {r["dataset"]: r for r in csv.DictReader(f)}
+    eurosat, paper = rows["eurosat"], read_reference(REFERENCE_DIR / "base2novel_vitb16.csv")[("promptkd", "eurosat")]
+    assert float(eurosat["base_mean"]) == 75.0 and float(eurosat["novel_mean"]) == 70.0
+    assert float(eurosat["hm_mean"]) == pytest.approx(10500 / 145, abs=1e-4)  # 72.4138
+    assert float(eurosat["hm_mean_of_seed_hms"]) == pytest.approx((9600 / 140 + 11200 / 150) / 2, abs=1e-4)  # 71.619
+    assert float(eurosat["diff_hm"]) == pytest.approx(10500 / 145 - paper["hm"], abs=1e-3)
+    assert float(eurosat["teacher_hm"]) == pytest.approx(2 * 85 * 80 / 165, abs=1e-4)  # the teacher's likewise
+    assert float(rows["average"]["hm_mean"]) == pytest.approx(10500 / 145, abs=1e-4)
+    assert rows["average"]["hm_mean_of_seed_hms"] == ""
+    assert "| eurosat | 1 2 | 75.00 ± 7.07 |" in out and "| 72.41 ± 4.31 |" in out and "| 71.62 |" in out
+    assert "mean of seed HMs" in out
+
+
+def test_the_paper_s_hm_is_the_hm_of_its_reported_base_and_novel():
+    """What the paper's HMs are, as docs/FIDELITY.md says: the HM of the (seed-averaged) base and novel it reports,
+    in every row but two of PromptKD's own, which no mean of per-seed HMs (never above it) explains either."""
+    reference = read_reference(REFERENCE_DIR / "base2novel_vitb16.csv")
+    off = {key for key, row in reference.items() if abs(row["hm"] - harmonic_mean(row["base"], row["novel"])) > 0.006}
+    assert len(reference) == 83 and off == {("promptkd", "stanford_cars"), ("promptkd", "ucf101")}
+    assert all(reference[key]["hm"] > harmonic_mean(reference[key]["base"], reference[key]["novel"]) for key in off)
 
 
 def test_results_without_runs_is_a_clear_error(tmp_path, capsys):

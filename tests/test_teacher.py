@@ -1,4 +1,6 @@
 """Stage 1: the prompted text tower, the teacher checkpoint, PromptSRC training and the authors' checkpoints."""
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -101,6 +103,8 @@ def test_stage1_trains_only_prompts_and_selects_on_validation(tmp_path, tiny_wei
     report = train_teacher(cfg, train, val)
     assert report["selected"] in ("gpa", f"epoch {report['best_epoch']}")  # chance-level here: see the next test
     assert len(report["history"]) == 3 and all("val_acc" in h for h in report["history"])
+    # Dassl's schedule, epoch by epoch: the warm-up lr, then the cosine over all 3 epochs counted from 0 at epoch 2.
+    assert [h["lr"] for h in report["history"]] == pytest.approx([1e-5, 0.01, 0.005 * (1 + math.cos(math.pi / 3))])
     teacher, _ = load_teacher(tmp_path / "teacher.pt")
     clip, _ = load_clip(TEACHER, str(tiny_weights["teacher"]))
     for name, value in clip.visual.state_dict().items():

@@ -41,11 +41,13 @@ class Schedule(Protocol):
 
 
 def lr_at(epoch: int, cfg: Schedule) -> float:
-    """The published schedule, per epoch: a constant warm-up lr, then cosine decay over the remaining epochs."""
+    """The lr of epoch `epoch` (counted from 0), as the authors' Dassl schedule sets it: the constant warm-up lr,
+    then a cosine whose count restarts at 0 after the warm-up (WARMUP_RECOUNT) and spans all `epochs`
+    (CosineAnnealingLR, T_max = MAX_EPOCH), stepped once after each epoch. So the first epoch after the warm-up
+    runs at `lr` and the last one above zero (20 epochs, 1 warm-up: cos(pi * 18/20), about 2.4% of `lr`)."""
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    span = max(1, cfg.epochs - cfg.warmup_epochs)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(1, cfg.epochs)))
 
 
 @dataclass
