@@ -9,6 +9,14 @@ _bulk.json in a Parquet folder, proves it): any other file at OUT is refused and
 file of another model or other options. The bundle runs as in the server: PROMPTKD_BACKEND / PROMPTKD_VARIANT and
 the other PROMPTKD_* session settings apply, and so do its image limits and memory budget.
 
+Capture (opt-in, --capture-dir): a sample of the classified images is kept as the server's PROMPTKD_CAPTURE_DIR
+keeps it, in the same folder layout, DIR/promptkd-capture/<model>/<version>/<day>/<time>-<id>.<ext> with a JSON
+note beside each, under the same policy and bounds (the --capture-* flags, each defaulting to its PROMPTKD_CAPTURE_*
+setting, else the server's default), so that a backfill feeds the next distillation as served traffic does: the
+pipeline reads DIR/promptkd-capture/<model>/<version> (data.unlabelled). A drawn image is read again from its input
+once its row is committed; a rerun never draws an input twice. A folder that cannot be used stops the job at start;
+once the bounds are reached, images are no longer kept and classification goes on.
+
 exit codes: 0 every input has its row; 1 the output could not be written (permissions, a full disk): rows
 committed are kept, rerun to finish; 2 nothing was done (bad arguments, no inputs, an output that is not bulk's, a
 bundle that cannot run); 130 interrupted: rerun to finish.
@@ -40,12 +48,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget", type=int, metavar="MIB",
                         help="MiB of decoded pixels in flight; decoding waits for room (default: "
                              "PROMPTKD_MAX_INFLIGHT_BYTES, else half the memory, at most 1024)")
+    _add_capture(parser)
     ray = parser.add_argument_group("Ray (the same job on a cluster; Parquet only)")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data: decode in tasks, classify in actors")
     ray.add_argument("--ray-address", help="cluster to join, e.g. 10.0.0.5:6379 or 'auto' (default: a local one)")
     ray.add_argument("--actors", type=int, default=2, help="classifying actors, one session each (default 2)")
     ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default 1)")
     return parser
+
+
+def _add_capture(parser: argparse.ArgumentParser) -> None:
+    """The server's PROMPTKD_CAPTURE_* settings as flags; an unset flag takes the setting from the environment,
+    else the server's default (shown), so a job and the server it backfills for keep images alike."""
+    from server.config import Settings
+
+    def default(name: str) -> str:
+        return f"default: PROMPTKD_CAPTURE_{name.upper()}, else {Settings.model_fields[f'capture_{name}'].default}"
+
+    group = parser.add_argument_group("capture (keep a sample of the images, as the server's capture does)")
+    group.add_argument("--capture-dir", type=Path, metavar="DIR",
+                       help="keep images in DIR/promptkd-capture/<model>/<version>/ (off unless given; "
+                            "PROMPTKD_CAPTURE_DIR alone does not turn it on)")
+    group.add_argument("--capture-rate", type=float, metavar="P",
+                       help=f"share of confident images kept ({default('rate')})")
+    group.add_argument("--capture-below", type=float, metavar="P",
+                       help=f"images whose top probability is under this are always kept ({default('below')})")
+    group.add_argument("--capture-max-images", type=int, metavar="N",
+                       help=f"images kept at most, the folder's earlier ones included ({default('max_images')})")
+    group.add_argument("--capture-max-bytes", type=int, metavar="N",
+                       help=f"bytes kept at most, images and notes ({default('max_bytes')})")
+    group.add_argument("--capture-retention-days", type=float, metavar="D",
+                       help=f"kept images older than this are deleted ({default('retention_days')})")
+    group.add_argument("--capture-model", metavar="NAME",
+                       help="<model> in the layout (default: the bundle manifest's name, as the server names "
+                            "PROMPTKD_BUNDLE; in a model repository the server uses the model's folder name)")
+    group.add_argument("--capture-version", type=int, default=1, metavar="N",
+                       help="<version> in the layout (default 1, as the server numbers PROMPTKD_BUNDLE; in a model "
+                            "repository: the version's folder number)")
 
 
 class StopRequest:
@@ -79,7 +118,26 @@ def _check(args: argparse.Namespace) -> str:
     fmt = format_of(args.out, args.format)
     if args.ray and fmt != "parquet":
         raise BulkError("--ray writes Parquet: give an --out ending in .parquet (or --format parquet)")
+    _check_capture(args)
     return fmt
+
+
+def _check_capture(args: argparse.Namespace) -> None:
+    """The --capture-* numbers in the server's ranges, each said in one line; BulkError otherwise."""
+    from .sources import BulkError
+
+    if args.capture_dir is not None and args.ray:
+        raise BulkError("--capture-dir runs with the local job only, not with --ray")
+    for name in ("rate", "below"):
+        value = getattr(args, f"capture_{name}")
+        if value is not None and not 0 <= value <= 1:
+            raise BulkError(f"--capture-{name} must be between 0 and 1, got {value}")
+    for name in ("max_images", "max_bytes", "version"):
+        value = getattr(args, f"capture_{name}")
+        if value is not None and value < 1:
+            raise BulkError(f"--capture-{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.capture_retention_days is not None and not args.capture_retention_days > 0:
+        raise BulkError(f"--capture-retention-days must be more than 0, got {args.capture_retention_days}")
 
 
 def _settings(args: argparse.Namespace):
@@ -88,7 +146,9 @@ def _settings(args: argparse.Namespace):
     from .sources import BulkError
 
     overrides = {"decode_threads": args.decode_threads} if args.decode_threads else {}
-    settings = Settings(bundle=args.bundle, **overrides)
+    overrides |= {f"capture_{name}": value for name in ("rate", "below", "max_images", "max_bytes", "retention_days")
+                  if (value := getattr(args, f"capture_{name}")) is not None}
+    settings = Settings(bundle=args.bundle, capture_dir=args.capture_dir, **overrides)  # only the flag turns it on
     if args.memory_budget:
         if args.memory_budget << 20 < 2 * settings.max_upload_bytes:  # an input's bytes and their copy fit
             raise BulkError(f"--memory-budget must be at least {2 * settings.max_upload_bytes >> 20} MiB: twice "
@@ -116,17 +176,34 @@ def _open(settings):
 def _run_local(args, fmt: str, settings, inputs, options, stop) -> dict:
     from tqdm import tqdm
 
-    from .job import identity, run_local
+    from .job import decode_budget, identity, run_local
     from .writers import open_writer
 
     classifier = _open(settings)
+    budget = decode_budget(settings)
+    capture = _capture(args, settings, classifier, budget)  # before any output: a folder it cannot use stops it
     writer = open_writer(args.out, fmt, identity(classifier.bundle, options, classifier.variant))
     with tqdm(total=len(inputs.names), initial=sum(uri in writer.done for uri in inputs.names), unit="img",
               desc="classify", disable=None) as bar:
-        outcome = run_local(inputs, settings, writer, options, classifier, bar, stop)
-    return {"images": outcome.images, "errors": outcome.errors, "skipped": outcome.skipped,
-            "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),
-            "out": str(args.out)}
+        outcome = run_local(inputs, settings, writer, options, classifier, bar, stop, capture, budget)
+    summary = {"images": outcome.images, "errors": outcome.errors, "skipped": outcome.skipped,
+               "seconds": round(outcome.seconds, 2), "images_per_second": round(outcome.images_per_second, 1),
+               "out": str(args.out)}
+    if capture is not None:
+        summary["capture"] = capture.summary()
+    return summary
+
+
+def _capture(args, settings, classifier, budget):
+    """The job's capture under the server's policy (settings.capture_*), or None when --capture-dir is not given."""
+    if settings.capture_dir is None:
+        return None
+    from .capture import BulkCapture
+
+    return BulkCapture(settings.capture_dir, args.capture_model or classifier.bundle.manifest.name,
+                       args.capture_version, settings.capture_rate, settings.capture_below,
+                       settings.capture_max_images, settings.capture_max_bytes, settings.capture_retention_days,
+                       budget)
 
 
 def _run_ray(args, settings, inputs, options) -> dict:

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from server.preprocess import ImageError, prepare, yield_to_the_engine
 from .ledger import Identity
 from .sources import Inputs, read_input
 from .writers import Writer
+
+if TYPE_CHECKING:
+    from .capture import BulkCapture
 
 PREFETCH_BATCHES = 4
 
@@ -114,19 +118,24 @@ class Outcome:
 
 
 def run_local(inputs: Inputs, settings: Settings, writer: Writer, options: Options, classifier: Classifier,
-              progress=None, stop: Callable[[], bool] = lambda: False) -> Outcome:
-    """Classify every input not yet written, in order, writing each batch's rows as it finishes; KeyboardInterrupt
-    after the batch during which `stop()` turned true."""
+              progress=None, stop: Callable[[], bool] = lambda: False, capture: BulkCapture | None = None,
+              budget: MemoryBudget | None = None) -> Outcome:
+    """Classify every input not yet written, in order, writing each batch's rows as it finishes, then offering them
+    to `capture` (after the commit: a rerun never draws an image twice); KeyboardInterrupt after the batch during
+    which `stop()` turned true. `budget`: the job's one memory budget, shared with the capture's re-encoding."""
     todo = [uri for uri in inputs.names if uri not in writer.done]
     size, spec = batch_size(classifier, options.batch_size), classifier.bundle.manifest.input
     errors = 0
     started = time.perf_counter()
+    budget = budget or decode_budget(settings)
     try:
         with ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode",
                                 initializer=yield_to_the_engine) as pool:
-            for uris, futures in _ahead(batches(todo, size), pool, spec, settings, inputs.unreadable):
+            for uris, futures in _ahead(batches(todo, size), pool, spec, settings, inputs.unreadable, budget):
                 rows = classify(classifier, uris, [f.result() for f in futures], options)
                 writer.write(rows)
+                if capture is not None:
+                    capture.consider(rows, settings.max_upload_bytes)
                 errors += sum(row["error"] is not None for row in rows)
                 if progress is not None:
                     progress.update(len(rows))
@@ -144,9 +153,8 @@ def load_or_known(uri: str, spec: InputSpec, settings: Settings, budget: MemoryB
 
 
 def _ahead(chunks: Iterable[list[str]], pool: ThreadPoolExecutor, spec: InputSpec, settings: Settings,
-           unreadable: dict[str, str]) -> Iterator[tuple[list[str], list[Future]]]:
+           unreadable: dict[str, str], budget: MemoryBudget) -> Iterator[tuple[list[str], list[Future]]]:
     """Batches with their decoding submitted up to PREFETCH_BATCHES ahead, so memory stays bounded."""
-    budget = decode_budget(settings)
     queue: deque[tuple[list[str], list[Future]]] = deque()
     for uris in chunks:
         queue.append((uris, [pool.submit(load_or_known, uri, spec, settings, budget, unreadable) for uri in uris]))
