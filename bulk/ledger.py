@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundle.io import read_small
+from bundle.files import read_small
 
 from .sources import BulkError
 

@@ -11,14 +11,12 @@ L2-normalised; its BatchNorm is folded into w1 and b1 at export. The int8 varian
 """
 from __future__ import annotations
 
-import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import BundleError, load_npy, read_manifest, read_verified, variant_role, verify_files
+from .files import BundleError, load_npy, read_arrays, read_manifest, read_verified, variant_role, verify_files
 from .manifest import BACKBONE_MANIFEST, BACKBONE_SCHEMA, BACKBONES_DIR, BackboneManifest, BackboneRef
 
 HEAD_KEYS = ("w1", "b1", "w2", "b2")
@@ -57,25 +55,6 @@ class Head:
             if not np.isfinite(value).all():
                 raise BundleError(f"projector {key} contains NaN or infinity")
         return cls(**{key: np.ascontiguousarray(value, dtype=np.float32) for key, value in values.items()})
-
-
-def read_arrays(source: Path | bytes, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    """Exactly `keys` from an uncompressed .npz (what np.savez writes; a path, or the bytes read_verified checked):
-    each member is read as a plain .npy (never a pickle), and only stored members are accepted, so nothing unpacks
-    to more than the file's own size."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            if sorted(members) != sorted(keys):
-                raise BundleError(f"{what} file must hold exactly {', '.join(keys)}; it holds "
-                                  f"{', '.join(members) or 'nothing'}")
-            if any(info.compress_type != zipfile.ZIP_STORED for info in members.values()):
-                raise BundleError(f"{what} file members must be stored uncompressed (np.savez)")
-            return {key: load_npy(archive.read(info), f"{what} {key}") for key, info in members.items()}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        if isinstance(err, BundleError):
-            raise
-        raise BundleError(f"{what} file is not a readable .npz of arrays: {err}") from None
 
 
 def load_prompts(source: Path | bytes, ref: BackboneRef) -> np.ndarray:

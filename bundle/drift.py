@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .domain import read_arrays
-from .io import BundleError
+from .files import BundleError, read_arrays
 
 PSI_ALERT = 0.25
 SHIFT_ALERT = 3.0

@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
-from bundle.io import NotARegularFile, load_yaml, read_small
+from bundle.files import NotARegularFile, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
 from server.rollout import RolloutConfig
 from training.data.fashion_mnist import CLASSNAMES as FASHION_MNIST_CLASSES

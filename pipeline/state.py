@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundle import sha256_file, write_atomic
-from bundle.io import read_small
+from bundle.files import read_small
 
 STATE_FILE = "pipeline_state.json"
 EVENTS_FILE = "metrics.jsonl"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bundle.io import write_atomic
+from bundle.files import write_atomic
 from server.repository import POLICY_FILE, read_config
 from server.rollout import RolloutConfig
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder

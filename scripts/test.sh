@@ -13,5 +13,6 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
       || echo "could not install chromium: the browser test will be skipped"
 fi
 .venv/bin/ruff check training export server bundle pipeline bulk bench tests
+.venv/bin/lint-imports  # the import contracts in pyproject.toml (server never imports torch, ...)
 .venv/bin/python -m pytest "$@"
 bash scripts/docker_test.sh

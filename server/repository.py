@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bundle import BACKBONES_DIR, MANIFEST_NAME, BundleError
-from bundle.io import MAX_MANIFEST_BYTES, load_yaml, read_small
+from bundle.files import MAX_MANIFEST_BYTES, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
 
 from .numbers import MAX_VERSION, version_number

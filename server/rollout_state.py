@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bundle.io import NotARegularFile, read_small, write_atomic
+from bundle.files import NotARegularFile, read_small, write_atomic
 
 log = logging.getLogger("promptkd.server")
 MAX_STATE_BYTES = 1 << 20

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import bundle.io as bundle_io
+import bundle.files as bundle_files
 from bundle import BACKBONES_DIR, BundleError, Parity, read_backbone, read_bundle
 from bundle.drift import Reference
 from export import to_trt
@@ -32,7 +32,7 @@ RUNTIMES = ["onnxruntime", *(["openvino"] if OpenVinoSession.installed() else []
 
 
 class SwapAfterHash:
-    """Stands in for hashlib in bundle.io: right after the `nth` digest equal to `sha256` is computed, the file at
+    """Stands in for hashlib in bundle.files: right after the `nth` digest equal to `sha256` is computed, the file at
     `path` is atomically replaced by `replacement` (same length, other content), as a deployment would."""
 
     def __init__(self, path: Path, sha256: str, replacement: bytes, nth: int = 1) -> None:
@@ -73,7 +73,7 @@ class _Digest:
 def swap_after_hash(monkeypatch) -> Callable[..., SwapAfterHash]:
     def install(folder: Path, entry, replacement: bytes, nth: int = 1) -> SwapAfterHash:
         swap = SwapAfterHash(folder / entry.path, entry.sha256, replacement, nth)
-        monkeypatch.setattr(bundle_io, "hashlib", types.SimpleNamespace(sha256=swap.sha256_of))
+        monkeypatch.setattr(bundle_files, "hashlib", types.SimpleNamespace(sha256=swap.sha256_of))
         return swap
     return install
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from bundle import BundleError, read_bundle, sha256_file
-from bundle.io import _umask
+from bundle.files import _umask
 from pipeline.gate import score, served_predictions, serving_version, shortfalls
 from pipeline.recipe import Recipe
 from pipeline.steps import write_rollout

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bundle import BundleError
-from bundle.io import read_manifest
+from bundle.files import read_manifest
 from bundle.manifest import READABLE_SCHEMAS, SCHEMA_VERSION, Manifest
 from server.numbers import MAX_VERSION, ascii_int, version_number, version_parameter
 from server.open_inference import HEADER_LENGTH, ProtocolError, parse_request

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bundle.io import load_yaml
+from bundle.files import load_yaml
 from pipeline import cli, runner
 from pipeline.recipe import MAX_RECIPE_BYTES, Recipe, RecipeError, load_recipe
 from pipeline.report import read_metrics
