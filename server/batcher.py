@@ -157,6 +157,7 @@ class MicroBatcher:
         self.queued_images = 0
         self.shadow_images = 0
         self.coming_images = 0  # images of requests still being decoded for this batcher
+        self._gone = asyncio.Event()  # set when coming images are gone (a decode failed or was cancelled)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._carry: _Job | None = None
         self._shadow: deque[_Job] = deque()
@@ -234,6 +235,7 @@ class MicroBatcher:
             yield
         finally:
             self.coming_images -= images
+            self._gone.set()  # a batch waiting for them need not wait any more (their job, if any, is queued)
 
     def _add_queued(self, count: int) -> None:
         self.queued_images += count
@@ -252,10 +254,15 @@ class MicroBatcher:
             return await self._queue.get()
         if timeout <= 0:
             return None if self._queue.empty() else self._queue.get_nowait()
+        self._gone.clear()
+        get, gone = asyncio.ensure_future(self._queue.get()), asyncio.ensure_future(self._gone.wait())
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+            await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not get.done():
+                get.cancel()  # the queue keeps an item a cancelled get did not return
+        return get.result() if get.done() and not get.cancelled() else None
 
     async def _collect(self, jobs: list[_Job], wait: float | None) -> list[_Job]:
         """Add waiting jobs to `jobs` while they fit in a batch, waiting at most `wait` seconds for more."""
@@ -266,7 +273,9 @@ class MicroBatcher:
                 break  # nobody else is on the way: waiting out the window would only add latency
             job = await self._next_job(None if deadline is None else deadline - time.perf_counter())
             if job is None:
-                break
+                if deadline is None or time.perf_counter() >= deadline:
+                    break
+                continue  # woken early by a decode that ended: the check above decides whether to wait on
             if jobs and count + len(job.images) > self.max_batch:
                 self._carry = job
                 break

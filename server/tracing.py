@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -88,7 +89,8 @@ def configure(exporter: SpanExporter | None = None) -> bool:
     resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER(_ARG)
+    # The sampler from OTEL_TRACES_SAMPLER(_ARG). No shutdown at exit: flush() is the bounded one.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for each in exporters:
         provider.add_span_processor(SimpleSpanProcessor(each) if exporter is not None else BatchSpanProcessor(each))
     if exporter is None:
@@ -124,9 +126,13 @@ def enabled() -> bool:
 
 
 def flush() -> None:
-    """Export the spans still queued (the server is stopping)."""
+    """Export the spans still queued (the server is stopping), for at most FLUSH_TIMEOUT_MS: the SDK's own flush
+    waits out the exporter's whole timeout (and retries) when the collector does not answer, whatever it is told,
+    so it runs on a daemon thread that the process does not wait for past the bound."""
     if _provider is not None:
-        _provider.force_flush(FLUSH_TIMEOUT_MS)
+        worker = threading.Thread(target=_provider.force_flush, name="trace-flush", daemon=True)
+        worker.start()
+        worker.join(FLUSH_TIMEOUT_MS / 1000)
 
 
 def shutdown() -> None:
@@ -196,7 +202,9 @@ def grpc_interceptors() -> list:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    return [aio_server_interceptor(tracer_provider=_provider, filter_=filters.negate(filters.health_check()))]
+    probes = filters.any_of(filters.health_check(), filters.method_name("ServerLive"),
+                            filters.method_name("ServerReady"))  # as /v2/health/* over HTTP: not traced
+    return [aio_server_interceptor(tracer_provider=_provider, filter_=filters.negate(probes))]
 
 
 def span(name: str, **attributes: Any) -> AbstractContextManager:

@@ -29,6 +29,8 @@ TOKEN = "grpc-token-0123456789abcdef0123456789"
 MAX_UPLOAD = 300_000
 MAX_REQUEST = 9_000_000
 BUDGET = 8_000_000
+MAX_QUEUE = 16  # so at most 16 + 64 inference calls open at once
+TIMEOUT_S = 4
 MAX_IMAGES = 12
 CORRUPT_PNG = b"\x89PNG\r\n\x1a\n" + b"not the rest of a png" * 4
 
@@ -43,7 +45,8 @@ def server(tmp_path_factory, bundle_dir):
     port = free_port()
     proc, url = serve(model_repository=str(root), grpc_port=str(port), admin_token=TOKEN,
                       max_upload_bytes=str(MAX_UPLOAD), max_request_bytes=str(MAX_REQUEST),
-                      max_images_per_request=str(MAX_IMAGES), max_inflight_bytes=str(BUDGET))
+                      max_images_per_request=str(MAX_IMAGES), max_inflight_bytes=str(BUDGET),
+                      max_queue_images=str(MAX_QUEUE), request_timeout_s=str(TIMEOUT_S))
     if proc.poll() is not None:
         pytest.fail(stop_server(proc))
     yield url, f"127.0.0.1:{port}"
@@ -296,3 +299,55 @@ def test_messages_drawn_from_the_proto_never_get_internal(server, data):
     request.model_name = "tiny"
     code, details, _ = _status(server[1], request.SerializeToString())
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), details
+
+
+def test_calls_that_never_send_their_message_neither_block_health_nor_stay(server, photos):
+    """More stalled ModelInfer calls than may be open (their message never comes): further inference calls are
+    refused at once, health and metadata still answer, and the stalled calls end after the request timeout."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def never():
+        release.wait(60)
+        return
+        yield  # a generator that sends nothing
+
+    channel = grpc.insecure_channel(server[1])
+    stalled = [channel.stream_unary("/inference.GRPCInferenceService/ModelInfer").future(never(), timeout=60)
+               for _ in range(MAX_QUEUE + 64)]
+    try:
+        time.sleep(1.0)
+        with grpc.insecure_channel(server[1]) as probe:
+            status = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        client = triton.InferenceServerClient(server[1])
+        assert client.is_server_live() and client.is_model_ready("tiny")
+        refused = _refused(client.infer, "tiny", [_images(photos[:1])])
+        assert refused.status() == "StatusCode.RESOURCE_EXHAUSTED" and "already open" in refused.message()
+        ended = [call.exception(timeout=TIMEOUT_S + 10) for call in stalled]
+        assert {e.code() for e in ended} == {grpc.StatusCode.DEADLINE_EXCEEDED}, {e.code() for e in ended}
+        assert client.infer("tiny", [_images(photos[:1])]).as_numpy("LABELS").shape == (1, 5)
+        client.close()
+    finally:
+        release.set()
+        for call in stalled:
+            call.cancel()
+        channel.close()
+
+
+def test_long_error_messages_are_cut_not_lost(server, photos):
+    """An error echoing a 20,000-character output name still reaches the client as INVALID_ARGUMENT: the status
+    message is cut to fit gRPC's header limits."""
+    client = triton.InferenceServerClient(server[1])
+    refused = _refused(client.infer, "tiny", [_images(photos[:1])], outputs=[triton.InferRequestedOutput("A" * 20000)])
+    client.close()
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT" and len(refused.message()) < 2100
+
+
+def test_an_ipv6_host_is_bracketed_as_grpc_reads_it():
+    from server.protocol.grpc.server import listen_address
+
+    assert listen_address("::", 8001) == "[::]:8001" and listen_address("::1", 1) == "[::1]:1"
+    assert listen_address("[::1]", 2) == "[::1]:2" and listen_address("0.0.0.0", 3) == "0.0.0.0:3"

@@ -309,3 +309,23 @@ def test_a_real_server_exports_otlp_http_from_the_environment_and_logs_trace_ids
     assert {s.name for s in spans.values() if s.parent_span_id == server[0].span_id} >= STAGES | {"read_body"}
     assert [s for s in spans.values() if s.name == "batch" and server[0].span_id in {link.span_id for link in s.links}]
     assert f'"POST /classify HTTP/1.1" 200 OK trace_id={trace_id}' in output
+
+
+def test_the_last_flush_is_bounded_when_the_collector_does_not_answer(monkeypatch):
+    """The SDK's flush waits out the exporter's whole timeout whatever it is told; the server's stops waiting after
+    FLUSH_TIMEOUT_MS, so a collector that never answers cannot hold the shutdown past a pod's grace period."""
+    import time
+
+    class Hanging:
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            time.sleep(30)
+            return False
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(tracing, "_provider", Hanging())
+    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT_MS", 200)
+    started = time.perf_counter()
+    tracing.flush()
+    assert time.perf_counter() - started < 2

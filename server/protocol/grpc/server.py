@@ -3,8 +3,9 @@ PROMPTKD_GRPC_HOST:PROMPTKD_GRPC_PORT, serving GRPCInferenceService (servicer.py
 health service (what Kubernetes' gRPC probes call: SERVING once a model version is ready).
 
 Its limits are the HTTP side's: a message over PROMPTKD_MAX_REQUEST_BYTES is refused (RESOURCE_EXHAUSTED) by gRPC
-before it is handed over, and so are calls past `max_calls` open at once; every other limit and the memory budget
-are the Service's. Connections that stall are
+before it is handed over; every other limit and the memory budget are the Service's. ModelInfer's message must
+arrive within PROMPTKD_REQUEST_TIMEOUT_S, and at most PROMPTKD_MAX_QUEUE_IMAGES + 64 of its calls are open at once
+(servicer.py); health and metadata calls are never refused for want of room. Connections that stall are
 closed by keepalive pings (a peer that stops answering them within 20 s is dropped, and its half-received messages
 with it), and a connection that has lived 30 minutes is told to reconnect (GOAWAY), which also spreads long-lived
 clients over the replicas behind a load balancer.
@@ -22,14 +23,12 @@ from .servicer import SERVICE_NAME, Servicer
 
 log = logging.getLogger("promptkd.server")
 HEALTH_POLL_S = 1.0
-STOP_GRACE_S = 5.0
+MAX_STREAMS = 100
 
 
-def max_calls(settings) -> int:
-    """Calls open at once, past which gRPC refuses new ones (RESOURCE_EXHAUSTED) before reading them: more than the
-    engine's queue could ever hold (each call carries an image at least) plus room for health and metadata calls.
-    It bounds what received messages can hold, at most this many times PROMPTKD_MAX_REQUEST_BYTES."""
-    return settings.max_queue_images + 64
+def listen_address(host: str, port: int) -> str:
+    """host:port as gRPC reads it: an IPv6 address in brackets (PROMPTKD_GRPC_HOST=:: as uvicorn's --host ::)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class GrpcServer:
@@ -38,11 +37,12 @@ class GrpcServer:
     def __init__(self, service: Service, version: str, interceptors: list = ()) -> None:
         settings = service.settings
         self.service = service
-        self.address = f"{settings.grpc_host}:{settings.grpc_port}"
-        self.server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=max_calls(settings),
-                                      options=[
+        self.address = listen_address(settings.grpc_host, settings.grpc_port)
+        self.grace_s = settings.request_timeout_s
+        self.server = grpc.aio.server(interceptors=list(interceptors), options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.max_send_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", -1),  # answers are the server's own: outputs of bounded requests
+            ("grpc.max_concurrent_streams", MAX_STREAMS),  # per connection: no one connection takes every call
             ("grpc.so_reuseport", 0),  # a port in use is an error at start-up, not two servers sharing it
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
@@ -69,7 +69,7 @@ class GrpcServer:
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(STOP_GRACE_S)
+        await self.server.stop(self.grace_s)  # calls in flight get the time a request may wait for the engine
 
     async def _report_health(self) -> None:
         """grpc.health.v1 follows readiness ("" and the inference service: SERVING while a model version is ready

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -36,9 +37,11 @@ SERVER_NAME = "promptkd"
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
           409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+          408: grpc.StatusCode.DEADLINE_EXCEEDED, 415: grpc.StatusCode.INVALID_ARGUMENT,
+          422: grpc.StatusCode.INVALID_ARGUMENT,
           499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE}
 MAX_NAME = 255  # characters of a model name or version echoed back in an error
+MAX_DETAIL = 2000  # characters of an error message: gRPC clients refuse status headers past 8 to 16 KiB
 
 
 class Servicer:
@@ -46,6 +49,9 @@ class Servicer:
 
     def __init__(self, service: Service, version: str) -> None:
         self.service, self.version = service, version
+        # Each call carries an image at least, and the engine's queue holds no more: room beyond it for a few.
+        self.max_calls = service.settings.max_queue_images + 64
+        self._infer_calls = 0
 
     def handlers(self) -> grpc.GenericRpcHandler:
         methods = {
@@ -59,31 +65,41 @@ class Servicer:
             "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest),
             "RepositoryModelUnload": (self.repository_unload, pb.RepositoryModelUnloadRequest),
         }
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            name: grpc.unary_unary_rpc_method_handler(self._call(name, method, kind),
-                                                      response_serializer=lambda message: message.SerializeToString())
-            for name, (method, kind) in methods.items()})
+        serialize = lambda message: message.SerializeToString()  # noqa: E731
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._call(name, method, kind),
+                                                              response_serializer=serialize)
+                    for name, (method, kind) in methods.items() if name != "ModelInfer"}
+        # ModelInfer carries the images: served as a stream of one message (the same on the wire as a unary call),
+        # so that its message is read here, within a time limit and a limit on calls at once, rather than waited
+        # for by gRPC however slowly it comes.
+        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+            self._call("ModelInfer", self.model_infer, pb.ModelInferRequest, streamed=True),
+            response_serializer=serialize)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    def _call(self, name: str, method: Callable[..., Awaitable], kind: type[Message]) -> Callable[..., Awaitable]:
+    def _call(self, name: str, method: Callable[..., Awaitable], kind: type[Message],
+              streamed: bool = False) -> Callable[..., Awaitable]:
         """The method with its errors turned into statuses, and the call counted and timed on /metrics. The message
         is parsed here rather than by gRPC, so that bytes that are not one get INVALID_ARGUMENT, not INTERNAL."""
         metrics = self.service.metrics
         path = f"/{SERVICE_NAME}/{name}"
 
-        async def call(body: bytes, context: grpc.aio.ServicerContext):
+        async def call(body, context: grpc.aio.ServicerContext):
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                try:
-                    request = kind.FromString(body)
-                except DecodeError:
-                    raise RequestError(400, f"not a {kind.__name__} message") from None
-                return await method(request, context)
+                if streamed:
+                    with self._calls_at_once():
+                        body = await self._message(body)
+                        return await method(_parse(kind, body), context)
+                return await method(_parse(kind, body), context)
             except RequestError as err:
                 code = STATUS.get(err.status, grpc.StatusCode.INTERNAL if err.status >= 500
                                   else grpc.StatusCode.INVALID_ARGUMENT)
                 await _abort(context, code, err)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                remaining = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+                    grpc.StatusCode.CANCELLED
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
@@ -94,6 +110,29 @@ class Servicer:
                 metrics.grpc_latency.labels(path).observe(time.perf_counter() - started)
 
         return call
+
+    @contextmanager
+    def _calls_at_once(self):
+        """At most max_calls ModelInfer calls at once; further ones are refused before their message is read."""
+        if self._infer_calls >= self.max_calls:
+            raise RequestError(413, f"{self._infer_calls} inference calls are already open (the limit is "
+                                    f"PROMPTKD_MAX_QUEUE_IMAGES + 64 = {self.max_calls}); retry later")
+        self._infer_calls += 1
+        try:
+            yield
+        finally:
+            self._infer_calls -= 1
+
+    async def _message(self, requests) -> bytes:
+        """The call's one message, if it arrives within PROMPTKD_REQUEST_TIMEOUT_S: a client that opens a call and
+        sends its message slowly, or never, gives its stream back then."""
+        timeout = self.service.settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(anext(requests), timeout)
+        except StopAsyncIteration:
+            raise RequestError(400, "the call ended without a request message") from None
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request message did not arrive within {timeout} s") from None
 
     async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.health_failure() is None)
@@ -163,20 +202,32 @@ class Servicer:
             raise refusal
 
 
+def _parse(kind: type[Message], body: bytes) -> Message:
+    try:
+        return kind.FromString(body)
+    except DecodeError:
+        raise RequestError(400, f"not a {kind.__name__} message") from None
+
+
 async def _abort(context, code: grpc.StatusCode, err: RequestError) -> None:
-    """Abort with the error's message; a retry hint (HTTP's Retry-After) goes into the trailers as `retry-after`
-    and as gRPC's own `grpc-retry-pushback-ms`."""
+    """Abort with the error's message (cut to MAX_DETAIL: the status travels in a header, and a long one would be
+    refused by the client's transport instead); a retry hint (HTTP's Retry-After) goes into the trailers as
+    `retry-after` and as gRPC's own `grpc-retry-pushback-ms`."""
     retry = (err.headers or {}).get("Retry-After")
     if retry is not None:
         context.set_trailing_metadata((("retry-after", retry), ("grpc-retry-pushback-ms", str(int(retry) * 1000))))
-    await context.abort(code, str(err.detail))
+    detail = str(err.detail)
+    await context.abort(code, detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "...")
 
 
 def _headers(context) -> dict[str, str]:
     """The call's metadata as lower-case headers (text values only): what routing reads (a rollout's sticky
     header) and what the admin check reads."""
-    return {key.lower(): value for key, value in (context.invocation_metadata() or ())
-            if isinstance(value, str) and not key.endswith("-bin")}
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str) and not key.endswith("-bin"):
+            headers.setdefault(key.lower(), value)  # the first of repeated keys, as HTTP's headers.get gives
+    return headers
 
 
 def _cancelled(context) -> Callable[[], Awaitable[bool]]:
