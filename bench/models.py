@@ -43,7 +43,8 @@ def start(root: Path, args, **settings: str) -> tuple[subprocess.Popen, str]:
     env.update({f"PROMPTKD_{k.upper()}": v for k, v in settings.items()})
     env.update(PROMPTKD_MODEL_REPOSITORY=str(root), PROMPTKD_ENGINE_SLOTS="1",
                PROMPTKD_MAX_BATCH_SIZE=str(args.max_batch_size), PROMPTKD_INTRA_OP_THREADS=str(args.threads),
-               PROMPTKD_MAX_QUEUE_IMAGES=str(4 * args.concurrency), PROMPTKD_REQUEST_TIMEOUT_S="600")
+               PROMPTKD_MAX_QUEUE_IMAGES=str(4 * args.concurrency), PROMPTKD_REQUEST_TIMEOUT_S="600",
+               PROMPTKD_GRPC_PORT="0")  # servers side by side, measured over HTTP: no gRPC port to share
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port),
                                "--log-level", "warning"], cwd=REPO, env=env)
     return server, f"http://127.0.0.1:{port}"

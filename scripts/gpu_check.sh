@@ -103,7 +103,7 @@ step() {  # name seconds "probes..." command...
 
 serve_one_photo() {  # env assignments for the server...; posts one real photo and prints the answer
     local port=8765
-    env "$@" PROMPTKD_BUNDLE="$BUNDLE" $PY -m uvicorn server.main:app --host 127.0.0.1 --port $port &
+    env "$@" PROMPTKD_BUNDLE="$BUNDLE" PROMPTKD_GRPC_PORT=0 $PY -m uvicorn server.main:app --host 127.0.0.1 --port $port &
     local pid=$!
     trap 'kill $pid 2>/dev/null' RETURN
     for _ in $(seq 60); do
