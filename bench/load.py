@@ -257,12 +257,7 @@ def measure_loop(urls: dict[str, str], data: list[bytes], concurrency: int, args
     for share in np.array_split(np.arange(requests), args.rounds):
         for name, url in urls.items():
             parts[name].append(asyncio.run(load_level(url, data, concurrency, len(share))))
-    row = {"concurrency": concurrency, "requests": requests}
-    for name, runs in parts.items():
-        wall = sum(p["wall_s"] for p in runs)
-        row[name] = {"images_per_s": sum(p["requests"] - p["errors"] for p in runs) / wall,
-                     "p50_ms": statistics.median(p["p50_ms"] for p in runs),
-                     "p99_ms": max(p["p99_ms"] for p in runs), "errors": sum(p["errors"] for p in runs)}
+    row = {"concurrency": concurrency, "requests": requests, **{name: summary(runs) for name, runs in parts.items()}}
     print(f"concurrency {concurrency}: on/off {row['on']['images_per_s'] / row['off']['images_per_s']:.3f}",
           file=sys.stderr, flush=True)
     return row

@@ -2,7 +2,9 @@
 bundle exported from a short distillation. Session-scoped so the suite builds them once."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -180,3 +182,21 @@ def demo_workdir(tmp_path_factory) -> tuple[Path, float]:
     subprocess.run(["bash", "scripts/build_demo_bundle.sh", str(work)], cwd=Path(__file__).resolve().parents[1],
                    env=env, check=True, timeout=1800, stdout=subprocess.DEVNULL)
     return work, time.time() - started
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(point: Path, options: str):
+    """A tmpfs mounted at point with these mount options (a size to fill, `ro` for a read-only disk), always
+    unmounted after; the test is skipped, saying so, where mounting is not permitted (root and mount(8) only)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8): the read-only or full disk is not tested")
+    point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}): not tested")
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)

@@ -3,11 +3,9 @@ by the pipeline's own reader; its bounds respected while classification goes on;
 start in one line; a write failing mid-run counted, never the job's end."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,6 +24,7 @@ from server.main import create_app
 from server.metrics import Metrics
 from training.data.datasets import find_images
 
+from conftest import mounted_tmpfs
 from test_bulk import bulk, read_rows
 
 DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -225,26 +224,9 @@ def test_a_full_capture_stops_keeping_and_classification_goes_on(bundle_dir, pho
     assert proc.stderr.count("capture is full") == 1 and "Traceback" not in proc.stderr
 
 
-@contextlib.contextmanager
-def read_only_disk(point: Path):
-    """A tmpfs mounted read-only at point (root and mount(8) only; skipped elsewhere), always unmounted after."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8): the read-only capture folder is not tested")
-    point.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(point)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}): not tested")
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 def test_a_read_only_capture_folder_is_one_line_at_start(bundle_dir, photos, tmp_path):
     out = tmp_path / "rows.jsonl"
-    with read_only_disk(tmp_path / "disk") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "size=1m,ro") as disk:
         proc, _ = run(photos, out, "--bundle", str(bundle_dir), "--capture-dir", str(disk))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"error: --capture-dir {disk}: images cannot be kept" in proc.stderr

@@ -10,10 +10,8 @@ import contextlib
 import errno
 import io
 import os
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,8 @@ from server.capture import Capture
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
+
+from conftest import mounted_tmpfs
 
 OLD_DAY = "2020-01-01"
 DAYS_AGO = time.time() - 3 * 86400  # past the 2-day retention these tests sweep with
@@ -79,24 +79,6 @@ def old(*paths: Path, data: bytes = b"x" * 10) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, (DAYS_AGO, DAYS_AGO))
-
-
-@contextlib.contextmanager
-def tmpfs(point: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of this size mounted at point (to remount read-only or to fill), always unmounted after; the test is
-    skipped where mounting is not permitted."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8): the read-only remount and the full disk are not tested")
-    point.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}): not tested")
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def remount(point: Path, mode: str) -> None:
@@ -154,7 +136,7 @@ def test_a_sweep_that_fails_never_stops_the_writer(tmp_path, monkeypatch):
 
 
 def test_a_read_only_remount_is_survived_and_capture_resumes(tmp_path):
-    with tmpfs(tmp_path / "disk", "8m") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "size=8m") as disk:
         metrics = Metrics()
         capture = keeper(disk, metrics)
         try:
@@ -175,7 +157,7 @@ def test_a_read_only_remount_is_survived_and_capture_resumes(tmp_path):
 
 
 def test_a_full_disk_drops_images_and_never_fails_a_request(bundle_dir, photos, tmp_path):
-    with tmpfs(tmp_path / "disk", "256k") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "size=256k") as disk:
         settings = Settings(bundle=bundle_dir, capture_dir=disk, capture_rate=1.0)
         with TestClient(create_app(settings)) as client:
             capture = client.app.state.service.capture
