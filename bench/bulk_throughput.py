@@ -24,7 +24,7 @@ from bulk.job import Options, identity, open_classifier, run_local
 from bulk.sources import Inputs
 from bulk.writers import open_writer
 from server.config import Settings
-from server.preprocess import prepare
+from server.runtime.preprocess import prepare
 
 
 def photos(count: int, folder: Path) -> list[str]:

@@ -3,7 +3,7 @@ what the process's resident set really grew by.
 
     python bench/decode_memory.py [--side 6324] [--size 224]
 
-Each image is prepared (server.preprocess.prepare: decode, narrow, resize, normalise) in a fresh Python process
+Each image is prepared (server.runtime.preprocess.prepare: decode, narrow, resize, normalise) in a fresh Python process
 with the server image's malloc settings, after a warm-up on a small image of the same kind (so plugin and
 library start-up is not counted). The peak is read from /proc: the high-water mark is reset (clear_refs) just
 before the image is prepared, and the peak increase is VmHWM after minus VmRSS before. The images are all-zero,
@@ -31,7 +31,7 @@ import json, sys
 from pathlib import Path
 from bundle import InputSpec
 from server.budget import MemoryBudget
-from server.preprocess import prepare
+from server.runtime.preprocess import prepare
 
 def status(key):
     return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith(key))

@@ -32,7 +32,7 @@ from export.parity import load_images
 from bundle import cpu_flags
 from bundle.parity import compare
 from export.variants import build_fp16, build_int8, build_optimized
-from server.sessions.openvino import OpenVinoSession
+from server.runtime.sessions.openvino import OpenVinoSession
 from training.checkpoint import build_student
 from training.prompts import PromptedVisionTower
 from training.towers import freeze, load_clip
@@ -147,7 +147,7 @@ def gpu_engines(student, fp32: Path, folder: Path, image_size: int, max_batch: i
         print("onnxruntime has no CUDA provider (pip install onnxruntime-gpu): its engines left out", file=sys.stderr)
     try:
         from export.to_trt import build_engine
-        from server.sessions.trt import TrtSession
+        from server.runtime.sessions.trt import TrtSession
 
         plan = folder / "student.fp16.plan"
         plan.write_bytes(build_engine(fp32, image_size, (1, 8, max_batch), True, 4.0, None))

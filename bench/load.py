@@ -73,7 +73,7 @@ class BareEngine:
     def __init__(self, bundle: Path, threads: int) -> None:
         from bundle import read_bundle
         from server.config import Settings
-        from server.sessions.choice import open_session
+        from server.runtime.sessions.choice import open_session
 
         loaded = read_bundle(bundle)
         choice = open_session(loaded, Settings(bundle=bundle, intra_op_threads=threads))

@@ -17,9 +17,9 @@ import numpy as np
 
 from bundle import Bundle, InputSpec
 from server.budget import MemoryBudget, OverBudget
-from server.classifier import Classifier, Vocabulary
+from server.repository.classifier import Classifier, Vocabulary
 from server.config import Settings
-from server.preprocess import ImageError, prepare, yield_to_the_engine
+from server.runtime.preprocess import ImageError, prepare, yield_to_the_engine
 
 from .ledger import Identity
 from .sources import Inputs, read_input

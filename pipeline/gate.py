@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from bundle import Bundle, BundleError, backbone_folder, check_fits, read_backbone, read_bundle
-from server.preprocess import DEFAULT_MAX_PIXELS, ImageError, prepare
-from server.repository import VersionFolder, read_model
+from server.defaults import DEFAULT_MAX_PIXELS
+from server.runtime.preprocess import ImageError, prepare
+from server.repository.layout import VersionFolder, read_model
 from training.data.datasets import Split
 
 UNREAD = -2  # a photo the serving bundle's preprocessing refuses: left out of both sides' figures

@@ -22,7 +22,7 @@ from pydantic import (
 
 from bundle.files import NotARegularFile, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
-from server.rollout import RolloutConfig
+from server.loop.rollout import RolloutConfig
 from training.data.fashion_mnist import CLASSNAMES as FASHION_MNIST_CLASSES
 from training.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from training.data.names import DATASETS
@@ -244,7 +244,7 @@ class Export(Section):
     rollout: RolloutConfig | None = Field(None, description="with repository: written as the model's model.yaml "
                                           "(`rollout:`, the keys given) when the model has none yet, so that the "
                                           "server measures each new version against the serving one before it "
-                                          "serves (server/rollout.py); an existing model.yaml is never changed")
+                                          "serves (server/loop/rollout.py); an existing model.yaml is never changed")
 
 
 class Gate(Section):

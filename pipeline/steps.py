@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from bundle.files import write_atomic
-from server.repository import POLICY_FILE, read_config
-from server.rollout import RolloutConfig
+from server.repository.layout import POLICY_FILE, read_config
+from server.loop.rollout import RolloutConfig
 from training.data.datasets import Split, few_shot_splits, find_images, load_coop_split, load_image_folder
 
 from .recipe import STAND_IN, Data, Recipe, Tower, full_batches

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .budget import default_budget
-from .preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
+from .defaults import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("promptkd.server")
 MIN_TOKEN_LENGTH = 32

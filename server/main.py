@@ -1,11 +1,12 @@
 """The HTTP layer: `PROMPTKD_BUNDLE=path/to/bundle uvicorn server.main:app` (one bundle), or
-`PROMPTKD_MODEL_REPOSITORY=DIR` (models and versions, Triton's layout: repository.py, models.py).
+`PROMPTKD_MODEL_REPOSITORY=DIR` (models and versions, Triton's layout: repository/).
 
-Routes are thin: each hands its request to the Service (service.py), where the request path reads top to
-bottom. Middleware (middleware.py) checks the admin token and the body size as the body streams, and counts
-requests; admin routes live in admin.py, the Open Inference Protocol's (/v2, for Triton and KServe clients) in
-v2.py. `GET /` answers browsers with the web page in static/ (plain HTML, CSS and JS, served from this origin)
-and every other client with the model card as JSON.
+Routes are thin: each hands its request to the Service (protocol/dataplane.py), where the request path reads top
+to bottom. Middleware (protocol/rest/middleware.py) checks the admin token and the body size as the body streams,
+and counts requests; admin routes live in protocol/rest/admin.py, the Open Inference Protocol's (/v2, for Triton
+and KServe clients) in protocol/rest/v2.py and over gRPC in protocol/grpc/. `GET /` answers browsers with the
+web page in static/ (plain HTML, CSS and JS, served from this origin) and every other client with the model card
+as JSON.
 """
 from __future__ import annotations
 
@@ -23,19 +24,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from . import admin, openapi, tracing, v2
+from . import tracing
 from .config import Settings
+from .errors import RequestError
 from .metrics import Metrics
-from .auth import admin_paths
-from .middleware import AdminGate, BodyLimit, RequestMetrics, error_body
 from .numbers import VERSION_PATTERN
-from .repository import MODEL_NAME
-from .schemas import (
+from .protocol.auth import admin_paths
+from .protocol.dataplane import Service
+from .protocol.grpc.server import GrpcServer
+from .protocol.rest import admin, openapi, v2
+from .protocol.rest.middleware import AdminGate, BodyLimit, RequestMetrics, error_body
+from .protocol.schemas import (
     ClassifyResponse, EmbedResponse, ErrorResponse, Health, InvalidRequest, Labels, ModelInfo, Ready,
 )
-from .errors import RequestError
-from .protocol.grpc.server import GrpcServer
-from .service import Service
+from .repository.layout import MODEL_NAME
 
 log = logging.getLogger("promptkd.server")
 VERSION = "0.2.0"

@@ -10,7 +10,7 @@ from bundle import BundleError, Parity
 from export import to_trt
 from server.config import Settings
 from server.main import create_app
-from server.sessions.openvino import OpenVinoSession
+from server.runtime.sessions.openvino import OpenVinoSession
 
 from conftest import foolbox_jpegs
 

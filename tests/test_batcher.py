@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from server.batcher import EngineGate, MicroBatcher
+from server.runtime.batcher import EngineGate, MicroBatcher
 from server.metrics import Metrics
 
 WINDOW_MS = 2000  # long, so that waiting it out shows

@@ -18,7 +18,8 @@ from PIL import Image
 
 from bulk.capture import BulkCapture
 from bulk.sources import BulkError
-from server import capture as server_capture
+from server.loop import capture as server_capture
+from server.loop import capture_folder
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
@@ -42,7 +43,7 @@ def kept(folder: Path) -> dict[str, tuple[bytes, dict]]:
     plus a counter: (image bytes, its note without the time)."""
     found: dict[str, tuple[bytes, dict]] = {}
     for path in sorted((folder / "promptkd-capture").rglob("*")):
-        if path.is_file() and path.suffix != ".json" and path.name != server_capture.MARKER:
+        if path.is_file() and path.suffix != ".json" and path.name != capture_folder.MARKER:
             parts = path.relative_to(folder).parts
             assert DAY.fullmatch(parts[-2]) and STEM.fullmatch(path.stem), parts
             note = json.loads(path.with_suffix(".json").read_text())
@@ -94,10 +95,10 @@ def test_the_files_are_the_server_s_for_the_same_images(inputs, tmp_path):
     assert sorted(k.split("#")[0] for k in ours) == ["promptkd-capture/tiny-test/1/<day>/<stem>.jpg",
                                                      "promptkd-capture/tiny-test/1/<day>/<stem>.png",
                                                      "promptkd-capture/tiny-test/1/<day>/<stem>.png"]
-    marker = Path("promptkd-capture") / server_capture.MARKER
+    marker = Path("promptkd-capture") / capture_folder.MARKER
     assert (tmp_path / "bulk" / marker).read_bytes() == (tmp_path / "server" / marker).read_bytes()
     shared = keeper(tmp_path / "server", max_images=4)  # the server's folder: its 3 images count
-    assert shared.images == 3
+    assert shared.store.images == 3
     shared.consider(rows_of(inputs), 1 << 20)
     assert shared.outcomes == {"saved": 1, "dropped_full": 2} and len(kept(tmp_path / "server")) == 4
 
@@ -136,7 +137,7 @@ def test_a_write_that_fails_mid_run_is_counted_and_the_next_one_is_kept(inputs, 
         raise OSError(errno.EROFS, "Read-only file system")
 
     with monkeypatch.context() as patch:
-        patch.setattr(server_capture, "_write_atomic", read_only)
+        patch.setattr(capture_folder, "_write_atomic", read_only)
         job.consider(rows_of(inputs[:2]), 1 << 20)
     job.consider(rows_of([tmp_path / "not-there.png"]) + rows_of(inputs[2:]), 1 << 20)
     assert job.outcomes == {"failed": 3, "saved": 1}

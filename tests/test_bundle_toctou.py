@@ -22,9 +22,9 @@ import bundle.files as bundle_files
 from bundle import BACKBONES_DIR, BundleError, Parity, read_backbone, read_bundle
 from bundle.drift import Reference
 from export import to_trt
-from server.sessions.choice import open_session
-from server.sessions.openvino import OpenVinoSession
-from server.sessions.ort import OrtSession
+from server.runtime.sessions.choice import open_session
+from server.runtime.sessions.openvino import OpenVinoSession
+from server.runtime.sessions.ort import OrtSession
 
 from test_trt_logic import FakeCuda, fake_tensorrt, install_fakes
 
@@ -267,8 +267,8 @@ def test_a_domains_file_swapped_after_its_checksum_is_never_parsed(repo_copy, sw
 def test_a_backbone_graph_swapped_after_its_checksum_is_never_run(repo_copy, swap_after_hash, nth):
     """Through the server's shared backbones: verified when read (nth=1 swaps there), loaded later (nth=2 swaps
     as the session's bytes are read)."""
-    from server.backbones import Backbones
-    from server.batcher import EngineGate
+    from server.repository.backbones import Backbones
+    from server.runtime.batcher import EngineGate
     from server.config import Settings
     from server.metrics import Metrics
 

@@ -15,7 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server import capture as capture_module
+from server.loop import capture as capture_module
+from server.loop import capture_folder
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
@@ -88,7 +89,7 @@ def test_a_folder_that_cannot_be_written_never_fails_a_request(bundle_dir, photo
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(capture_module, "_write_atomic", full_disk)
+    monkeypatch.setattr(capture_folder, "_write_atomic", full_disk)
     metrics = classify_all(Settings(bundle=bundle_dir, capture_dir=tmp_path / "full", capture_rate=1.0), photos)
     assert f'promptkd_captured_total{{outcome="failed"}} {float(len(photos))}' in metrics
 
@@ -102,13 +103,13 @@ def test_old_images_are_swept_and_gifs_kept_as_png(tmp_path):
         path.write_bytes(b"x" * 10)
         path.with_suffix(".json").write_text("{}")
     os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
-    keeper._count_existing()
-    assert keeper.images == 2
-    keeper._sweep()
-    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and keeper.images == 1
+    keeper.store.count()
+    assert keeper.store.images == 2
+    keeper.store.sweep()
+    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and keeper.store.images == 1
     gif = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(gif, format="GIF")
-    data, extension = keeper._encoded(gif.getvalue())
+    data, extension = keeper.store._encoded(gif.getvalue())
     assert extension == ".png" and Image.open(io.BytesIO(data)).format == "PNG"
     keeper.stop()
 
@@ -127,7 +128,7 @@ def test_the_notes_count_toward_the_byte_bound(tmp_path):
     keeper.offer(data, "m", "1", "shirt", 0.9)
     keeper.stop()
     on_disk = sum(p.stat().st_size for p in (tmp_path / "capture").rglob("*") if p.suffix in (".png", ".json"))
-    assert on_disk > len(data) and keeper.bytes == on_disk
+    assert on_disk > len(data) and keeper.store.bytes == on_disk
     again = capture_module.Capture(tmp_path / "capture", Metrics(), 1.0, 0.5, 100, 1 << 20, retention_days=2)
     again.stop()
-    assert (again.images, again.bytes) == (1, on_disk)
+    assert (again.store.images, again.store.bytes) == (1, on_disk)

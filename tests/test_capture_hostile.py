@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server import capture as capture_module
-from server.capture import Capture
+from server.loop import capture_folder
+from server.loop.capture import Capture
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
@@ -94,7 +94,7 @@ def test_the_writer_survives_a_cleanup_that_fails(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
 
     with monkeypatch.context() as patch:
-        patch.setattr(capture_module, "_write_atomic", read_only)
+        patch.setattr(capture_folder, "_write_atomic", read_only)
         patch.setattr(Path, "unlink", read_only)
         offer(capture, 1, 2)
         wait_for(metrics, "failed", 2)
@@ -113,7 +113,7 @@ def test_the_writer_survives_any_exception(tmp_path, monkeypatch):
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Capture, "_write", broken)
+        patch.setattr(capture_folder.CaptureFolder, "_write", broken)
         offer(capture, 1)
         wait_for(metrics, "failed", 1)
     offer(capture, 2)
@@ -128,8 +128,8 @@ def test_a_sweep_that_fails_never_stops_the_writer(tmp_path, monkeypatch):
     def unreadable():
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(capture_module, "SWEEP_S", -1)  # a sweep before every image
-    monkeypatch.setattr(capture, "_count_existing", unreadable)
+    monkeypatch.setattr(capture_folder, "SWEEP_S", -1)  # a sweep before every image
+    monkeypatch.setattr(capture.store, "count", unreadable)
     offer(capture, 1, 2)
     wait_for(metrics, "saved", 2)
     capture.stop()
@@ -197,12 +197,13 @@ def test_foreign_files_survive_a_sweep(tmp_path):
     old(*own, data=b"y" * 100)
     stale = root / "m" / "1" / OLD_DAY / f".{name(7)}.png.tmp"  # a write of capture's cut short: swept, never counted
     stale.write_bytes(b"z" * 50)
-    capture._count_existing()
-    assert (capture.images, capture.bytes) == (1, 200), "only capture's own image is counted, with its note's bytes"
-    capture._sweep()
+    capture.store.count()
+    assert (capture.store.images, capture.store.bytes) == (1, 200), \
+        "only capture's own image is counted, with its note's bytes"
+    capture.store.sweep()
     capture.stop()
     assert all(p.exists() for p in foreign + inside), [p for p in foreign + inside if not p.exists()]
-    assert not any(p.exists() for p in [*own, stale]) and (capture.images, capture.bytes) == (0, 0)
+    assert not any(p.exists() for p in [*own, stale]) and (capture.store.images, capture.store.bytes) == (0, 0)
     assert (root / ".promptkd-capture").is_file(), "capture marks its own folder"
 
 
@@ -234,9 +235,9 @@ def test_links_are_never_followed_nor_counted(tmp_path):
     links = [day / f"{name(2)}.png", day / f"{name(2)}.json"]  # linked files with capture's own names
     links[0].symlink_to(photo)
     links[1].symlink_to(elsewhere[1])
-    capture._count_existing()
-    assert (capture.images, capture.bytes) == (0, 0), "a link is never counted"
-    capture._sweep()
+    capture.store.count()
+    assert (capture.store.images, capture.store.bytes) == (0, 0), "a link is never counted"
+    capture.store.sweep()
     capture.stop()
     assert all(p.exists() for p in [*elsewhere, photo]), "nothing is deleted through a link"
     assert all(p.is_symlink() for p in [root / "m", root / "n" / "1" / OLD_DAY, *links]), "nor the link itself"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bundle import InputSpec
-from server.preprocess import DRAFT_TOLERANCE, ImageError, decode, prepare, to_tensor
+from server.runtime.preprocess import DRAFT_TOLERANCE, ImageError, decode, prepare, to_tensor
 
 from bench.decode_memory import measure, saved as _saved
 from conftest import foolbox_jpegs

@@ -19,11 +19,11 @@ from export.build import build_bundle
 from export.domain import build_domain, fold_head
 from export.domain_cli import main as domain_cli
 from export.parity import load_images, run_graph
-from server.batcher import EngineGate
+from server.runtime.batcher import EngineGate
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
-from server.models import Models
+from server.repository.models import Models
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.datasets import find_images
 from training.transforms import eval_transform
@@ -165,7 +165,7 @@ def test_a_mixed_batch_gives_each_row_what_its_domain_alone_gives(repo, photos):
 
 
 def test_one_flooded_domain_does_not_refuse_the_others(repo, photos):
-    from server.batcher import Overloaded
+    from server.runtime.batcher import Overloaded
 
     async def scenario():
         settings = Settings(model_repository=repo[0], max_batch_size=4, max_queue_images=6, max_images_per_request=6,

@@ -14,7 +14,7 @@ from bundle.drift import PSI_ALERT, SHIFT_ALERT, Reference
 from export.build import build_bundle
 from export.calibration import softmax
 from server.config import Settings
-from server.drift import MIN_IMAGES, DriftMonitor
+from server.loop.drift import MIN_IMAGES, DriftMonitor
 from server.main import create_app
 from training.data.datasets import find_images
 

@@ -20,7 +20,7 @@ from bundle.files import _umask
 from pipeline.gate import score, served_predictions, serving_version, shortfalls
 from pipeline.recipe import Recipe
 from pipeline.steps import write_rollout
-from server.repository import read_config
+from server.repository.layout import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "next_version_from_capture.yaml"

@@ -16,8 +16,8 @@ from bundle import BundleError
 from bundle.files import read_manifest
 from bundle.manifest import READABLE_SCHEMAS, SCHEMA_VERSION, Manifest
 from server.numbers import MAX_VERSION, ascii_int, version_number, version_parameter
-from server.open_inference import HEADER_LENGTH, ProtocolError, parse_request
-from server.repository import MAX_POLICY_DEPTH, ModelConfig, read_config
+from server.protocol.open_inference import HEADER_LENGTH, ProtocolError, parse_request
+from server.repository.layout import MAX_POLICY_DEPTH, ModelConfig, read_config
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from bundle import InputSpec
-from server.preprocess import DRAFT_TOLERANCE, ImageError, decode, prepare, to_tensor
+from server.runtime.preprocess import DRAFT_TOLERANCE, ImageError, decode, prepare, to_tensor
 from training.data.datasets import find_images
 from training.towers import Preprocess
 from training.transforms import eval_transform

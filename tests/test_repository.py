@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from server.config import Settings
 from server.main import create_app
-from server.repository import ModelConfig, read_config, scan
+from server.repository.layout import ModelConfig, read_config, scan
 
 from conftest import derive_bundle, serve, stop_server
 

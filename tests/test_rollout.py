@@ -17,11 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bundle import MANIFEST_NAME, file_entry, read_bundle, write_labels_and_vectors
-from server.batcher import EngineGate, MicroBatcher, Overloaded
+from server.runtime.batcher import EngineGate, MicroBatcher, Overloaded
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
-from server.repository import read_config
+from server.repository.layout import read_config
 
 TOKEN = "rollout-token-0123456789abcdef012345"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

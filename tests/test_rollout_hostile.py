@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from server.backbones import DomainBatcher, Engine
-from server.batcher import EngineGate, MicroBatcher
+from server.repository.backbones import DomainBatcher, Engine
+from server.runtime.batcher import EngineGate, MicroBatcher
 from server.metrics import Metrics
 
 from test_rollout import ADMIN, FAST, client, index, permuted_copy, post, repository, wait_until

@@ -126,7 +126,7 @@ def test_cpu_quota_and_memory_limit_come_from_the_cgroup(tmp_path):
 def test_an_engine_that_cannot_run_never_serves(bundle_dir, monkeypatch, tmp_path):
     """Warm-up is part of loading: a single bundle whose engine fails stops the start-up with the reason; in a
     repository that version is reported UNAVAILABLE and the server stays up, not ready."""
-    from server.classifier import Classifier
+    from server.repository.classifier import Classifier
 
     def broken(self, batch):
         raise RuntimeError("engine exploded")
@@ -292,7 +292,7 @@ def test_work_for_a_client_that_went_away_is_dropped(bundle_dir, fmnist):
 
 
 def test_parts_are_counted_while_the_body_streams(bundle_dir, fmnist):
-    from server.middleware import PartCounter
+    from server.protocol.rest.middleware import PartCounter
 
     counter = PartCounter(b'multipart/form-data; boundary="xyz"', limit=2)
     for chunk in (b"--xy", b"z\r\n1\r\n--", b"xyz\r\n2\r\n--xyz--"):  # delimiters split across chunks

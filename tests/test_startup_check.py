@@ -7,7 +7,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-import server.sessions.choice as engine
+import server.runtime.sessions.choice as engine
 from bundle import MANIFEST_NAME, cpu_flags, read_bundle
 from export.build import build_bundle
 from export.variants import NON_SATURATING_INT8

@@ -236,7 +236,7 @@ def test_tensorrt_11_builds_fp16_from_the_fp16_graph_only(fakes, bundle_dir):
 
 
 def test_the_session_pads_under_the_profile_minimum_and_refuses_over_its_maximum(fakes, tmp_path):
-    from server.sessions.trt import TrtSession
+    from server.runtime.sessions.trt import TrtSession
 
     _, cuda = fakes(11, profile=(2, 8, 16))
     (tmp_path / "e.plan").write_bytes(b"engine")
@@ -254,7 +254,7 @@ def test_the_session_pads_under_the_profile_minimum_and_refuses_over_its_maximum
 
 
 def test_an_engine_for_another_gpu_or_tensorrt_is_refused_before_loading(fakes, tmp_path):
-    from server.sessions.trt import TensorRTUnavailable, TrtSession
+    from server.runtime.sessions.trt import TensorRTUnavailable, TrtSession
 
     fakes(11, capability=(8, 0))
     (tmp_path / "e.plan").write_bytes(b"engine")

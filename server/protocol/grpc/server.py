@@ -18,7 +18,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ...service import Service
+from ..dataplane import Service
 from .servicer import SERVICE_NAME, Servicer
 
 log = logging.getLogger("promptkd.server")

@@ -1,5 +1,5 @@
 """The Open Inference Protocol's gRPC methods (predict_v2.proto), each a thin face over the Service: the same models,
-versions, limits, memory budget, batching and admin token as v2 over HTTP (v2.py), and the same answers.
+versions, limits, memory budget, batching and admin token as v2 over HTTP (rest/v2.py), and the same answers.
 
 A `RequestError` becomes the gRPC status its HTTP status stands for (STATUS): bad input is INVALID_ARGUMENT,
 over-limit input RESOURCE_EXHAUSTED, overload UNAVAILABLE with a `retry-after` (seconds) and
@@ -20,15 +20,15 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from pydantic import ValidationError
 
-from ... import open_inference
-from ...auth import admin_refusal
 from ...budget import OverBudget
 from ...errors import RequestError
 from ...numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
-from ...open_inference import EXTENSIONS, INPUT, ProtocolError
-from ...repository import MODEL_NAME
-from ...schemas import InferenceRequest
-from ...service import Answer, Service
+from ...repository.layout import MODEL_NAME
+from .. import open_inference
+from ..auth import admin_refusal
+from ..dataplane import Answer, Service
+from ..open_inference import EXTENSIONS, INPUT, ProtocolError
+from ..schemas import InferenceRequest
 from . import predict_v2_pb2 as pb
 
 log = logging.getLogger("promptkd.server")

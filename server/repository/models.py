@@ -7,7 +7,7 @@ version that is replaced or unloaded leaves the routing at once but finishes its
 stops. A version that fails is reported (UNAVAILABLE, with the reason) and never takes traffic; it is tried again
 only when its folder changes or a load call names it.
 
-Which versions serve follows the model's policy (repository.py) and the operator's calls: a load call naming a
+Which versions serve follows the model's policy (layout.py) and the operator's calls: a load call naming a
 version loads it whatever the policy and makes it the default until the next load call (rollback); an unload call
 takes versions out until a load call brings them back (a version the policy pins cannot be unloaded).
 """
@@ -23,21 +23,21 @@ import numpy as np
 
 from bundle import BundleError, read_bundle
 
+from ..config import Settings
+from ..errors import RequestError
+from ..loop.drift import DriftMonitor
+from ..loop.rollout_state import RolloutStates
+from ..metrics import Metrics
+from ..numbers import version_number
+from ..runtime.batcher import EngineGate, MicroBatcher
+from ..runtime.sessions.choice import open_session
 from .backbones import Backbones, DomainBatcher
-from .batcher import EngineGate, MicroBatcher
 from .classifier import Classifier
-from .config import Settings
-from .drift import DriftMonitor
-from .errors import RequestError
-from .metrics import Metrics
-from .numbers import version_number
-from .sessions.choice import open_session
-from .repository import (
+from .layout import (
     MODEL_NAME, ModelConfig, ModelFolder, VersionFolder, model_names, read_entry, single_bundle,
 )
-from .rollout_routing import RolloutRouting
+from .routing import RolloutRouting
 from .served import LOADING, READY, UNAVAILABLE, UNLOADING, Model, Served, Status
-from .rollout_state import RolloutStates
 
 log = logging.getLogger("promptkd.server")
 HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)+")  # the folders of an absolute path: /srv/x/ in /srv/x/y

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from .numbers import ascii_int
+from ..numbers import ascii_int
 from .schemas import InferenceRequest, InferInput, ModelMetadata, Parameters, TensorMetadata
 
 INPUT = "IMAGE"

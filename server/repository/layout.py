@@ -28,8 +28,8 @@ from bundle import BACKBONES_DIR, MANIFEST_NAME, BundleError
 from bundle.files import MAX_MANIFEST_BYTES, load_yaml, read_small
 from bundle.manifest import MODEL_NAME
 
-from .numbers import MAX_VERSION, version_number
-from .rollout import RolloutConfig
+from ..loop.rollout import RolloutConfig
+from ..numbers import MAX_VERSION, version_number
 
 POLICY_FILE = "model.yaml"
 MAX_POLICY_BYTES = 64 << 10  # a version policy is a line or two; anything near this is not one

@@ -1,23 +1,12 @@
-"""Opt-in capture of classified images, the unlabelled domain images the next version is distilled on.
+"""Capture's own folder: its layout, its policy and bounds, and the only code that writes or deletes there.
 
-Off unless PROMPTKD_CAPTURE_DIR is set. A classified image is kept with probability PROMPTKD_CAPTURE_RATE, or always
-when its top probability is under PROMPTKD_CAPTURE_BELOW (the images the model is least sure of teach the next one
-most). The request only draws the lot and puts the image's bytes on a bounded queue (a full queue drops it); one
-writer thread does the rest, so a request never waits on a disk.
+The server's capture (capture.py: a queue and a writer thread) and bulk jobs' (bulk/capture.py: in the job's own
+loop) both keep images through a `CaptureFolder`, so the layout and its safeguards exist once.
 
-Capture writes only inside its own folder, `<dir>/promptkd-capture/`, marked by a `.promptkd-capture` file made when
-the folder is first used (a folder of that name without the marker holds something else: capture leaves it alone
-and stays off). Each image is written atomically (a hidden temporary file renamed in) as
-`promptkd-capture/<model>/<version>/<day>/<time>-<id>.<ext>` (names sort in arrival order) with `<time>-<id>.json`
-beside it (model, version, top label, its probability, time; nothing about the client). Only capture's own files
-count and are ever deleted: regular files named by that scheme, in that layout, in the marked folder, found without
-following a symbolic link. Anything else under `<dir>` (an operator's photos, a link, a file that only looks like a
-capture) is never counted nor touched. Past PROMPTKD_CAPTURE_MAX_IMAGES images or PROMPTKD_CAPTURE_MAX_BYTES (images
-and notes) nothing more is written; files older than PROMPTKD_CAPTURE_RETENTION_DAYS are deleted.
-
-A folder that cannot be written never fails a request: at start-up capture turns itself off; later (a read-only
-remount, a full disk, a vanished folder) the image is dropped and counted in promptkd_captured_total{outcome}, and
-the writer goes on, so capture resumes by itself once the folder can be written again.
+    <dir>/promptkd-capture/.promptkd-capture                  the marker: without it nothing is written or deleted
+    <dir>/promptkd-capture/<model>/<version>/<day>/<time>-<id>.<ext>   an image, as uploaded (GIF as PNG)
+    <dir>/promptkd-capture/<model>/<version>/<day>/<time>-<id>.json    its note: model, version, label, probability,
+                                                                      time; nothing about the client
 """
 from __future__ import annotations
 
@@ -27,31 +16,26 @@ import io
 import json
 import logging
 import os
-import queue
 import random
 import re
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image
 
-from .budget import MemoryBudget, OverBudget
-from .metrics import Metrics
+from ..budget import MemoryBudget, OverBudget
 
 log = logging.getLogger("promptkd.server")
+
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
-QUEUE_IMAGES = 64
-QUEUE_BYTES = 64 << 20  # images waiting for the writer hold at most this much memory
 SWEEP_S = 600
 SUBFOLDER = "promptkd-capture"  # capture's own folder inside PROMPTKD_CAPTURE_DIR
 MARKER = ".promptkd-capture"  # in SUBFOLDER: what wrote it; without it capture writes and deletes nothing there
-MARKER_NOTE = json.dumps({"written_by": "promptkd server capture (server/capture.py)",
+MARKER_NOTE = json.dumps({"written_by": "promptkd server capture (server/loop/capture.py)",
                           "layout": "<model>/<version>/<YYYY-MM-DD>/<20-digit time>-<8-hex id>.<ext> and .json",
                           "note": "capture counts and deletes only files of this layout in this folder"}).encode()
 _STEM = r"[0-9]{20}-[0-9a-f]{8}"
@@ -62,47 +46,30 @@ _TEMPORARY = re.compile(rf"\.{_STEM}\.(?:{_EXT}|json)\.tmp")  # a write cut shor
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
-@dataclass
-class _Item:
-    data: bytes
-    model: str
-    version: str
-    label: str
-    probability: float
+class CaptureFolder:
+    """Capture's folder under `folder`, with the policy (`rate`, `below`) and bounds (`max_images`, `max_bytes`,
+    `retention_days`) every writer keeps. Not thread-safe: one writer at a time."""
 
-
-class Capture:
-    def __init__(self, folder: Path, metrics: Metrics, rate: float, below: float, max_images: int, max_bytes: int,
+    def __init__(self, folder: Path, rate: float, below: float, max_images: int, max_bytes: int,
                  retention_days: float, budget: MemoryBudget | None = None) -> None:
-        self.folder, self.metrics, self.budget = folder, metrics, budget
+        self.folder, self.budget = folder, budget
         self.root, self.marker = folder / SUBFOLDER, folder / SUBFOLDER / MARKER
         self.rate, self.below = rate, below
         self.max_images, self.max_bytes, self.retention_s = max_images, max_bytes, retention_days * 86400
-        self._queue: queue.Queue[_Item | None] = queue.Queue(QUEUE_IMAGES)
-        self._queued_bytes = 0
-        self._lock = threading.Lock()  # the queued bytes: added on the event loop, removed by the writer
         self._random = random.Random()
+        self._swept = 0.0
         self.images, self.bytes = 0, 0  # capture's own images, and their bytes with their notes'
-        self.enabled = self._usable()
-        self._thread = threading.Thread(target=self._write_loop, name="capture", daemon=True)
-        if self.enabled:
-            self._count_existing()
-            self._thread.start()
 
-    def _usable(self) -> bool:
-        """Whether capture's own folder can be made (or is marked as its own) and written: a trial file is created
-        and removed."""
-        try:
-            self._claim()
-            probe = self.root / f".probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-            return True
-        except OSError as err:
-            log.error("PROMPTKD_CAPTURE_DIR %s cannot be used (%s): capture is off", self.root, err.strerror or err)
-            return False
+    def claim(self) -> None:
+        """Make capture's own folder (or find it marked as its own), write a trial file and remove it, and count
+        what is already there: OSError when the folder cannot be used."""
+        self._make()
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        self.count()
 
-    def _claim(self) -> None:
+    def _make(self) -> None:
         """Make capture's own folder, marked, unless it already bears the marker. A folder of that name that holds
         anything but no marker was not made by capture, and a link could not be swept without following it: OSError,
         and nothing is written there."""
@@ -139,7 +106,7 @@ class Capture:
                 if stat.S_ISREG(info.st_mode):
                     yield fd, name, kind, info
 
-    def _count_existing(self) -> None:
+    def count(self) -> None:
         """Capture's own images, and their bytes with the notes', as they are on disk (files others removed
         included); kept as they were if the folder cannot be read."""
         images = size = 0
@@ -154,66 +121,32 @@ class Capture:
 
     def wants(self, probability: float) -> bool:
         """The lot of one classified image with this top probability: always under `below`, else at `rate`."""
-        return self.enabled and (probability < self.below or self._random.random() < self.rate)
+        return (probability < self.below or self._random.random() < self.rate)
 
-    def offer(self, data: bytes, model: str, version: str, label: str, probability: float) -> None:
-        """Queue a drawn image for the writer; never blocks, never raises (a full queue drops it)."""
-        with self._lock:
-            if self._queued_bytes + len(data) > QUEUE_BYTES:
-                self.metrics.captured.labels("dropped_busy").inc()
-                return
-            self._queued_bytes += len(data)
-        try:
-            self._queue.put_nowait(_Item(data, model, version, label, probability))
-        except queue.Full:
-            with self._lock:
-                self._queued_bytes -= len(data)
-            self.metrics.captured.labels("dropped_busy").inc()
+    def write(self, data: bytes, model: str, version: str, label: str, probability: float) -> str:
+        """Keep one drawn image, sweeping first when a sweep is due (before the first image, then every SWEEP_S);
+        the outcome: saved, dropped_full, dropped_busy (over the memory budget) or failed."""
+        if time.time() - self._swept > SWEEP_S:
+            self._swept = time.time()  # a sweep that fails is not retried on every image
+            self.sweep()
+        return self._write(data, model, version, label, probability)
 
-    def stop(self) -> None:
-        """Write what is queued, then end the writer (again: nothing)."""
-        if self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=10)
-            except queue.Full:  # the writer is stuck (a hung mount): it is a daemon thread, leave it
-                log.warning("the capture writer did not drain its queue; stopping without it")
-                return
-            self._thread.join(timeout=10)
-
-    def _write_loop(self) -> None:
-        """The writer. It never dies: whatever one image or one sweep raises is logged (and the image counted as
-        failed), and the next image is written as if nothing happened, so capture resumes once the disk can."""
-        swept = 0.0
-        while (item := self._queue.get()) is not None:
-            outcome = "failed"
-            try:
-                if time.time() - swept > SWEEP_S:
-                    swept = time.time()  # a sweep that fails is not retried on every image
-                    self._sweep()
-                outcome = self._write(item)
-            except Exception:  # _sweep and _write catch their own; this is the writer's last line
-                log.exception("capture could not write an image into %s", self.root)
-            finally:
-                with self._lock:
-                    self._queued_bytes -= len(item.data)
-            self.metrics.captured.labels(outcome).inc()
-
-    def _write(self, item: _Item) -> str:
+    def _write(self, data: bytes, model: str, version: str, label: str, probability: float) -> str:
         """Write one image, then its note (a note never lacks its image); the outcome for the metric. Folders and
         files are made and opened without following a link (descriptors all the way down from capture's folder),
         so a link planted in the tree is never written through."""
         folder, image = None, None
         try:
-            data, extension = self._encoded(item.data)
+            data, extension = self._encoded(data)
             now = datetime.now(timezone.utc)
-            note = json.dumps({"model": item.model, "version": item.version, "label": item.label,
-                               "probability": round(item.probability, 6),
+            note = json.dumps({"model": model, "version": version, "label": label,
+                               "probability": round(probability, 6),
                                "time": now.isoformat(timespec="seconds")}).encode()
             if self.images >= self.max_images or self.bytes + len(data) + len(note) > self.max_bytes:
                 return "dropped_full"
             if not self.marker.is_file():
-                self._claim()  # the folder was removed (or a fresh volume mounted) since start-up
-            folder = _open_tree(self.root, (item.model, item.version, now.strftime("%Y-%m-%d")))
+                self._make()  # the folder was removed (or a fresh volume mounted) since start-up
+            folder = _open_tree(self.root, (model, version, now.strftime("%Y-%m-%d")))
             name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts in arrival order, never collides
             image = f"{name}{extension}"
             _write_atomic(folder, image, data)
@@ -245,7 +178,7 @@ class Capture:
                 image.convert("RGB").save(out, format="PNG")
                 return out.getvalue(), ".png"
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Delete capture's own images older than the retention with their notes (and notes left without one,
         and temporary files of writes cut short), then recount. Never raises: a disk that cannot be read or
         written (a read-only remount) leaves the files for the next sweep."""
@@ -256,7 +189,7 @@ class Capture:
                     _remove_at(name, fd)
                     if kind == "image":
                         _remove_at(f"{name.rsplit('.', 1)[0]}.json", fd)
-            self._count_existing()
+            self.count()
         except Exception as err:  # the sweep must never stop the writer
             log.warning("capture's sweep of %s stopped: %s", self.root, err)
 

@@ -1,14 +1,14 @@
 """Dynamic micro-batching: concurrent requests' images run through the engine together.
 
-One worker task per served model version (or per shared backbone graph, whose batches mix the domains that run on
-it, each row with its domain's prompts: backbones.py) takes the first waiting request, then keeps taking more until
-the batch holds `max_batch` images or `max_wait_ms` has passed (it waits only while other requests' images are
-being decoded for it: a lone request runs at once), waits for one of the process's engine slots
-(EngineGate: the models of one process share one thread budget, so several busy models never oversubscribe the
-cores), takes whatever else arrived meanwhile and still fits, runs the batch on its inference thread (off the event
-loop), and hands each request its rows. A request whose images would overflow the batch waits for the next one. The
-queue is bounded in images: past `max_queue` the submit fails at once (the route answers 503) instead of letting
-latency grow without bound. Requests that gave up (timed out) are skipped, not computed.
+One worker task per served model version (or per shared backbone graph, whose batches mix the domains that run on it,
+each row with its domain's prompts: repository/backbones.py) takes the first waiting request, then keeps taking more
+until the batch holds `max_batch` images or `max_wait_ms` has passed (it waits only while other requests' images are
+being decoded for it: a lone request runs at once), waits for one of the process's engine slots (EngineGate: the models
+of one process share one thread budget, so several busy models never oversubscribe the cores), takes whatever else
+arrived meanwhile and still fits, runs the batch on its inference thread (off the event loop), and hands each request
+its rows. A request whose images would overflow the batch waits for the next one. The queue is bounded in images: past
+`max_queue` the submit fails at once (the route answers 503) instead of letting latency grow without bound. Requests
+that gave up (timed out) are skipped, not computed.
 
 Shadow work (a rollout candidate's copy of requests another version answers, rollout.py) waits in a queue of its
 own and runs at the engine's lower priority: a shadow batch takes a slot only in a pause of the serving traffic (no
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import tracing
-from .metrics import Metrics
+from .. import tracing
+from ..metrics import Metrics
 
 
 class EngineStopped(RuntimeError):

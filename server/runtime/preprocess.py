@@ -34,14 +34,13 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from bundle import InputSpec
 
-from .budget import MemoryBudget
+from ..budget import MemoryBudget
+from ..defaults import DEFAULT_FORMATS
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DRAFT_FACTOR = 4
 DRAFT_TOLERANCE = 0.03
 MAX_ASPECT = 64  # a 1 x 40-million-pixel strip would otherwise be resized to gigabytes before the crop
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 40_000_000  # largest image (width x height) by default: PROMPTKD_MAX_IMAGE_PIXELS
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # more than 8 bits per sample, one channel
 # Bytes per pixel Pillow really allocates (Image.new measured): 1 for these, 2 for 16-bit greyscale, 4 for every
 # other mode, the three-band and two-band ones (RGB, YCbCr, LA, PA) included.

@@ -21,11 +21,13 @@ import numpy as np
 
 from bundle import BACKBONE_MANIFEST, Backbone, Bundle, BundleError, Head, backbone_folder, check_fits, read_backbone
 
-from .batcher import EngineGate, MicroBatcher, Overloaded
-from .config import Settings
-from .metrics import Metrics
-from .repository import fingerprint
-from .sessions.choice import Choice, Session, StartupCheck, auto_candidates, open_runtime, refuse_misplaced, verify
+from ..config import Settings
+from ..metrics import Metrics
+from ..runtime.batcher import EngineGate, MicroBatcher, Overloaded
+from ..runtime.sessions.choice import (
+    Choice, Session, StartupCheck, auto_candidates, open_runtime, refuse_misplaced, verify,
+)
+from .layout import fingerprint
 
 log = logging.getLogger("promptkd.server")
 

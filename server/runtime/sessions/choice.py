@@ -21,7 +21,7 @@ import onnxruntime as ort
 from bundle import Bundle, BundleError, Parity, Variant, cpu_flags
 from bundle.parity import compare, meets
 
-from ..config import Settings
+from ...config import Settings
 from .openvino import OpenVinoSession
 from .ort import OrtSession
 from .trt import TensorRTUnavailable, TrtSession

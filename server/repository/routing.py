@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RequestError
-from .rollout import CANARY, PROMOTED, SHADOW, Comparison, Decision, Rollout, RolloutConfig, Side
-from .rollout_state import Refusal
+from ..errors import RequestError
+from ..loop.rollout import CANARY, PROMOTED, SHADOW, Comparison, Decision, Rollout, RolloutConfig, Side
+from ..loop.rollout_state import Refusal
 from .served import Model, Served
 
 log = logging.getLogger("promptkd.server")

@@ -10,7 +10,7 @@ Stages, per candidate (the newest version that passed its start-up check):
     promoted  the candidate is the default; the previous version stays loaded for `grace_s`, shadowing a sample
               of its traffic, and takes over again if the promoted one passes `rollback_when`
 
-Shadow work runs at the engine's lower priority (batcher.py): only when no serving work waits, and it is dropped
+Shadow work runs at the engine's lower priority (runtime/batcher.py): only when no serving work waits, and it is dropped
 (and counted) when the candidate's shadow queue is full. This module holds the policy (the schema of `rollout:`),
 the comparison and the decisions; which versions stay loaded and which one answers is models.py's.
 """
@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .numbers import MAX_VERSION
+from ..numbers import MAX_VERSION
 
 SHADOW, CANARY, PROMOTED = "shadow", "canary", "promoted"
 LATENCY_WINDOW = 2000  # latencies kept per side for p50/p99

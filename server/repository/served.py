@@ -1,18 +1,18 @@
 """What the model manager holds: a loaded version (`Served`), every version's state (`Status`) and one model's
 folder, versions and the operator's calls (`Model`). Plain records, apart from the manager (models.py) and its
-rollout part (rollout_routing.py), which both work on them."""
+rollout part (routing.py), which both work on them."""
 from __future__ import annotations
 
 import asyncio
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..loop.drift import DriftMonitor
+from ..loop.rollout import Rollout
+from ..runtime.batcher import MicroBatcher
 from .backbones import DomainBatcher
-from .batcher import MicroBatcher
 from .classifier import Classifier
-from .drift import DriftMonitor
-from .repository import ModelFolder
-from .rollout import Rollout
+from .layout import ModelFolder
 
 LOADING, READY, UNAVAILABLE, UNLOADING = "LOADING", "READY", "UNAVAILABLE", "UNLOADING"
 

@@ -1,12 +1,12 @@
-"""The classification service: everything a request needs, built once at start-up, behind a few methods.
+"""The data plane both protocols share: everything a request needs, built once at start-up, behind a few methods.
 
-Request path, top to bottom: `classify` / `embed` -> the model version it runs on (models.py: the named one or
-the model's default, leased until the answer is built) -> `_features` (abandoned when the client goes away) ->
-`_prepare` (each upload size-checked, then decoded and preprocessed on the decode pool, within the memory
-budget) -> `_submit` (the micro-batcher's queue, with a timeout) -> per-upload results with errors in place.
-`infer` (the Open Inference Protocol, open_inference.py) turns each image element into such an upload and takes
-the same path, except that one bad image fails the request: a tensor has no room for per-element errors.
-The HTTP layer (main.py, v2.py) only maps these to routes; a `RequestError` becomes the response's status.
+Request path, top to bottom: `classify` / `embed` -> the model version it runs on (repository/models.py: the named one
+or the model's default, leased until the answer is built) -> `_features` (abandoned when the client goes away) ->
+`_prepare` (each upload size-checked, then decoded and preprocessed on the decode pool, within the memory budget) ->
+`_submit` (the micro-batcher's queue, with a timeout) -> per-upload results with errors in place. `infer` (the Open
+Inference Protocol, open_inference.py) turns each image element into such an upload and takes the same path, except that
+one bad image fails the request: a tensor has no room for per-element errors. The faces (main.py and rest/ over HTTP,
+grpc/) only map these to routes and calls; a `RequestError` becomes the response's status.
 """
 from __future__ import annotations
 
@@ -26,17 +26,19 @@ from fastapi import UploadFile
 
 from bundle import BundleError, InputSpec, load_npy
 
-from . import open_inference, preprocess, tracing
-from .batcher import EngineGate, EngineStopped, Overloaded
-from .budget import MemoryBudget, OverBudget
-from .capture import Capture
-from .classifier import Classifier, Vocabulary, abstain_threshold
-from .config import Settings
-from .errors import RequestError
-from .metrics import Metrics
-from .models import Models, requested_version
-from .rollout_routing import Route
-from .served import Served
+from .. import tracing
+from ..budget import MemoryBudget, OverBudget
+from ..config import Settings
+from ..errors import RequestError
+from ..loop.capture import Capture
+from ..metrics import Metrics
+from ..repository.classifier import Classifier, Vocabulary, abstain_threshold
+from ..repository.models import Models, requested_version
+from ..repository.routing import Route
+from ..repository.served import Served
+from ..runtime import preprocess
+from ..runtime.batcher import EngineGate, EngineStopped, Overloaded
+from . import open_inference
 from .open_inference import INPUT, Inference, ProtocolError, Requested
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 
-from .auth import require_admin
-from .repository import MODEL_NAME
-from .schemas import ErrorResponse, InvalidRequest, SwapResponse
+from ...repository.layout import MODEL_NAME
+from ..auth import require_admin
+from ..schemas import ErrorResponse, InvalidRequest, SwapResponse
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 

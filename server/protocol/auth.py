@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from fastapi import APIRouter, Request
 from starlette.routing import compile_path
 
-from .errors import RequestError
+from ..errors import RequestError
 
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 

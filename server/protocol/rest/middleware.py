@@ -8,10 +8,10 @@ import time
 from fastapi import HTTPException
 from python_multipart.multipart import parse_options_header
 
-from .auth import admin_refusal, is_admin_path, route_path
-from .budget import OverBudget
-from .metrics import Metrics
-from .numbers import ascii_int
+from ...budget import OverBudget
+from ...metrics import Metrics
+from ...numbers import ascii_int
+from ..auth import admin_refusal, is_admin_path, route_path
 
 V2_PREFIX = "/v2"
 

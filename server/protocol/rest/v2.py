@@ -5,23 +5,23 @@ version "1"), and paths may name a version or leave it out (the model's default)
 extension lists every model and version with its state (`POST /v2/repository/index`) and loads or unloads them
 (`.../load`, `.../unload`: admin routes, 404 without PROMPTKD_ADMIN_TOKEN, checked by AdminGate). Errors are
 {"error": message} (main.py and middleware.py switch the body under /v2). The wire format (binary data, base64
-JSON, outputs) is open_inference.py's; the work is the Service's and the models' (models.py).
+JSON, outputs) is open_inference.py's; the work is the Service's and the models' (repository/models.py).
 """
 from __future__ import annotations
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from .auth import require_admin
-from .open_inference import EXTENSIONS, HEADER_LENGTH
-from .schemas import (
+from ...errors import RequestError
+from ...numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
+from ...repository.layout import MODEL_NAME
+from ..auth import require_admin
+from ..dataplane import Service
+from ..open_inference import EXTENSIONS, HEADER_LENGTH
+from ..schemas import (
     InferenceRequest, InferenceResponse, ModelMetadata, ModelReady, RepositoryIndexRequest, RepositoryModel,
     RepositoryRequest, RolloutDecision, ServerLive, ServerMetadata, ServerReady, V2Error,
 )
-from .errors import RequestError
-from .numbers import MAX_VERSION, VERSION_PATTERN, version_parameter
-from .repository import MODEL_NAME
-from .service import Service
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 SERVER_NAME = "promptkd"

@@ -16,8 +16,8 @@ import numpy as np
 from bundle import Bundle, BundleError, read_bundle
 from bundle.io import check_vectors
 
-from .config import Settings
-from .sessions.choice import Choice, open_session
+from ..config import Settings
+from ..runtime.sessions.choice import Choice, open_session
 
 
 @dataclass(frozen=True)

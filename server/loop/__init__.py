@@ -1,0 +1,2 @@
+"""What makes and vets the next version: safe rollout (rollout.py: policy and comparison; rollout_state.py:
+decisions kept), drift tracking (drift.py) and opt-in capture of served images (capture.py)."""
