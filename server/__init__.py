@@ -4,5 +4,5 @@ Where things are: `main.py` builds the app (entry point `server.main:app`); prot
 talk to (rest/ and grpc/) over one data plane (protocol/dataplane.py); repository/ the models served and the folders
 they come from; loop/ what makes the next version (rollout, drift, capture); runtime/ what runs the graphs
 (batcher, decoding, inference sessions). Beside them the settings (config.py) and what every layer shares: the
-memory budget, metrics, traces, errors and numbers from outside.
+memory budget, metrics, traces, errors, numbers from outside and the decoding defaults.
 """

@@ -35,7 +35,7 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TI
 SWEEP_S = 600
 SUBFOLDER = "promptkd-capture"  # capture's own folder inside PROMPTKD_CAPTURE_DIR
 MARKER = ".promptkd-capture"  # in SUBFOLDER: what wrote it; without it capture writes and deletes nothing there
-MARKER_NOTE = json.dumps({"written_by": "promptkd server capture (server/loop/capture.py)",
+MARKER_NOTE = json.dumps({"written_by": "promptkd server capture (server/loop/capture_folder.py)",
                           "layout": "<model>/<version>/<YYYY-MM-DD>/<20-digit time>-<8-hex id>.<ext> and .json",
                           "note": "capture counts and deletes only files of this layout in this folder"}).encode()
 _STEM = r"[0-9]{20}-[0-9a-f]{8}"
@@ -48,7 +48,8 @@ _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 class CaptureFolder:
     """Capture's folder under `folder`, with the policy (`rate`, `below`) and bounds (`max_images`, `max_bytes`,
-    `retention_days`) every writer keeps. Not thread-safe: one writer at a time."""
+    `retention_days`) every writer keeps. One writer thread at a time; `wants` (the lot) shares no state with
+    writing, so an event loop may draw lots while the writer writes."""
 
     def __init__(self, folder: Path, rate: float, below: float, max_images: int, max_bytes: int,
                  retention_days: float, budget: MemoryBudget | None = None) -> None:

@@ -12,7 +12,7 @@ Stages, per candidate (the newest version that passed its start-up check):
 
 Shadow work runs at the engine's lower priority (runtime/batcher.py): only when no serving work waits, and it is dropped
 (and counted) when the candidate's shadow queue is full. This module holds the policy (the schema of `rollout:`),
-the comparison and the decisions; which versions stay loaded and which one answers is models.py's.
+the comparison and the decisions; which versions stay loaded and which one answers is repository/routing.py's.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Who may call the admin routes: a bearer token (PROMPTKD_ADMIN_TOKEN), checked where the route is decided.
 
 An admin route is one that depends on `require_admin`. The dependency is the last word (the handler never runs
-for a caller without the token), and AdminGate (middleware.py) applies the same check earlier, before the body
+for a caller without the token), and AdminGate (rest/middleware.py) applies the same check earlier, before the body
 is read, to the path routing matches against: the request's path less its root path (`--root-path`, a parent
 app's mount prefix), compared with the admin routes' own path templates, so the gate sees what the router sees.
 """

@@ -133,7 +133,7 @@ class InvalidRequest(BaseModel):
     detail: str | list[dict]
 
 
-# The Open Inference Protocol (KServe v2 / Triton HTTP), served under /v2 by v2.py.
+# The Open Inference Protocol (KServe v2 / Triton HTTP), served under /v2 by rest/v2.py and over gRPC by grpc/.
 Parameters = dict[str, str | int | float | bool]
 
 

@@ -5,9 +5,10 @@ A domain bundle (bundle/domain.py) names its backbone by sha256; the backbone li
 one batcher, whose batches mix requests of every domain on it, each row with its own domain's prompts. The domain's
 projector and ranking run per request on the rows it gets back (`DomainBatcher`), with its own class vectors.
 
-Which graph a domain serves with is chosen as for a folded bundle (sessions/choice.py): the configured variant, or
-the fastest that passed parity for this domain at export and passes its start-up check here on the domain's own
-parity set, fp32 last. Domains that end on the same graph share one engine; it is closed when its last domain goes.
+Which graph a domain serves with is chosen as for a folded bundle (runtime/sessions/choice.py): the configured
+variant, or the fastest that passed parity for this domain at export and passes its start-up check here on the
+domain's own parity set, fp32 last. Domains that end on the same graph share one engine; it is closed when its last
+domain goes.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class DomainBatcher:
 
     async def submit(self, images: np.ndarray, *, shadow: bool = False, limit: int | None = None,
                      timing: list[float] | None = None) -> np.ndarray:
-        """The domain's features; a shadow copy (rollout.py) counts against this domain's own `limit`."""
+        """The domain's features; a shadow copy (loop/rollout.py) counts against this domain's own `limit`."""
         count = len(images)
         if shadow:
             if limit is not None and self.shadow_images and self.shadow_images + count > limit:

@@ -9,7 +9,7 @@ a poll never sees half of it), as are other non-numeric version folders. The ver
     version_policy: {latest: 2}          # the 2 highest versions that pass their checks (default: latest 1)
     version_policy: {specific: [1, 3]}   # exactly these: pinned, unloading them is refused
     version_policy: all                  # every version
-    rollout: {shadow_sample: 0.2, ...}   # optional: a new version is measured before it serves (rollout.py)
+    rollout: {shadow_sample: 0.2, ...}   # optional: a new version is measured before it serves (loop/rollout.py)
 
 `PROMPTKD_BUNDLE=path` is a one-model repository: the bundle is version 1 of the model named in its manifest.
 Nothing here loads a graph: this module reads folders and YAML only (the manager loads, models.py).
@@ -82,7 +82,7 @@ class ModelConfig(BaseModel):
 
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     rollout: RolloutConfig | None = Field(None, description="measure a new version against the serving one before "
-                                                            "it serves (rollout.py); without it a new version "
+                                                            "it serves (loop/rollout.py); without it a new version "
                                                             "serves once it passed its checks")
 
 

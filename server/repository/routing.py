@@ -1,5 +1,5 @@
 """Rollouts inside the model manager: which version answers a request and which one runs on a copy of it, which
-versions stay loaded while a new one is measured, and how a decision (rollout.py: the policy and the comparison)
+versions stay loaded while a new one is measured, and how a decision (loop/rollout.py: the policy and the comparison)
 changes what serves. A part of `Models` (models.py), kept apart so that each file reads on its own; it uses the
 manager's loading, reconciling and retiring as they are.
 """

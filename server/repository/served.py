@@ -62,7 +62,7 @@ class Model:
     pinned_default: int | None = None  # the version a load call named: the default until the next load call
     default: Served | None = None
     reported: str | None = None  # the folder's error last logged: each poll does not log it again
-    rollout: Rollout | None = None  # a new version being measured against the default (rollout.py)
+    rollout: Rollout | None = None  # a new version being measured against the default (loop/rollout.py)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

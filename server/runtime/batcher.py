@@ -10,7 +10,7 @@ its rows. A request whose images would overflow the batch waits for the next one
 `max_queue` the submit fails at once (the route answers 503) instead of letting latency grow without bound. Requests
 that gave up (timed out) are skipped, not computed.
 
-Shadow work (a rollout candidate's copy of requests another version answers, rollout.py) waits in a queue of its
+Shadow work (a rollout candidate's copy of requests another version answers, loop/rollout.py) waits in a queue of its
 own and runs at the engine's lower priority: a shadow batch takes a slot only in a pause of the serving traffic (no
 serving image waiting in any batcher of the process, none running, and the engine idle for about a batch's time:
 EngineGate), and gives up its turn when serving work reaches its batcher first. It is never mixed into a serving
