@@ -4,6 +4,7 @@
     python bench/load.py --tracing --protocol http grpc         # OpenTelemetry traces on against off, and where
                                                                 # a request's time goes, from its spans
     python bench/load.py --loop --concurrency 32 --variants     # drift tracking and capture on, against off
+    python bench/load.py --input pixels --protocol http grpc    # clients that preprocess: PIXELS tensors, no decode
 
 Without --bundle it builds a ViT-B/16 student bundle with random weights (they cost the same as trained ones).
 Clients send real JPEGs (foolbox's ImageNet photos) as fast as the server answers: over HTTP to POST /classify
@@ -11,9 +12,14 @@ Clients send real JPEGs (foolbox's ImageNet photos) as fast as the server answer
 prints images/s, latency p50/p99, errors and 5xx, and the ratio to the bare engine's images/s (the session the
 server picks: same variant, runtime and threads, on preprocessed tensors) at the batch size the server can form
 there, alternating bare-engine windows with shares of the requests so that the machine's drift hits both alike.
+With `--input pixels` the clients preprocess the photos themselves (once, before the clock starts) and send the
+Open Inference Protocol's PIXELS tensors (binary FP32, /v2 over HTTP, ModelInfer over gRPC): what the server adds
+to the engine when it decodes nothing.
 "Engine busy" is the share of the wall time the server's engine was running (its own /metrics): what is left to
 100% is time the engine waited for work; a ratio below the busy share is the engine running slower inside the
-server, where decoding and HTTP share its cores.
+server, where decoding and HTTP share its cores. "Client cores" is the CPU the benchmark's own clients used (their
+CPU seconds over the wall time): on a small machine they share the engine's cores too, which a real deployment's
+clients, on other machines, do not.
 """
 from __future__ import annotations
 
@@ -115,12 +121,13 @@ async def load_level(url: str, photos: list[bytes], concurrency: int, requests: 
             latencies.append(time.perf_counter() - started)
 
     async with _sender(url, photos, concurrency, models, grpc) as send:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         deadline = started + seconds if seconds is not None else deadline
         await asyncio.gather(*(client_loop(send) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     ok = statuses.count(200)
     return {"concurrency": concurrency, "requests": len(statuses), "images_per_s": ok / wall, "wall_s": wall,
+            "client_cpu_s": cpu,
             **percentiles_ms(latencies), "errors": len(statuses) - ok,
             "server_errors": sum(1 for s in statuses if s >= 500 or s == 0), "latencies_s": latencies}
 
@@ -135,8 +142,13 @@ async def _sender(url: str, photos: list[bytes], concurrency: int, models: list[
 
         async with triton.InferenceServerClient(grpc) as client:
             async def send(i: int) -> int:
-                image = triton.InferInput("IMAGE", [1], "BYTES")
-                image.set_data_from_numpy(np.array([photos[i % len(photos)]], dtype=object))
+                photo = photos[i % len(photos)]
+                if isinstance(photo, np.ndarray):
+                    image = triton.InferInput("PIXELS", list(photo.shape), "FP32")
+                    image.set_data_from_numpy(photo)
+                else:
+                    image = triton.InferInput("IMAGE", [1], "BYTES")
+                    image.set_data_from_numpy(np.array([photo], dtype=object))
                 try:
                     await client.infer(models[0], [image], parameters={"top_k": 1})
                     return 200
@@ -148,13 +160,42 @@ async def _sender(url: str, photos: list[bytes], concurrency: int, models: list[
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def send(i: int) -> int:
             params = {"top_k": 1, **({"model": models[i % len(models)]} if models else {})}
+            photo = photos[i % len(photos)]
             try:
-                response = await client.post("/classify", files={"file": ("photo.jpg", photos[i % len(photos)])},
-                                             params=params)
+                if isinstance(photo, np.ndarray):
+                    body, headers = _pixels_request(photo)
+                    response = await client.post(f"/v2/models/{models[i % len(models)]}/infer", content=body,
+                                                 headers=headers)
+                else:
+                    response = await client.post("/classify", files={"file": ("photo.jpg", photo)}, params=params)
                 return response.status_code
             except httpx.HTTPError:
                 return 0
         yield send
+
+
+def _pixels_request(pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol request over HTTP with PIXELS as binary data (what tritonclient.http sends): the
+    body and its header."""
+    raw = pixels.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(pixels.shape),
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"top_k": 1, "binary_data_output": True}}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def sent(args) -> str:
+    return "real JPEGs" if args.input == "files" else "PIXELS tensors (real JPEGs preprocessed by the client)"
+
+
+def client_pixels(bundle: Path, photos: list[bytes]) -> list[np.ndarray]:
+    """The photos preprocessed as a client following the model card would (here with the server's own code), each
+    [1, 3, S, S]."""
+    from bundle import read_bundle
+    from server.runtime.preprocess import prepare
+
+    spec = read_bundle(bundle).manifest.input
+    return [prepare(photo, spec, 40_000_000)[None] for photo in photos]
 
 
 def inference_seconds(url: str) -> float:
@@ -175,7 +216,7 @@ class Target:
 
     def load(self, protocol: str) -> dict:
         """load_level's arguments for one protocol."""
-        return {"grpc": self.grpc, "models": [self.model]} if protocol == "grpc" else {}
+        return {"grpc": self.grpc if protocol == "grpc" else None, "models": [self.model]}
 
 
 def measure_level(engine: BareEngine, target: Target, data: list[bytes], concurrency: int, args) -> list[dict]:
@@ -211,6 +252,7 @@ def summary(runs: list[dict]) -> dict:
     """Windows of one configuration taken together."""
     wall = sum(p["wall_s"] for p in runs)
     return {"images_per_s": sum(p["requests"] - p["errors"] for p in runs) / wall, "wall_s": wall,
+            "client_cores": sum(p["client_cpu_s"] for p in runs) / wall,
             "p50_ms": statistics.median(p["p50_ms"] for p in runs), "p99_ms": max(p["p99_ms"] for p in runs),
             "errors": sum(p["errors"] for p in runs), "server_errors": sum(p["server_errors"] for p in runs)}
 
@@ -318,7 +360,7 @@ def tracing_cost(bundle: Path, data: list[bytes], args) -> None:
             server.wait(timeout=60)
         receiver.close()
     print(f"\nOpenTelemetry traces exported (OTLP/HTTP, batch span processor) against off, same bundle, max batch "
-          f"{args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
+          f"{args.max_batch_size}, {os.cpu_count()} CPUs, {sent(args)} over loopback\n")
     print("| protocol | concurrency | requests | off img/s | on img/s | ratio | off p50 / p99 ms | on p50 / p99 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -376,16 +418,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for load.json")
     parser.add_argument("--loop", action="store_true",
                         help="instead: the same load with drift tracking and capture on against both off (loop.json)")
+    parser.add_argument("--input", choices=["files", "pixels"], default="files",
+                        help="what clients send: JPEG files (the server decodes them), or PIXELS tensors they "
+                             "preprocessed themselves")
     parser.add_argument("--tracing", action="store_true",
                         help="instead: the same load with OpenTelemetry traces on against off, and the per-stage "
                              "breakdown from the traces (tracing.json)")
     args = parser.parse_args()
+    if args.loop and args.input == "pixels":
+        parser.error("--loop measures capture, which keeps image files: send --input files")
 
     photos = foolbox_photos()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or random_bundle(Path(tmp), args.student_model, args.feature_dim, photos,
                                                    args.variants)
         data = [p.read_bytes() for p in photos]
+        if args.input == "pixels":
+            data = client_pixels(bundle, data)
         if args.loop:
             loop_overhead(bundle, data, args, Path(tmp))
             return
@@ -402,16 +451,18 @@ def main() -> None:
             server.wait(timeout=60)
 
     print(f"\nserver on {bundle.name if args.bundle else args.student_model + ' (random weights)'}, {engine.served}, "
-          f"max batch {args.max_batch_size}, {os.cpu_count()} CPUs, real JPEGs over loopback\n")
+          f"max batch {args.max_batch_size}, {os.cpu_count()} CPUs, {sent(args)} over loopback\n")
     print("| protocol | concurrency | requests | img/s | p50 ms | p99 ms | errors | 5xx | bare engine img/s (batch) | "
-          "ratio | engine busy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "ratio | engine busy | client cores |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['protocol']} | {r['concurrency']} | {r['requests']} | {r['images_per_s']:.2f} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['server_errors']} | "
-              f"{r['engine_images_per_s']:.2f} ({r['engine_batch']}) | {r['ratio']:.2f} | {r['engine_busy']:.0%} |")
+              f"{r['engine_images_per_s']:.2f} ({r['engine_batch']}) | {r['ratio']:.2f} | {r['engine_busy']:.0%} | "
+              f"{r['client_cores']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps({"max_batch_size": args.max_batch_size, "served": engine.served,
+                                                    "input": args.input,
                                                     "rows": rows}, indent=2))
 
 

@@ -133,6 +133,35 @@ def test_inference_agrees_with_http_on_every_output(client, server, photos):
     assert [(int(i), label) for _, i, label in got] == [(p["index"], p["label"]) for p in first]
 
 
+def test_pixels_over_grpc_answer_as_the_images_do_and_bad_ones_are_invalid(client, server, photos, bundle_dir):
+    from bundle import read_bundle
+    from server.runtime.preprocess import prepare
+
+    spec = read_bundle(bundle_dir).manifest.input
+    pixels = np.stack([prepare(photo, spec, 40_000_000) for photo in photos])
+    tensor = triton.InferInput("PIXELS", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    outputs = [triton.InferRequestedOutput(name) for name in ("LABELS", "PROBABILITIES")]
+    from_pixels = client.infer("tiny", [tensor], outputs=outputs, model_version="1")
+    from_files = client.infer("tiny", [_images(photos)], outputs=outputs, model_version="1")
+    assert np.array_equal(from_pixels.as_numpy("LABELS"), from_files.as_numpy("LABELS"))
+    assert np.allclose(from_pixels.as_numpy("PROBABILITIES"), from_files.as_numpy("PROBABILITIES"), atol=1e-6)
+    model = client.get_model_metadata("tiny", as_json=True)
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in model["inputs"]] == [
+        ("IMAGE", "BYTES", [-1]), ("PIXELS", "FP32", [-1, 3, spec.image_size, spec.image_size])]
+    bad = pixels.copy()
+    bad[0, 0, 0, 0] = np.nan
+    tensor.set_data_from_numpy(bad)
+    refused = _refused(client.infer, "tiny", [tensor])
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT" and "finite numbers" in refused.message()
+    contents = service_pb2.InferTensorContents(fp32_contents=[0] * 12)
+    in_contents = service_pb2.ModelInferRequest(model_name="tiny", inputs=[
+        service_pb2.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="FP32", shape=[1, 3, 2, 2],
+                                                       contents=contents)])
+    code, details, _ = _status(server[1], in_contents.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in details
+
+
 def test_bytes_contents_are_read_as_raw_contents_are(server, photos):
     """Clients that fill contents.bytes_contents (KServe's SDK) rather than raw_input_contents."""
     request = service_pb2.ModelInferRequest(model_name="tiny", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
@@ -200,7 +229,7 @@ def test_hostile_calls_get_the_right_status_never_internal(server, photos):
     address, code = server[1], grpc.StatusCode
     big = np.random.default_rng(0).bytes(MAX_UPLOAD + 1)
     cases = {
-        "wrong input name": (_raw_request(photos[:1], name="PIXELS"), code.INVALID_ARGUMENT, "one input"),
+        "wrong input name": (_raw_request(photos[:1], name="PIXEL"), code.INVALID_ARGUMENT, "one input"),
         "wrong datatype": (_raw_request(photos[:1], datatype="FP32"), code.INVALID_ARGUMENT, "BYTES"),
         "bad shape": (_raw_request(photos[:2], shape=[1, 2]), code.INVALID_ARGUMENT, "shape"),
         "no images": (_raw_request([], shape=[0]), code.INVALID_ARGUMENT, "shape"),

@@ -7,9 +7,10 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bundle import BundleError
@@ -135,6 +136,27 @@ def test_binary_tensor_data_round_trips_or_is_refused(elements, parameters):
         assert 400 <= err.status < 500
         return
     assert parsed.images == elements
+
+
+@SETTINGS
+@given(st.lists(st.integers(-3, 2**62), min_size=0, max_size=6), st.lists(
+    st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=64), st.sampled_from(["FP32", "BYTES", "FP16"]))
+@example(shape=[1, 3, 2, 2], values=[0.5, -2.0, 100.0] * 4, datatype="FP32")  # the happy path, always tried
+@example(shape=[2, 3, 1, 1], values=[0.0] * 5 + [float("nan")], datatype="FP32")
+def test_pixels_of_any_shape_values_and_datatype_are_an_array_or_a_protocol_error(shape, values, datatype):
+    """PIXELS: whatever the shape, values and datatype, a finite in-range [N, 3, S, S] array of exactly those
+    values, or a 4xx; never another exception."""
+    raw = struct.pack(f"<{len(values)}f", *values)
+    header = json.dumps({"inputs": [{"name": "PIXELS", "datatype": datatype, "shape": shape,
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    try:
+        parsed = parse_request(header + raw, {HEADER_LENGTH: str(len(header))}, 16)
+    except ProtocolError as err:
+        assert 400 <= err.status < 500
+        return
+    pixels = parsed.pixels
+    assert pixels.shape == tuple(shape) and shape[1] == 3 and shape[2] == shape[3] and parsed.images == []
+    assert np.array_equal(pixels.ravel(), np.array(values, np.float32)) and np.all(np.abs(pixels) <= 100)
 
 
 @SETTINGS

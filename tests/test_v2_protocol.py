@@ -83,7 +83,9 @@ def test_health_and_metadata(client, url, model):
     metadata = client.get_model_metadata(model)
     assert metadata == client.get_model_metadata(model, "1")
     assert metadata["name"] == model and metadata["versions"] == ["1"] and metadata["platform"] == "promptkd"
-    assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]}]
+    size = info["image_size"]
+    assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
+                                  {"name": "PIXELS", "datatype": "FP32", "shape": [-1, 3, size, size]}]
     assert metadata["outputs"] == [{"name": "LABELS", "datatype": "BYTES", "shape": [-1, -1]},
                                    {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, -1]},
                                    {"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, info["feature_dim"]]},
@@ -189,6 +191,68 @@ def test_limits_are_those_of_classify(client, url, model, photos):
     assert over_body.status() == "413" and f"{MAX_REQUEST}-byte limit" in over_body.message()
     streamed = httpx.post(f"{url}/v2/models/{model}/infer", content=(b"{" + b" " * 100_000 for _ in range(25)))
     assert streamed.status_code == 413 and f"{MAX_REQUEST}-byte limit" in streamed.json()["error"]  # no length
+    assert client.is_server_live()
+
+
+def _pixels(array: np.ndarray, binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("PIXELS", list(array.shape), "FP32")
+    return tensor.set_data_from_numpy(array, binary_data=binary)
+
+
+def _preprocessed(bundle_dir, photos: list[bytes]) -> np.ndarray:
+    """The photos as a client would preprocess them from the model card: the server's own decoder here."""
+    from bundle import read_bundle
+    from server.runtime.preprocess import prepare
+
+    spec = read_bundle(bundle_dir).manifest.input
+    return np.stack([prepare(photo, spec, 40_000_000) for photo in photos])
+
+
+def test_pixels_skip_decoding_and_answer_as_the_images_do(client, model, photos, bundle_dir):
+    """A client that preprocessed its images sends PIXELS: the same answers as the encoded files, no decoding."""
+    pixels = _preprocessed(bundle_dir, photos)
+    outputs = [triton.InferRequestedOutput(name) for name in ("LABELS", "PROBABILITIES", "EMBEDDING")]
+    from_pixels = client.infer(model, [_pixels(pixels)], outputs=outputs)
+    from_files = client.infer(model, [_image_input(photos)], outputs=outputs)
+    assert np.array_equal(from_pixels.as_numpy("LABELS"), from_files.as_numpy("LABELS"))
+    assert np.allclose(from_pixels.as_numpy("PROBABILITIES"), from_files.as_numpy("PROBABILITIES"), atol=1e-6)
+    assert np.allclose(from_pixels.as_numpy("EMBEDDING"), from_files.as_numpy("EMBEDDING"), atol=1e-5)
+
+
+def test_hostile_pixels_are_refused_with_a_400(client, url, model, photos, bundle_dir):
+    pixels = _preprocessed(bundle_dir, photos[:2])
+    size = pixels.shape[-1]
+    cases = {"nan": np.where(np.arange(pixels.size).reshape(pixels.shape) == 7, np.nan, pixels),
+             "inf": np.full_like(pixels, np.inf), "huge": np.full_like(pixels, 3e38),
+             "out of range": pixels * 1000}
+    for name, bad in cases.items():
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(model, [_pixels(bad.astype(np.float32))])
+        assert refused.value.status() == "400" and "finite numbers within" in refused.value.message(), name
+    wrong_size = np.zeros((1, 3, size + 2, size + 2), np.float32)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(model, [_pixels(wrong_size)])
+    assert refused.value.status() == "400" and f"[N, 3, {size}, {size}]" in refused.value.message()
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(model, [_pixels(pixels, binary=False)])  # JSON numbers: 150,000 floats an image
+    assert refused.value.status() == "400" and "binary data only" in refused.value.message()
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(model, [_pixels(np.zeros((MAX_IMAGES + 1, 3, size, size), np.float32))])
+    assert refused.value.status() == "413"
+    raw = pixels.tobytes()
+    header = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(pixels.shape),
+                          "parameters": {"binary_data_size": len(raw) - 4}}]}
+    for shape, body in ((list(pixels.shape), raw[:-4]), ([2, 3, size], raw), ([2, 1, size, size], raw),
+                        ([2, 3, 2**40, 2**40], raw)):
+        header["inputs"][0]["shape"], header["inputs"][0]["parameters"]["binary_data_size"] = shape, len(body)
+        text = json.dumps(header).encode()
+        response = httpx.post(f"{url}/v2/models/{model}/infer", content=text + body,
+                              headers={"Inference-Header-Content-Length": str(len(text))})
+        assert response.status_code == 400 and "PIXELS" in response.json()["error"], (shape, response.text)
+    both = [_pixels(pixels), _image_input(photos[:2])]
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(model, both)
+    assert refused.value.status() == "400" and "one input" in refused.value.message()
     assert client.is_server_live()
 
 

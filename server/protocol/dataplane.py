@@ -39,7 +39,7 @@ from ..repository.served import Served
 from ..runtime import preprocess
 from ..runtime.batcher import EngineGate, EngineStopped, Overloaded
 from . import open_inference
-from .open_inference import INPUT, Inference, ProtocolError, Requested
+from .open_inference import INPUT, PIXELS, Inference, ProtocolError, Requested
 from .schemas import (
     ClassifiedImage, ClassifyResponse, EmbeddedImage, EmbedResponse, ImageError, Labels, ModelInfo, ModelMetadata,
     ModelSummary, Prediction, SwapResponse, Timing,
@@ -169,10 +169,11 @@ class Service:
         self.metrics.record_drift(served.model, str(served.version), served.drift.scores())
 
     async def _answer(self, route: Route, uploads: list[UploadFile], endpoint: str,
-                      disconnected: Callable[[], Awaitable[bool]], partial: bool = True) -> Features:
+                      disconnected: Callable[[], Awaitable[bool]], partial: bool = True,
+                      pixels: np.ndarray | None = None) -> Features:
         """`_features` on the answering version; an engine failure of a version under rollout is counted there."""
         try:
-            return await self._features(route.answer, uploads, endpoint, disconnected, partial)
+            return await self._features(route.answer, uploads, endpoint, disconnected, partial, pixels)
         except RequestError:
             raise
         except Exception:
@@ -230,7 +231,8 @@ class Service:
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
         served = self.models.resolve(name, version)
         ready = [str(v) for v in sorted(self.models.model(name).served)]
-        return open_inference.model_metadata(name, ready, served.classifier.bundle.manifest.feature_dim)
+        manifest = served.classifier.bundle.manifest
+        return open_inference.model_metadata(name, ready, manifest.feature_dim, manifest.input.image_size)
 
     def model_ready(self, name: str, version: str | None) -> bool:
         """Whether the model (or that version) can take requests now; 404 for a model or version never known."""
@@ -266,7 +268,7 @@ class Service:
                             disconnected: Callable[[], Awaitable[bool]]) -> Answer:
         """The data plane of the Open Inference Protocol, whichever wire it came over (HTTP or gRPC): the images take
         /classify's path (limits, decoding, batching, errors) as uploads named IMAGE[i]; one bad image fails the
-        request, naming the element."""
+        request, naming the element. PIXELS skip the decoding."""
         config = self.settings
         top_k = request.top_k or config.top_k
         k = max([top_k, *(output.classification for output in request.outputs)])
@@ -277,7 +279,7 @@ class Service:
         with route.answer.lease() as served:
             classifier, vocabulary = served.classifier, served.classifier.vocabulary  # the set it started with
             threshold = _threshold(classifier, vocabulary, request.min_confidence, request.precision)
-            got = await self._answer(route, uploads, INFER_ROUTE, disconnected, partial=False)
+            got = await self._answer(route, uploads, INFER_ROUTE, disconnected, partial=False, pixels=request.pixels)
         with tracing.span("ranking", images=len(got.features)):
             probabilities = classifier.probabilities(got.features, vocabulary)
             ranked = classifier.top_k(probabilities, k)
@@ -352,10 +354,11 @@ class Service:
                             previous_version=previous.version)
 
     async def _features(self, served: Served, uploads: list[UploadFile], route: str,
-                        disconnected: Callable[[], Awaitable[bool]], partial: bool = True) -> Features:
+                        disconnected: Callable[[], Awaitable[bool]], partial: bool = True,
+                        pixels: np.ndarray | None = None) -> Features:
         """`_work`, abandoned as soon as the client disconnects: its queued images are dropped from their batch
         and its remaining images are not decoded."""
-        work = asyncio.ensure_future(self._work(served, uploads, route, partial))
+        work = asyncio.ensure_future(self._work(served, uploads, route, partial, pixels))
         watcher = asyncio.ensure_future(_until(disconnected))
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -370,17 +373,21 @@ class Service:
             raise RequestError(CLIENT_CLOSED, "the client closed the connection")
         return work.result()
 
-    async def _work(self, served: Served, uploads: list[UploadFile], route: str, partial: bool) -> Features:
-        """Decode every upload, run the good ones through the batcher; per-image errors for the rest. Not
-        `partial`: the first bad upload fails the request, before the engine runs."""
-        if len(uploads) > self.settings.max_images_per_request:
-            raise RequestError(413, f"{len(uploads)} images in one request; the limit is "
+    async def _work(self, served: Served, uploads: list[UploadFile], route: str, partial: bool,
+                    pixels: np.ndarray | None = None) -> Features:
+        """Decode every upload (or take the client's preprocessed `pixels`), run the good ones through the batcher;
+        per-image errors for the rest. Not `partial`: the first bad upload fails the request, before the engine
+        runs."""
+        count = len(uploads) if pixels is None else len(pixels)
+        if count > self.settings.max_images_per_request:
+            raise RequestError(413, f"{count} images in one request; the limit is "
                                     f"{self.settings.max_images_per_request}")
         started = time.perf_counter()
         spec = served.classifier.bundle.manifest.input
         tracing.serving(served.model, str(served.version), served.classifier.variant)
-        with served.batcher.coming(len(uploads)), tracing.span("decode", images=len(uploads)):
-            prepared = await asyncio.gather(*(self._prepare(upload, spec) for upload in uploads))
+        with served.batcher.coming(count), tracing.span("decode", images=count):
+            prepared = (await asyncio.gather(*(self._prepare(upload, spec) for upload in uploads)) if pixels is None
+                        else _model_input(pixels, spec))
         errors = [p if isinstance(p, ImageError) else None for p in prepared]
         for error in filter(None, errors):
             self.metrics.image_errors.labels(str(error.status), *served.batcher.labels.values()).inc()
@@ -402,7 +409,8 @@ class Service:
         done = time.perf_counter()
         timing = Timing(decode_ms=1000 * (decoded - started), inference_ms=1000 * (done - decoded),
                         total_ms=1000 * (done - started))
-        names = [u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads]
+        names = ([u.filename[:MAX_FILENAME] if u.filename else u.filename for u in uploads] if pixels is None
+                 else [f"{PIXELS}[{i}]" for i in range(count)])
         return Features(names, features, errors, timing, [u for u, e in zip(uploads, errors) if e is None], batch,
                         engine[0] if engine else 0.0)
 
@@ -442,6 +450,15 @@ def _threshold(classifier: Classifier, vocabulary: Vocabulary, min_confidence: f
         return abstain_threshold(classifier, vocabulary, min_confidence, precision)
     except ValueError as err:
         raise RequestError(400, str(err)) from None
+
+
+def _model_input(pixels: np.ndarray, spec: InputSpec) -> list[np.ndarray]:
+    """A client's preprocessed images, one array each, once their size is the model's (the protocol checked the
+    rest: shape [N, 3, S, S], finite values in range)."""
+    if pixels.shape[2:] != (spec.image_size, spec.image_size):
+        raise RequestError(400, f"{PIXELS} must have shape [N, 3, {spec.image_size}, {spec.image_size}] for this "
+                                f"model version (its input size); got {list(pixels.shape)}")
+    return list(pixels)
 
 
 def _retry(error: ImageError) -> dict[str, str] | None:

@@ -1,7 +1,14 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) on the wire: inference requests in, responses out.
 
-The model takes one BYTES input, IMAGE (shape [N] or [N, 1]): each element is an encoded image file, as an upload
-to POST /classify is. Elements arrive one of two ways:
+A request carries one input, either of two:
+- IMAGE (BYTES, shape [N] or [N, 1]): each element is an encoded image file, as an upload to POST /classify is,
+  decoded and preprocessed by the server;
+- PIXELS (FP32, shape [N, 3, S, S], S the model's input size): images the client already preprocessed as the
+  model card says (resize, crop, /255, (x - mean) / std), as Triton users send tensors; nothing is decoded. Sent
+  as binary data only (tritonclient's default, over HTTP and gRPC); every value must lie within
+  +-MAX_PIXEL_VALUE (normalised pixels lie within about +-3), so NaN, infinities and absurd magnitudes never reach
+  the engine. Tensors are not captured (capture keeps image files).
+IMAGE elements arrive one of two ways:
 - as binary data (the binary tensor data extension, tritonclient's default): the JSON header, its length in the
   `Inference-Header-Content-Length` header, then each element as a 4-byte little-endian length and its bytes;
 - in the JSON `data`, as base64 strings marked `"content_type": "base64"` (MLServer's convention), on the input
@@ -18,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +37,10 @@ from ..numbers import ascii_int
 from .schemas import InferenceRequest, InferInput, ModelMetadata, Parameters, TensorMetadata
 
 INPUT = "IMAGE"
+PIXELS = "PIXELS"
+MAX_PIXEL_VALUE = 100.0  # largest |value| of a PIXELS element
+_CHECKED_AT_ONCE = 1 << 20  # PIXELS values checked a slice at a time (4 MB, and a 1 MB mask)
+MAX_SIDE = 4096  # largest S of PIXELS' [N, 3, S, S] that the shape check lets through to the size check
 PLATFORM = "promptkd"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 OUTPUTS = ("LABELS", "PROBABILITIES", "EMBEDDING", "ABSTAINED")
@@ -60,13 +72,15 @@ class Inference:
     top_k: int | None
     min_confidence: float | None = None
     precision: float | None = None
+    pixels: np.ndarray | None = None  # [N, 3, S, S] float32 when the request sent PIXELS (then `images` is empty)
 
 
-def model_metadata(name: str, versions: list[str], feature_dim: int) -> ModelMetadata:
-    """The per-request top_k sizes the label dimension, hence -1."""
+def model_metadata(name: str, versions: list[str], feature_dim: int, image_size: int) -> ModelMetadata:
+    """The per-request top_k sizes the label dimension, hence -1. A request sends one of the two inputs."""
     return ModelMetadata(
         name=name, versions=versions, platform=PLATFORM,
-        inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
+        inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1]),
+                TensorMetadata(name=PIXELS, datatype="FP32", shape=[-1, 3, image_size, image_size])],
         outputs=[TensorMetadata(name="LABELS", datatype="BYTES", shape=[-1, -1]),
                  TensorMetadata(name="PROBABILITIES", datatype="FP32", shape=[-1, -1]),
                  TensorMetadata(name="EMBEDDING", datatype="FP32", shape=[-1, feature_dim]),
@@ -85,42 +99,70 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as err:
         raise ProtocolError(400, f"not an inference request: {_first_error(err)}") from None
-    tensor = image_tensor(request, max_images)
-    count = _batch_size(tensor.shape)
-    if "binary_data_size" in tensor.parameters:
-        if tensor.data is not None:
-            raise ProtocolError(400, f"input {INPUT} has both data and binary_data_size")
-        size = tensor.parameters["binary_data_size"]
-        if not _is_int(size) or size != len(binary):
-            raise ProtocolError(400, f"input {INPUT} declares binary_data_size {size!r}; {len(binary)} bytes follow "
-                                     f"the JSON")
-        images = split_elements(binary, count)
-    elif binary:
-        raise ProtocolError(400, f"{len(binary)} bytes follow the JSON but no input declares binary_data_size")
-    else:
-        content_type = tensor.parameters.get("content_type", request.parameters.get("content_type"))
-        images = _from_json(tensor.data, count, content_type)
-    return inference(request, images)
+    tensor = input_tensor(request, max_images)
+    data = _binary_data(tensor, binary)
+    if tensor.name == PIXELS:
+        if data is None:
+            raise ProtocolError(400, f"input {PIXELS} comes as binary data only (binary_data_size and the raw FP32 "
+                                     f"values after the JSON: tritonclient's default), not as JSON numbers")
+        return inference(request, [], pixel_array(data, tensor.shape))
+    count = tensor.shape[0]
+    if data is not None:
+        return inference(request, split_elements(data, count))
+    content_type = tensor.parameters.get("content_type", request.parameters.get("content_type"))
+    return inference(request, _from_json(tensor.data, count, content_type))
 
 
-def image_tensor(request: InferenceRequest, max_images: int) -> InferInput:
+def _binary_data(tensor: InferInput, binary: bytes) -> bytes | None:
+    """The input's binary data when it declares some (None when its elements are in the JSON)."""
+    if "binary_data_size" not in tensor.parameters:
+        if binary:
+            raise ProtocolError(400, f"{len(binary)} bytes follow the JSON but no input declares binary_data_size")
+        return None
+    if tensor.data is not None:
+        raise ProtocolError(400, f"input {tensor.name} has both data and binary_data_size")
+    size = tensor.parameters["binary_data_size"]
+    if not _is_int(size) or size != len(binary):
+        raise ProtocolError(400, f"input {tensor.name} declares binary_data_size {size!r}; {len(binary)} bytes "
+                                 f"follow the JSON")
+    return binary
+
+
+def input_tensor(request: InferenceRequest, max_images: int) -> InferInput:
     """The request's one input, checked (name, datatype, shape, count) before any element is read: the same rules
     over HTTP and gRPC."""
-    if [tensor.name for tensor in request.inputs] != [INPUT]:
-        raise ProtocolError(400, f"this model takes one input, {INPUT} (BYTES, shape [-1]); got "
-                                 f"{[tensor.name for tensor in request.inputs][:8]}")
+    names = [tensor.name for tensor in request.inputs]
+    if len(names) != 1 or names[0] not in (INPUT, PIXELS):
+        raise ProtocolError(400, f"this model takes one input: {INPUT} (BYTES, shape [-1]: encoded image files) or "
+                                 f"{PIXELS} (FP32, shape [-1, 3, S, S]: preprocessed images); got {names[:8]}")
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise ProtocolError(400, f"input {INPUT} must be BYTES (encoded image files), not {tensor.datatype[:40]!r}")
+    datatype = "BYTES" if tensor.name == INPUT else "FP32"
+    if tensor.datatype != datatype:
+        what = "encoded image files" if datatype == "BYTES" else "preprocessed images"
+        raise ProtocolError(400, f"input {tensor.name} must be {datatype} ({what}), not {tensor.datatype[:40]!r}")
     if "shared_memory_region" in tensor.parameters:
         raise ProtocolError(400, "shared memory is not supported; send the images in the request")
-    count = _batch_size(tensor.shape)
+    count = _batch_size(tensor.shape) if tensor.name == INPUT else _pixels_batch_size(tensor.shape)
     if count > max_images:
         raise ProtocolError(413, f"{count} images in one request; the limit is {max_images}")
     return tensor
 
 
-def inference(request: InferenceRequest, images: list[bytes]) -> Inference:
+def pixel_array(data: bytes, shape: list[int]) -> np.ndarray:
+    """PIXELS' raw little-endian FP32 values as a read-only [N, 3, S, S] view of `data`, every value checked."""
+    expected = 4 * math.prod(shape)
+    if len(data) != expected:
+        raise ProtocolError(400, f"{PIXELS} of shape {shape} is {expected} bytes of FP32; {len(data)} bytes came")
+    array = np.frombuffer(data, dtype="<f4").reshape(shape)
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _CHECKED_AT_ONCE):  # bounded temporaries, whatever the body's size
+        if not np.all(np.abs(flat[start : start + _CHECKED_AT_ONCE]) <= MAX_PIXEL_VALUE):  # False for NaN too
+            raise ProtocolError(400, f"{PIXELS} values must be finite numbers within +-{MAX_PIXEL_VALUE:g} (images "
+                                     f"normalised as the model card says); some are not")
+    return array
+
+
+def inference(request: InferenceRequest, images: list[bytes], pixels: np.ndarray | None = None) -> Inference:
     """The request's parameters and outputs checked, with its images: what the data plane runs."""
     top_k = request.parameters.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
@@ -132,7 +174,7 @@ def inference(request: InferenceRequest, images: list[bytes]) -> Inference:
                                   or not 0 <= value <= 1 or (name == "precision" and value == 0)):
             raise ProtocolError(400, f"parameter {name} must be a number in (0, 1], not {value!r}")
         thresholds[name] = None if value is None else float(value)
-    return Inference(request.id, images, _requested(request), top_k, **thresholds)
+    return Inference(request.id, images, _requested(request), top_k, **thresholds, pixels=pixels)
 
 
 def _first_error(err: ValidationError) -> str:
@@ -204,6 +246,13 @@ def _batch_size(shape: list[int]) -> int:
         return shape[0]
     raise ProtocolError(400, f"input {INPUT} has shape {shape}; expected [N] or [N, 1] with N >= 1, one image file "
                              f"per element")
+
+
+def _pixels_batch_size(shape: list[int]) -> int:
+    if len(shape) == 4 and shape[0] >= 1 and shape[1] == 3 and 1 <= shape[2] == shape[3] <= MAX_SIDE:
+        return shape[0]
+    raise ProtocolError(400, f"input {PIXELS} has shape {shape[:8]}; expected [N, 3, S, S] with N >= 1 and S the "
+                             f"model's input size")
 
 
 def split_elements(binary: bytes, count: int) -> list[bytes]:

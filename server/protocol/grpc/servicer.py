@@ -27,7 +27,7 @@ from ...repository.layout import MODEL_NAME
 from .. import open_inference
 from ..auth import admin_refusal
 from ..dataplane import Answer, Service
-from ..open_inference import EXTENSIONS, INPUT, ProtocolError
+from ..open_inference import EXTENSIONS, INPUT, PIXELS, ProtocolError
 from ..schemas import InferenceRequest
 from . import predict_v2_pb2 as pb
 
@@ -259,8 +259,8 @@ def _version(parameters) -> int | None:
 
 
 def _inference(request: pb.ModelInferRequest, max_images: int) -> open_inference.Inference:
-    """The request checked by the HTTP path's rules (open_inference.image_tensor and .inference), its images split
-    out of raw_input_contents or bytes_contents."""
+    """The request checked by the HTTP path's rules (open_inference.input_tensor and .inference), its images split
+    out of raw_input_contents or bytes_contents, or its PIXELS read from raw_input_contents."""
     try:
         parsed = InferenceRequest.model_validate({
             "id": request.id or None, "parameters": _parameters(request.parameters),
@@ -269,15 +269,20 @@ def _inference(request: pb.ModelInferRequest, max_images: int) -> open_inference
             "outputs": [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs] or None})
     except ValidationError as err:
         raise ProtocolError(400, f"not an inference request: {err.errors()[0]['msg']}") from None
-    tensor = open_inference.image_tensor(parsed, max_images)
+    tensor = open_inference.input_tensor(parsed, max_images)
     count = tensor.shape[0]
     contents = request.inputs[0].contents
     raw = list(request.raw_input_contents)
     if raw and contents.ListFields():
-        raise ProtocolError(400, f"input {INPUT} has both contents and raw_input_contents")
+        raise ProtocolError(400, f"input {tensor.name} has both contents and raw_input_contents")
+    if len(raw) > 1:
+        raise ProtocolError(400, f"raw_input_contents holds {len(raw)} entries for 1 input")
+    if tensor.name == PIXELS:
+        if not raw:
+            raise ProtocolError(400, f"input {PIXELS} comes in raw_input_contents only (tritonclient's default), "
+                                     f"not in contents")
+        return open_inference.inference(parsed, [], open_inference.pixel_array(raw[0], tensor.shape))
     if raw:
-        if len(raw) != 1:
-            raise ProtocolError(400, f"raw_input_contents holds {len(raw)} entries for 1 input")
         images = open_inference.split_elements(raw[0], count)
     else:
         images = list(contents.bytes_contents)
