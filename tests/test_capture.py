@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -61,6 +62,27 @@ def test_every_image_is_written_whole_with_its_note(bundle_dir, photos, tmp_path
         note = json.loads(image.with_suffix(".json").read_text())
         assert set(note) == {"model", "version", "label", "probability", "time"} and 0 < note["probability"] <= 1
     assert f'promptkd_captured_total{{outcome="saved"}} {float(len(photos))}' in metrics
+
+
+def test_pixels_tensors_are_classified_but_never_captured(bundle_dir, photos, tmp_path):
+    """Capture keeps image files: a v2 request with PIXELS (a tensor, no file) is answered and nothing is kept."""
+    from bundle import read_bundle
+    from server.runtime.preprocess import prepare
+
+    spec = read_bundle(bundle_dir).manifest.input
+    pixels = np.stack([prepare(photo, spec, 40_000_000) for photo in photos[:3]])
+    header = json.dumps({"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(pixels.shape),
+                                     "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
+    folder = tmp_path / "capture"
+    with TestClient(create_app(Settings(bundle=bundle_dir, capture_dir=folder, capture_rate=1.0))) as client:
+        response = client.post("/v2/models/tiny-test/infer", content=header + pixels.tobytes(),
+                               headers={"Inference-Header-Content-Length": str(len(header))})
+        assert response.status_code == 200, response.text
+        assert client.post("/classify", files=[("file", ("0.png", photos[0]))]).status_code == 200
+        client.app.state.service.capture.stop()
+        metrics = client.get("/metrics").text
+    assert [p.read_bytes() for p in captured(folder)] == [photos[0]], "the file, not the tensors"
+    assert 'promptkd_captured_total{outcome="saved"} 1.0' in metrics
 
 
 def test_the_bounds_and_the_lot_are_respected(bundle_dir, photos, tmp_path):

@@ -154,6 +154,16 @@ def test_pixels_over_grpc_answer_as_the_images_do_and_bad_ones_are_invalid(clien
     tensor.set_data_from_numpy(bad)
     refused = _refused(client.infer, "tiny", [tensor])
     assert refused.status() == "StatusCode.INVALID_ARGUMENT" and "finite numbers" in refused.message()
+    for shape, raw, status, words in (
+            ([1, 3, spec.image_size + 2, spec.image_size + 2], None, "INVALID_ARGUMENT", f"{spec.image_size}]"),
+            ([MAX_IMAGES + 1, 3, spec.image_size, spec.image_size], None, "RESOURCE_EXHAUSTED", "limit is"),
+            (list(pixels.shape), pixels.tobytes()[:-4], "INVALID_ARGUMENT", "bytes of FP32")):
+        body = raw if raw is not None else np.zeros(shape, np.float32).tobytes()
+        request = service_pb2.ModelInferRequest(model_name="tiny", inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="FP32", shape=shape)],
+            raw_input_contents=[body])
+        code, details, _ = _status(server[1], request.SerializeToString())
+        assert code.name == status and words in details, (shape, code, details)  # as over HTTP: 400, 413
     contents = service_pb2.InferTensorContents(fp32_contents=[0] * 12)
     in_contents = service_pb2.ModelInferRequest(model_name="tiny", inputs=[
         service_pb2.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="FP32", shape=[1, 3, 2, 2],

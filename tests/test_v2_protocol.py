@@ -235,16 +235,28 @@ def test_hostile_pixels_are_refused_with_a_400(client, url, model, photos, bundl
     assert refused.value.status() == "400" and f"[N, 3, {size}, {size}]" in refused.value.message()
     with pytest.raises(InferenceServerException) as refused:
         client.infer(model, [_pixels(pixels, binary=False)])  # JSON numbers: 150,000 floats an image
-    assert refused.value.status() == "400" and "binary data only" in refused.value.message()
+    assert refused.value.status() == "413" and "binary data only" in refused.value.message()  # refused unparsed
+    small = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1, 3, 1, 1], "data": [0.1, 0.2, 0.3]}]}
+    response = httpx.post(f"{url}/v2/models/{model}/infer", json=small)
+    assert response.status_code == 400 and "binary data only" in response.json()["error"]
+    many = b'{"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [' + b"[]," * 200_000 + b"[]]}]}"
+    response = httpx.post(f"{url}/v2/models/{model}/infer", content=many)  # 600 kB: 13 MB as Python lists
+    assert response.status_code == 413 and "more than 4096 values" in response.json()["error"]
+    for shape in ([True, 3, size, size], ["2", 3, size, size], [2.0, 3, size, size]):
+        bad = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": shape,
+                           "parameters": {"binary_data_size": 0}}]}
+        response = httpx.post(f"{url}/v2/models/{model}/infer", json=bad)
+        assert response.status_code == 400 and "shape" in response.json()["error"], shape
     with pytest.raises(InferenceServerException) as refused:
         client.infer(model, [_pixels(np.zeros((MAX_IMAGES + 1, 3, size, size), np.float32))])
     assert refused.value.status() == "413"
     raw = pixels.tobytes()
     header = {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(pixels.shape),
                           "parameters": {"binary_data_size": len(raw) - 4}}]}
-    for shape, body in ((list(pixels.shape), raw[:-4]), ([2, 3, size], raw), ([2, 1, size, size], raw),
-                        ([2, 3, 2**40, 2**40], raw)):
-        header["inputs"][0]["shape"], header["inputs"][0]["parameters"]["binary_data_size"] = shape, len(body)
+    for shape, body, declared in ((list(pixels.shape), raw[:-4], len(raw) - 4), (list(pixels.shape), raw, len(raw) - 4),
+                                  ([2, 3, size], raw, len(raw)), ([2, 1, size, size], raw, len(raw)),
+                                  ([2, 3, 2**40, 2**40], raw, len(raw))):
+        header["inputs"][0]["shape"], header["inputs"][0]["parameters"]["binary_data_size"] = shape, declared
         text = json.dumps(header).encode()
         response = httpx.post(f"{url}/v2/models/{model}/infer", content=text + body,
                               headers={"Inference-Header-Content-Length": str(len(text))})

@@ -5,7 +5,8 @@ or the model's default, leased until the answer is built) -> `_features` (abando
 `_prepare` (each upload size-checked, then decoded and preprocessed on the decode pool, within the memory budget) ->
 `_submit` (the micro-batcher's queue, with a timeout) -> per-upload results with errors in place. `infer` (the Open
 Inference Protocol, open_inference.py) turns each image element into such an upload and takes the same path, except that
-one bad image fails the request: a tensor has no room for per-element errors. The faces (main.py and rest/ over HTTP,
+one bad image fails the request: a tensor has no room for per-element errors; its PIXELS (images the client
+preprocessed) skip the decoding and go to the batcher as they came. The faces (main.py and rest/ over HTTP,
 grpc/) only map these to routes and calls; a `RequestError` becomes the response's status.
 """
 from __future__ import annotations
@@ -403,7 +404,7 @@ class Service:
                                f"none of the {len(uploads)} images could be classified; first: {first.detail}",
                                _retry(first))
         decoded = time.perf_counter()
-        batch, engine = np.stack(good), []
+        batch, engine = (np.stack(good) if pixels is None else pixels), []  # PIXELS: the batcher copies them once
         features = await self._submit(served, batch, engine)
         self.metrics.images.labels(route, *served.batcher.labels.values()).inc(len(good))
         done = time.perf_counter()
@@ -453,8 +454,8 @@ def _threshold(classifier: Classifier, vocabulary: Vocabulary, min_confidence: f
 
 
 def _model_input(pixels: np.ndarray, spec: InputSpec) -> list[np.ndarray]:
-    """A client's preprocessed images, one array each, once their size is the model's (the protocol checked the
-    rest: shape [N, 3, S, S], finite values in range)."""
+    """A client's preprocessed images, one (read-only) array each, once their size is the model's (the protocol
+    checked the rest: shape [N, 3, S, S], finite values in range)."""
     if pixels.shape[2:] != (spec.image_size, spec.image_size):
         raise RequestError(400, f"{PIXELS} must have shape [N, 3, {spec.image_size}, {spec.image_size}] for this "
                                 f"model version (its input size); got {list(pixels.shape)}")

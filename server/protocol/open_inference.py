@@ -39,6 +39,7 @@ from .schemas import InferenceRequest, InferInput, ModelMetadata, Parameters, Te
 INPUT = "IMAGE"
 PIXELS = "PIXELS"
 MAX_PIXEL_VALUE = 100.0  # largest |value| of a PIXELS element
+MAX_JSON_VALUES = 4096  # a request's JSON needs a few dozen; `[],` is 3 bytes of body and 64 of Python objects
 _CHECKED_AT_ONCE = 1 << 20  # PIXELS values checked a slice at a time (4 MB, and a 1 MB mask)
 MAX_SIDE = 4096  # largest S of PIXELS' [N, 3, S, S] that the shape check lets through to the size check
 PLATFORM = "promptkd"
@@ -95,6 +96,10 @@ def parse_request(body: bytes, headers: Mapping[str, str], max_images: int) -> I
     if encoding != "identity":
         raise ProtocolError(415, f"request bodies compressed with {encoding!r} are not accepted; send it plain")
     header, binary = _split_body(body, headers.get(HEADER_LENGTH))
+    if header.count(b",") >= MAX_JSON_VALUES:  # before parsing: each value costs tens of bytes once parsed
+        raise ProtocolError(413, f"the request's JSON holds more than {MAX_JSON_VALUES} values; this model takes at "
+                                 f"most {max_images} images, as base64 strings ({INPUT}) or binary data ({INPUT} "
+                                 f"or {PIXELS}, which travels as binary data only)")
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as err:

@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 
 class Prediction(BaseModel):
@@ -176,7 +176,7 @@ class ModelMetadata(BaseModel):
 
 class InferInput(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[StrictInt]  # `true` or "3" is no dimension
     datatype: str
     parameters: Parameters = Field(default_factory=dict, description="`binary_data_size` when the elements follow "
                                    "the JSON as binary data; `content_type: base64` for base64 strings in `data`")

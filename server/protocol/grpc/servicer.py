@@ -156,18 +156,20 @@ class Servicer:
                                         inputs=tensors(metadata.inputs), outputs=tensors(metadata.outputs))
 
     async def model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        """IMAGE's elements (raw_input_contents, as tritonclient sends them, or contents.bytes_contents) through the
-        Service's inference, as POST /v2/models/{name}/infer takes them; the outputs in raw_output_contents."""
+        """IMAGE's elements (raw_input_contents, as tritonclient sends them, or contents.bytes_contents), or PIXELS
+        (raw_input_contents), through the Service's inference, as POST /v2/models/{name}/infer takes them; the
+        outputs in raw_output_contents."""
         name, version = _model(request.model_name, request.model_version)
         service = self.service
         service.models.resolve(name, version)  # an unknown model or version is refused before the images are read
         # The message is in memory already (gRPC received it whole); its image bytes are held once more as the
-        # elements are split out: reserve that from the budget the HTTP bodies share.
+        # elements are split out (or as PIXELS' batch): reserve that from the budget the HTTP bodies share.
         held = sum(len(raw) for raw in request.raw_input_contents) + sum(
             len(element) for tensor in request.inputs for element in tensor.contents.bytes_contents)
         try:
             with service.budget.hold(held, "this gRPC request's images"):
-                inference = _inference(request, service.settings.max_images_per_request)
+                # off the event loop: PIXELS' values are all checked, which takes milliseconds for a large tensor
+                inference = await asyncio.to_thread(_inference, request, service.settings.max_images_per_request)
                 answer = await service.run_inference(name, version, inference, _headers(context),
                                                      _cancelled(context))
         except ProtocolError as err:
