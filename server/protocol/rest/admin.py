@@ -17,6 +17,8 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
     404: {"model": ErrorResponse, "description": "admin routes are disabled (no PROMPTKD_ADMIN_TOKEN), or no such "
                                                  "model"},
     400: {"model": ErrorResponse, "description": "several models and none named"},
+    413: {"model": ErrorResponse, "description": "the body over PROMPTKD_MAX_REQUEST_BYTES, or more multipart parts "
+                                                 "than a request may hold"},
     422: {"model": InvalidRequest, "description": "checksum mismatch, unreadable files, wrong shape or width, or a "
                                                   "missing field"},
     503: {"model": ErrorResponse, "description": "the model has no version ready; see Retry-After"},
