@@ -96,6 +96,18 @@ def derive_bundle(source: Path, target: Path, prefix: str, reverse: bool = False
     return target
 
 
+def client_pixels(bundle_dir: Path, photos: list[bytes]):
+    """The photos as a client would send them as PIXELS, preprocessed as the model card says (the server's own
+    decoder here): float32 [N, 3, S, S]."""
+    import numpy as np
+
+    from bundle import read_bundle
+    from server.runtime.preprocess import prepare
+
+    spec = read_bundle(bundle_dir).manifest.input
+    return np.stack([prepare(photo, spec, 40_000_000) for photo in photos])
+
+
 def foolbox_jpegs() -> list[Path]:
     """The 20 real ImageNet JPEGs that PyPI's foolbox wheel ships (installed --no-deps, files only)."""
     import importlib.util

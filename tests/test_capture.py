@@ -11,7 +11,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -21,6 +20,8 @@ from server.loop import capture_folder
 from server.config import Settings
 from server.main import create_app
 from server.metrics import Metrics
+
+from conftest import client_pixels
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +67,7 @@ def test_every_image_is_written_whole_with_its_note(bundle_dir, photos, tmp_path
 
 def test_pixels_tensors_are_classified_but_never_captured(bundle_dir, photos, tmp_path):
     """Capture keeps image files: a v2 request with PIXELS (a tensor, no file) is answered and nothing is kept."""
-    from bundle import read_bundle
-    from server.runtime.preprocess import prepare
-
-    spec = read_bundle(bundle_dir).manifest.input
-    pixels = np.stack([prepare(photo, spec, 40_000_000) for photo in photos[:3]])
+    pixels = client_pixels(bundle_dir, photos[:3])
     header = json.dumps({"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": list(pixels.shape),
                                      "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()
     folder = tmp_path / "capture"

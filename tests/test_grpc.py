@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from training.data.datasets import find_images
 
-from conftest import derive_bundle, foolbox_jpegs, free_port, serve, stop_server
+from conftest import client_pixels, derive_bundle, foolbox_jpegs, free_port, serve, stop_server
 from test_parsers_property import _model_infer_requests
 
 TOKEN = "grpc-token-0123456789abcdef0123456789"
@@ -134,11 +134,8 @@ def test_inference_agrees_with_http_on_every_output(client, server, photos):
 
 
 def test_pixels_over_grpc_answer_as_the_images_do_and_bad_ones_are_invalid(client, server, photos, bundle_dir):
-    from bundle import read_bundle
-    from server.runtime.preprocess import prepare
-
-    spec = read_bundle(bundle_dir).manifest.input
-    pixels = np.stack([prepare(photo, spec, 40_000_000) for photo in photos])
+    pixels = client_pixels(bundle_dir, photos)
+    size = pixels.shape[-1]  # the model's input size, from its manifest
     tensor = triton.InferInput("PIXELS", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels)
     outputs = [triton.InferRequestedOutput(name) for name in ("LABELS", "PROBABILITIES")]
@@ -148,15 +145,15 @@ def test_pixels_over_grpc_answer_as_the_images_do_and_bad_ones_are_invalid(clien
     assert np.allclose(from_pixels.as_numpy("PROBABILITIES"), from_files.as_numpy("PROBABILITIES"), atol=1e-6)
     model = client.get_model_metadata("tiny", as_json=True)
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in model["inputs"]] == [
-        ("IMAGE", "BYTES", [-1]), ("PIXELS", "FP32", [-1, 3, spec.image_size, spec.image_size])]
+        ("IMAGE", "BYTES", [-1]), ("PIXELS", "FP32", [-1, 3, size, size])]
     bad = pixels.copy()
     bad[0, 0, 0, 0] = np.nan
     tensor.set_data_from_numpy(bad)
     refused = _refused(client.infer, "tiny", [tensor])
     assert refused.status() == "StatusCode.INVALID_ARGUMENT" and "finite numbers" in refused.message()
     for shape, raw, status, words in (
-            ([1, 3, spec.image_size + 2, spec.image_size + 2], None, "INVALID_ARGUMENT", f"{spec.image_size}]"),
-            ([MAX_IMAGES + 1, 3, spec.image_size, spec.image_size], None, "RESOURCE_EXHAUSTED", "limit is"),
+            ([1, 3, size + 2, size + 2], None, "INVALID_ARGUMENT", f"{size}]"),
+            ([MAX_IMAGES + 1, 3, size, size], None, "RESOURCE_EXHAUSTED", "limit is"),
             (list(pixels.shape), pixels.tobytes()[:-4], "INVALID_ARGUMENT", "bytes of FP32")):
         body = raw if raw is not None else np.zeros(shape, np.float32).tobytes()
         request = service_pb2.ModelInferRequest(model_name="tiny", inputs=[

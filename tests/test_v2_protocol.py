@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from training.data.datasets import find_images
 
-from conftest import foolbox_jpegs, serve_bundle, stop_server
+from conftest import client_pixels, foolbox_jpegs, serve_bundle, stop_server
 
 MAX_UPLOAD = 300_000
 MAX_REQUEST = 2_000_000
@@ -199,18 +199,9 @@ def _pixels(array: np.ndarray, binary: bool = True) -> triton.InferInput:
     return tensor.set_data_from_numpy(array, binary_data=binary)
 
 
-def _preprocessed(bundle_dir, photos: list[bytes]) -> np.ndarray:
-    """The photos as a client would preprocess them from the model card: the server's own decoder here."""
-    from bundle import read_bundle
-    from server.runtime.preprocess import prepare
-
-    spec = read_bundle(bundle_dir).manifest.input
-    return np.stack([prepare(photo, spec, 40_000_000) for photo in photos])
-
-
 def test_pixels_skip_decoding_and_answer_as_the_images_do(client, model, photos, bundle_dir):
     """A client that preprocessed its images sends PIXELS: the same answers as the encoded files, no decoding."""
-    pixels = _preprocessed(bundle_dir, photos)
+    pixels = client_pixels(bundle_dir, photos)
     outputs = [triton.InferRequestedOutput(name) for name in ("LABELS", "PROBABILITIES", "EMBEDDING")]
     from_pixels = client.infer(model, [_pixels(pixels)], outputs=outputs)
     from_files = client.infer(model, [_image_input(photos)], outputs=outputs)
@@ -220,7 +211,7 @@ def test_pixels_skip_decoding_and_answer_as_the_images_do(client, model, photos,
 
 
 def test_hostile_pixels_are_refused_with_a_400(client, url, model, photos, bundle_dir):
-    pixels = _preprocessed(bundle_dir, photos[:2])
+    pixels = client_pixels(bundle_dir, photos[:2])
     size = pixels.shape[-1]
     cases = {"nan": np.where(np.arange(pixels.size).reshape(pixels.shape) == 7, np.nan, pixels),
              "inf": np.full_like(pixels, np.inf), "huge": np.full_like(pixels, 3e38),

@@ -53,7 +53,7 @@ class CaptureFolder:
 
     def __init__(self, folder: Path, rate: float, below: float, max_images: int, max_bytes: int,
                  retention_days: float, budget: MemoryBudget | None = None) -> None:
-        self.folder, self.budget = folder, budget
+        self.budget = budget
         self.root, self.marker = folder / SUBFOLDER, folder / SUBFOLDER / MARKER
         self.rate, self.below = rate, below
         self.max_images, self.max_bytes, self.retention_s = max_images, max_bytes, retention_days * 86400
